@@ -1,0 +1,318 @@
+"""Build Debian guest images with mmdebstrap, tuned to reach SSH fast under emulation.
+
+Result: ``<image_dir>/<name>/`` with ``disk.qcow2`` (ext4 root, no partition table),
+``vmlinuz`` and ``initrd.img`` for direct kernel boot, and ``image.json`` written last.
+The work happens in ``<image_dir>/.build-<name>-<pid>/`` and is renamed into place only
+when complete, so a build that fails or is interrupted never shows up in the store.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pytest_ttenv.backend.images import ImageStore
+from pytest_ttenv.backend.model import ImageInfo
+from pytest_ttenv.backend.naming import DEBIAN_ARCH, image_name
+from pytest_ttenv.errors import TTError, UsageError
+
+DEBIAN_SUITES = {"11": "bullseye", "12": "bookworm", "13": "trixie"}
+KERNEL_PACKAGE = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud-arm64", "riscv64": "linux-image-riscv64"}
+BASE_PACKAGES = (
+    "systemd-sysv", "udev", "kmod", "openssh-server", "iproute2", "ca-certificates",
+    "python3-minimal", "sudo", "procps", "busybox-static", "e2fsprogs",
+)  # fmt: skip
+# Modules the initramfs loads (with their dependencies) when the kernel does not have them built in.
+INITRAMFS_MODULES = ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "ext4", "isofs")
+MASKED_UNITS = (
+    "systemd-networkd-wait-online.service", "getty.target", "serial-getty@.service", "console-getty.service",
+    "getty@.service", "systemd-journal-flush.service", "modprobe@.service", "systemd-logind.service",
+    "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "dev-hugepages.mount", "dev-mqueue.mount",
+    "sys-fs-fuse-connections.mount", "sys-kernel-config.mount", "apt-daily.timer", "apt-daily-upgrade.timer",
+    "man-db.timer", "e2scrub_all.timer", "e2scrub_reap.service", "fstrim.timer", "dpkg-db-backup.timer",
+    "systemd-tmpfiles-clean.timer", "ssh.socket", "systemd-pstore.service", "systemd-binfmt.service",
+)  # fmt: skip
+MASKED_GENERATORS = ("systemd-gpt-auto-generator", "systemd-getty-generator", "systemd-hibernate-resume-generator")
+DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*", "/usr/share/doc/*")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build: ``os``/``version``/``arch``, from which mirror, how large the root disk."""
+
+    os: str
+    version: str
+    arch: str
+    mirror: str | None = None
+    disk_mib: int = 3072
+
+    @property
+    def name(self) -> str:
+        return image_name(self.os, self.version, self.arch)
+
+
+def parse_target(target: str, arch: str) -> BuildRequest:
+    """``debian-12`` (or ``debian12``, ``debian-bookworm``) + arch -> BuildRequest, else UsageError."""
+    m = re.match(r"^debian-?(\d+|[a-z]+)$", target.strip().lower())
+    version = m.group(1) if m else None
+    if version in DEBIAN_SUITES.values():
+        version = next(v for v, s in DEBIAN_SUITES.items() if s == version)
+    if version not in DEBIAN_SUITES:
+        buildable = ", ".join(f"debian-{v}" for v in DEBIAN_SUITES)
+        raise UsageError(f"cannot build {target!r}", f"buildable here: {buildable}")
+    return BuildRequest("debian", version, arch)
+
+
+def host_mirror() -> str:
+    """The Debian mirror this host's apt uses (first non-security ``deb`` source), or deb.debian.org."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for uri in re.findall(r"^\s*(?:deb\s+(?:\[[^]]*\]\s+)?|URIs:\s*)(\S+)", text, re.MULTILINE):
+            if uri.startswith("http") and "security" not in uri and "/debian" in uri:
+                return uri
+    return "http://deb.debian.org/debian"
+
+
+def _guest_file(name: str) -> str:
+    return resources.files("pytest_ttenv.backend").joinpath("guest").joinpath(name).read_text()
+
+
+def _run(argv: list[str], progress: Progress, what: str, cwd: Path | None = None) -> None:
+    """Run a build step, streaming its output lines to ``progress``; raise TTError on failure."""
+    tail: list[str] = []
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", cwd=cwd
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                tail = (tail + [line])[-15:]
+                progress("  " + line)
+    if proc.returncode != 0:
+        detail = "\n".join(tail)
+        raise TTError(f"{what} failed (exit {proc.returncode}):\n{detail}")
+
+
+class ImageBuilder:
+    """Builds one image into an ImageStore; ``progress`` receives human-readable lines."""
+
+    def __init__(self, store: ImageStore, progress: Progress = print) -> None:
+        self.store = store
+        self.progress = progress
+
+    def build(self, req: BuildRequest) -> ImageInfo:
+        """Build ``req`` and return its ImageInfo; an existing image of that name is replaced."""
+        missing = [t for t in ("mmdebstrap", "mkfs.ext4", "qemu-img", "cpio") if not shutil.which(t)]
+        if missing:
+            raise TTError(
+                f"cannot build images: {', '.join(missing)} not found",
+                "apt-get install -y mmdebstrap e2fsprogs qemu-utils cpio",
+            )
+        if os.geteuid() != 0:
+            raise TTError("building an image needs root (mmdebstrap --mode=root, mkfs -d with root-owned files)")
+        self._check_foreign(req.arch)
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        self.store.remove_stale_builds()
+        work = self.store.root / f".build-{req.name}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        started = time.monotonic()
+        try:
+            info = self._build_in(work, req)
+            self.store.install(work / "image", info)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self.progress(f"built {req.name} in {time.monotonic() - started:.0f} s -> {self.store.root / req.name}")
+        return self.store.get(req.name)
+
+    def _check_foreign(self, arch: str) -> None:
+        host = platform.machine()
+        if arch == host:
+            return
+        interp = Path(f"/proc/sys/fs/binfmt_misc/qemu-{arch}")
+        if not interp.exists():
+            raise TTError(
+                f"building a {arch} image on a {host} host needs qemu-user binfmt support",
+                "apt-get install -y qemu-user-static binfmt-support && "
+                "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; "
+                f"update-binfmts --enable qemu-{arch}",
+            )
+
+    def _build_in(self, work: Path, req: BuildRequest) -> ImageInfo:
+        suite = DEBIAN_SUITES[req.version]
+        mirror = req.mirror or host_mirror()
+        rootfs = work / "rootfs"
+        out = work / "image"
+        out.mkdir()
+        p = self.progress
+        p(f"[1/4] bootstrapping Debian {req.version} ({suite}, {req.arch}) from {mirror}")
+        initramfs_conf = "MODULES=list\\n"
+        argv = [
+            "mmdebstrap", "--mode=root", "--variant=minbase", f"--architectures={DEBIAN_ARCH[req.arch]}",
+            f"--include={','.join((*BASE_PACKAGES, KERNEL_PACKAGE[req.arch]))}",
+            "--skip=cleanup/apt/lists",
+            *(f"--dpkgopt=path-exclude={x}" for x in DPKG_EXCLUDES),
+            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+            # A small initramfs-tools config before the kernel's postinst runs (minutes saved under emulation).
+            "--essential-hook=mkdir -p \"$1/etc/initramfs-tools/conf.d\" && "
+            f"printf '{initramfs_conf}' > \"$1/etc/initramfs-tools/conf.d/ttenv.conf\"",
+            suite, str(rootfs), mirror,
+        ]  # fmt: skip
+        _run(argv, p, "mmdebstrap")
+        p("[2/4] tuning the guest for a fast boot to SSH")
+        self._customize(rootfs)
+        p("[3/4] extracting the kernel and building a minimal initramfs")
+        kver = self._install_kernel(rootfs, out)
+        p(f"[4/4] writing the {req.disk_mib} MiB root file system and converting it to qcow2")
+        raw = work / "disk.raw"
+        with open(raw, "wb") as f:
+            f.truncate(req.disk_mib * 1024 * 1024)
+        _run(["mkfs.ext4", "-q", "-F", "-L", "ttenv-root", "-d", str(rootfs), str(raw)], p, "mkfs.ext4")
+        shutil.rmtree(rootfs)
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")], p, "qemu-img convert")
+        raw.unlink()
+        console = "ttyS0" if req.arch == "x86_64" else "ttyAMA0"
+        return ImageInfo(
+            name=req.name, os=req.os, version=req.version, arch=req.arch, disk_mib=req.disk_mib,
+            cmdline=f"root=/dev/vda rw console={console} quiet loglevel=3 net.ifnames=0",
+            source="build", created=time.time(),
+            details={"suite": suite, "mirror": mirror, "kernel": kver, "builder": "mmdebstrap"},
+        )  # fmt: skip
+
+    def _customize(self, root: Path) -> None:
+        etc = root / "etc"
+        units = etc / "systemd" / "system"
+        sbin = root / "usr" / "local" / "sbin"
+        sbin.mkdir(parents=True, exist_ok=True)
+        (sbin / "ttenv-seed").write_text(_guest_file("ttenv-seed"))
+        (sbin / "ttenv-seed").chmod(0o755)
+        for unit in ("ttenv-seed.service", "ssh.service"):
+            (units / unit).write_text(_guest_file(unit))
+        wants = units / "sysinit.target.wants"
+        wants.mkdir(exist_ok=True)
+        for unit in ("ttenv-seed.service", "ssh.service"):
+            _symlink(wants / unit, f"/etc/systemd/system/{unit}")
+        _symlink(units / "sshd.service", "/etc/systemd/system/ssh.service")
+        (units / "multi-user.target.wants" / "ssh.service").unlink(missing_ok=True)
+        for unit in MASKED_UNITS:
+            _symlink(units / unit, "/dev/null")
+        generators = etc / "systemd" / "system-generators"
+        generators.mkdir(exist_ok=True)
+        for gen in MASKED_GENERATORS:
+            _symlink(generators / gen, "/dev/null")
+        journald = etc / "systemd" / "journald.conf.d"
+        journald.mkdir(exist_ok=True)
+        (journald / "ttenv.conf").write_text("[Journal]\nStorage=volatile\n")
+        network = etc / "systemd" / "network"
+        network.mkdir(exist_ok=True)
+        (network / "80-ttenv-dhcp.network").write_text("[Match]\nName=e*\n\n[Network]\nDHCP=yes\n")
+        (etc / "ssh" / "sshd_config.d").mkdir(exist_ok=True)
+        (etc / "ssh" / "sshd_config.d" / "ttenv.conf").write_text(_guest_file("sshd-ttenv.conf"))
+        for key in (etc / "ssh").glob("ssh_host_*"):
+            key.unlink()
+        (etc / "modprobe.d" / "ttenv.conf").write_text(
+            "# ttenv: nothing in a test VM needs these; probing them costs boot time\n"
+            + "".join(f"blacklist {m}\n" for m in ("kvm", "kvm_intel", "kvm_amd", "pcspkr", "floppy", "psmouse"))
+        )
+        (etc / "hostname").write_text("debian\n")
+        (etc / "hosts").write_text("127.0.0.1 localhost\n127.0.1.1 debian\n")
+        # A fixed id avoids systemd's first-boot work; each VM gets its own via systemd.machine_id=.
+        (etc / "machine-id").write_text("7474656e76000000000000000000abcd\n")
+        (etc / "fstab").write_text("# ttenv: the root file system is mounted read-write by the initramfs\n")
+        shadow = etc / "shadow"
+        shadow.write_text(re.sub(r"^root:[^:]*:", "root:*:", shadow.read_text(), flags=re.MULTILINE))
+        for cache in (root / "var" / "cache" / "apt").glob("*.bin"):
+            cache.unlink()
+
+    def _install_kernel(self, root: Path, out: Path) -> str:
+        kernels = sorted((root / "boot").glob("vmlinuz-*"))
+        if not kernels:
+            raise TTError("the bootstrapped root has no kernel in /boot")
+        kver = kernels[-1].name.removeprefix("vmlinuz-")
+        shutil.copyfile(kernels[-1], out / "vmlinuz")
+        build_initramfs(root, kver, out / "initrd.img")
+        return kver
+
+
+def _symlink(link: Path, target: str) -> None:
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+
+
+def _module_closure(moddir: Path, wanted: tuple[str, ...]) -> list[str]:
+    """Module files (relative to ``moddir``) for ``wanted`` and their dependencies, deps first.
+
+    Built-in modules and modules this kernel does not have are skipped.
+    """
+    deps: dict[str, list[str]] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+    by_name = {re.sub(r"\.ko(\.\w+)?$", "", Path(p).name).replace("-", "_"): p for p in deps}
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for dep in deps.get(path, []):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        if name in by_name:
+            visit(by_name[name])
+    return order
+
+
+def build_initramfs(root: Path, kver: str, dest: Path) -> None:
+    """Write an uncompressed cpio initramfs: busybox, the virtio/ext4/isofs modules, our /init.
+
+    Compressed modules are stored decompressed so busybox ``insmod`` can load them.
+    """
+    moddir = root / "lib" / "modules" / kver
+    busybox = root / "bin" / "busybox"
+    if not busybox.exists():
+        busybox = root / "usr" / "bin" / "busybox"
+    tree = dest.parent / "initramfs-tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    for d in ("bin", "dev", "proc", "root", "etc", "lib/modules"):
+        (tree / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, tree / "bin" / "busybox")
+    os.mknod(tree / "dev" / "console", 0o600 | 0o020000, os.makedev(5, 1))
+    loaded: list[str] = []
+    for rel in _module_closure(moddir, INITRAMFS_MODULES):
+        src = moddir / rel
+        name = re.sub(r"\.ko(\.\w+)?$", ".ko", src.name)
+        data = src.read_bytes()
+        if src.suffix == ".xz":
+            data = lzma.decompress(data)
+        elif src.suffix == ".zst":
+            data = subprocess.run(["zstd", "-dc", str(src)], check=True, capture_output=True).stdout
+        (tree / "lib" / "modules" / name).write_bytes(data)
+        loaded.append(name)
+    (tree / "etc" / "ttenv-modules").write_text("\n".join(loaded) + "\n")
+    (tree / "init").write_text(_guest_file("initramfs-init"))
+    (tree / "init").chmod(0o755)
+    files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
+    with open(dest, "wb") as f:
+        subprocess.run(
+            ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+            input="\n".join(files).encode(), stdout=f, cwd=tree, check=True,
+        )  # fmt: skip
+    shutil.rmtree(tree)

@@ -1,0 +1,335 @@
+"""The local backend: ENVs of qemu VMs on this host, state in sqlite, one run dir per ENV.
+
+Run dir layout: ``<state>/envs/<env id>/owner.json`` and one directory per VM holding
+``overlay.qcow2`` (linked clone of the image), ``seed.iso``, ``console.log``, ``qemu.log``,
+``qmp.sock`` and ``qemu.pid``. Deleting an ENV stops its qemu processes, removes the run
+dir and its rows; nothing else on the host refers to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from pytest_ttenv.backend import accel as accel_mod
+from pytest_ttenv.backend import qemu
+from pytest_ttenv.backend.images import ImageStore
+from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
+from pytest_ttenv.backend.naming import check_env_name, match_prefixes
+from pytest_ttenv.backend.owner import is_alive, start_time
+from pytest_ttenv.backend.paths import image_dir, state_dir
+from pytest_ttenv.backend.seed import KeyPair, SeedData, write_seed_iso
+from pytest_ttenv.backend.store import Store
+from pytest_ttenv.errors import BootError, TTError, UsageError
+
+PORT_RANGE = (10022, 32767)  # below Linux's ephemeral range, so outgoing connections never take them
+MAX_CPU = 64
+MIN_MEM_MIB = 128
+_SOCKET_PATH_MAX = 107
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+def _free_ports() -> Iterator[int]:
+    """Random ports in PORT_RANGE that nothing listens on right now (127.0.0.1)."""
+    for _ in range(200):
+        port = random.randint(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        yield port
+
+
+def ssh_banner(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True if an SSH server answers with its ``SSH-`` banner on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(8).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def tail_file(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a log file, terminal escapes and CRs removed ('' if absent)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            data = f.read()
+    except OSError:
+        return ""
+    text = _ANSI.sub(b"", data).decode(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class LocalBackend:
+    """ENVs on this host. ``progress`` receives one human-readable line per step."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        image_root: str | os.PathLike[str] | None = None,
+        state_root: str | os.PathLike[str] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.image_store = ImageStore(image_dir(image_root))
+        self.state = state_dir(state_root)
+        self.store = Store(self.state / "state.sqlite")
+        self.progress = progress or (lambda line: None)
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    # -- images -----------------------------------------------------------------------------
+    def images(self) -> list[ImageInfo]:
+        return self.image_store.list()
+
+    def resolve(self, prefixes: Sequence[str], arches: Sequence[str] = ()) -> list[str]:
+        """Image names matching the OS prefixes (and arches); UsageError lists what exists."""
+        return match_prefixes(prefixes, self.image_store.names(), arches)
+
+    # -- ENVs -------------------------------------------------------------------------------
+    def create_env(self, spec: EnvSpec) -> EnvInfo:
+        """Create the ENV and start every VM; returns at once while the VMs boot.
+
+        Any failure before all VMs are started removes everything created so far.
+        """
+        check_env_name(spec.name)
+        if not spec.vms:
+            raise UsageError("an ENV needs at least one VM")
+        names = [vm.name for vm in spec.vms]
+        if len(set(names)) != len(names):
+            raise UsageError(f"VM names in an ENV must be unique: {', '.join(names)}")
+        plan = [(vm, self.image_store.get(vm.image)) for vm in spec.vms]
+        for vm, image in plan:
+            check_env_name(vm.name)
+            _check_resources(vm.resources, image)
+        accels = {}
+        for _, image in plan:
+            if image.arch not in accels:
+                accels[image.arch] = accel_mod.choose(spec.accel, image)
+        self.gc()
+        env_id = secrets.token_hex(6)
+        rundir = self.state / "envs" / env_id
+        longest = max(len(str(rundir / n / "qmp.sock")) for n in names)
+        if longest > _SOCKET_PATH_MAX:
+            raise UsageError(
+                f"state dir {self.state} is too deep for qemu's monitor socket paths",
+                "set TTENV_STATE_DIR to a shorter path",
+            )
+        now = time.time()
+        info = EnvInfo(
+            id=env_id, name=spec.name, owner=spec.owner or _user(), created=now,
+            expires=now + spec.ttl if spec.ttl else None, state="booting", rundir=str(rundir),
+        )  # fmt: skip
+        rundir.mkdir(parents=True)
+        owner_start = start_time(spec.owner_pid) if spec.owner_pid else None
+        (rundir / "owner.json").write_text(json.dumps({"pid": spec.owner_pid, "start": owner_start}))
+        try:
+            self.store.add_env(info, spec.owner_pid, owner_start)
+        except BaseException:
+            shutil.rmtree(rundir, ignore_errors=True)
+            raise
+        try:
+            for vm, image in plan:
+                self._start_vm(info, spec, vm, image, accels[image.arch])
+        except BaseException:
+            self.delete_env(env_id)
+            raise
+        return self.show_env(env_id)
+
+    def _start_vm(self, env: EnvInfo, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel) -> None:
+        vmdir = Path(env.rundir) / vm.name
+        vmdir.mkdir()
+        overlay, seed_iso = vmdir / "overlay.qcow2", vmdir / "seed.iso"
+        qemu.create_overlay(image.file(image.disk), overlay, vm.resources.disk_mib)
+        host_key = KeyPair.generate(f"ttenv-{vm.name}")
+        resize = vm.resources.disk_mib > image.disk_mib
+        write_seed_iso(
+            SeedData(vm.name, f"{env.id}-{vm.name}", image.user, spec.client_pubkey, host_key, resize=resize),
+            seed_iso,
+        )
+        info = VmInfo(
+            name=vm.name, image=image.name, os=image.os, version=image.version, arch=image.arch,
+            state="booting", user=image.user, host_key=host_key.public, resources=vm.resources,
+            accel=acc.name, console=str(vmdir / "console.log"),
+        )  # fmt: skip
+        cmdline = f"{image.cmdline} systemd.machine_id={secrets.token_hex(16)}".strip()
+        ports = _free_ports()
+        info.port = self.store.reserve_port(env.id, info, ports)
+        for _attempt in range(5):
+            cfg = qemu.QemuConfig(
+                name=f"{env.name}/{vm.name}", arch=image.arch, accel=acc.name, resources=vm.resources,
+                disk=overlay, seed=seed_iso,
+                kernel=image.file(image.kernel) if image.kernel else None,
+                initrd=image.file(image.initrd) if image.initrd else None,
+                cmdline=cmdline, port=info.port, console=vmdir / "console.log", qmp=vmdir / "qmp.sock",
+                pidfile=vmdir / "qemu.pid",
+            )  # fmt: skip
+            proc = qemu.start(cfg, vmdir / "qemu.log", die_with_parent=spec.owner_pid is not None)
+            info.pid = proc.pid
+            info.boot_seconds = time.time()  # start time until wait_vm turns it into the boot duration
+            self._procs[proc.pid] = proc
+            if self._wait_monitor(proc, cfg.qmp):
+                break
+            log = tail_file(vmdir / "qemu.log", 5)
+            if "host forwarding" not in log:
+                raise BootError(f"qemu for VM {vm.name} exited at start: {log.splitlines()[-1] if log else ''}")
+            self.store.update_vm(env.id, info)
+            info.port = self._next_port(env.id, info, ports)
+        else:
+            raise TTError(f"no usable host port for VM {vm.name} after 5 tries")
+        self.store.update_vm(env.id, info)
+        self.progress(f"{vm.name}: booting ({acc.name}, ssh port {info.port})")
+
+    def _next_port(self, env_id: str, info: VmInfo, ports: Iterator[int]) -> int:
+        for port in ports:
+            info.port = port
+            try:
+                self.store.update_vm(env_id, info)
+                return port
+            except Exception:  # noqa: BLE001 - port taken by another VM meanwhile: try the next
+                continue
+        raise UsageError("no free host port left for SSH forwarding")
+
+    @staticmethod
+    def _wait_monitor(proc: subprocess.Popen[bytes], qmp: Path, timeout: float = 10.0) -> bool:
+        """True once qemu's monitor socket accepts connections; False if qemu exited first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False
+            if qmp.exists():
+                with socket.socket(socket.AF_UNIX) as s:
+                    try:
+                        s.connect(str(qmp))
+                        return True
+                    except OSError:
+                        pass
+            time.sleep(0.02)
+        return proc.poll() is None
+
+    def wait_vm(self, env_ref: str, vm_name: str, timeout: float | None = None) -> VmInfo:
+        """Wait until the VM's sshd answers; return its VmInfo (state ``running``).
+
+        Raises BootError with the console tail if qemu exits or the timeout passes; a VM
+        that timed out is stopped.
+        """
+        env = self.store.get_env(env_ref)
+        vm = env.vm(vm_name)
+        if vm.state == "running":
+            return vm
+        if vm.state != "booting":
+            raise BootError(f"VM {vm.name} is {vm.state}: {vm.error}", self.console(env.id, vm.name))
+        if timeout is None:
+            booting = sum(v.state == "booting" for e in self.store.list_envs() for v in e.vms)
+            timeout = accel_mod.boot_timeout(vm.accel, vm.arch, booting)
+        started = vm.boot_seconds
+        deadline = time.monotonic() + timeout
+        marker = str(Path(env.rundir) / vm.name)
+        while True:
+            if not qemu.is_running(vm.pid, marker):
+                self._reap(vm.pid)
+                detail = tail_file(Path(marker) / "qemu.log", 3)
+                return self._boot_failed(env, vm, f"VM {vm.name} died during boot (qemu exited) {detail}".strip())
+            if ssh_banner(vm.address, vm.port, timeout=min(2.0, max(0.1, deadline - time.monotonic()))):
+                vm.state, vm.boot_seconds = "running", time.time() - started
+                self.store.update_vm(env.id, vm)
+                if all(v.state == "running" for v in self.store.get_env(env.id).vms):
+                    self.store.set_env_state(env.id, "running")
+                return vm
+            if time.monotonic() >= deadline:
+                qemu.stop(vm.pid, marker, Path(marker) / "qmp.sock")
+                self._reap(vm.pid)
+                msg = f"VM {vm.name} did not answer SSH within {timeout:.0f} s ({vm.accel})"
+                return self._boot_failed(env, vm, msg)
+            time.sleep(0.1)
+
+    def _boot_failed(self, env: EnvInfo, vm: VmInfo, message: str) -> VmInfo:
+        vm.state, vm.error = "failed", message
+        self.store.update_vm(env.id, vm)
+        self.store.set_env_state(env.id, "failed")
+        raise BootError(message, self.console(env.id, vm.name))
+
+    def _reap(self, pid: int) -> None:
+        proc = self._procs.pop(pid, None)
+        if proc is not None and proc.poll() is None:
+            proc.wait(timeout=5)
+
+    def show_env(self, ref: str) -> EnvInfo:
+        """The ENV by name or id, with each VM's state checked against its qemu process."""
+        return self._refresh(self.store.get_env(ref))
+
+    def list_envs(self) -> list[EnvInfo]:
+        return [self._refresh(env) for env in self.store.list_envs()]
+
+    def _refresh(self, env: EnvInfo) -> EnvInfo:
+        for vm in env.vms:
+            if vm.state in ("booting", "running") and not qemu.is_running(vm.pid, str(Path(env.rundir) / vm.name)):
+                vm.state, vm.error = "stopped", "qemu is not running"
+        return env
+
+    def delete_env(self, ref: str) -> EnvInfo:
+        """Stop every VM of the ENV and remove its run dir and rows; returns what was deleted."""
+        env = self.store.get_env(ref)
+        for vm in env.vms:
+            vmdir = Path(env.rundir) / vm.name
+            qemu.stop(vm.pid, str(vmdir), vmdir / "qmp.sock")
+            self._reap(vm.pid)
+        shutil.rmtree(env.rundir, ignore_errors=True)
+        self.store.delete_env(env.id)
+        return env
+
+    def renew(self, ref: str, ttl: float) -> EnvInfo:
+        env = self.store.get_env(ref)
+        self.store.set_expires(env.id, time.time() + ttl)
+        return self.show_env(env.id)
+
+    def console(self, env_ref: str, vm_name: str, tail: int = 50) -> str:
+        """The last ``tail`` lines of the VM's serial console."""
+        env = self.store.get_env(env_ref)
+        env.vm(vm_name)
+        return tail_file(Path(env.rundir) / vm_name / "console.log", tail)
+
+    def gc(self) -> list[EnvInfo]:
+        """Delete ENVs whose owner process is gone or whose lease expired; returns them."""
+        reaped = []
+        now = time.time()
+        for env in self.store.list_envs():
+            pid, started = self.store.owner_of(env.id)
+            orphaned = pid is not None and not is_alive(pid, started)
+            expired = env.expires is not None and env.expires < now
+            if orphaned or expired:
+                reaped.append(self.delete_env(env.id))
+        return reaped
+
+
+def _check_resources(res: Resources, image: ImageInfo) -> None:
+    if not 1 <= res.cpu <= MAX_CPU:
+        raise UsageError(f"--cpu must be between 1 and {MAX_CPU}, got {res.cpu}")
+    if res.mem_mib < MIN_MEM_MIB:
+        raise UsageError(f"--mem must be at least {MIN_MEM_MIB} MiB, got {res.mem_mib}")
+    if res.disk_mib and res.disk_mib < image.disk_mib:
+        raise UsageError(
+            f"--disk {res.disk_mib} MiB is smaller than image {image.name} ({image.disk_mib} MiB)",
+            "omit --disk or give a larger size",
+        )
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, ImportError):
+        return str(os.getuid())

@@ -1,0 +1,103 @@
+"""Names: canonical image names, TTStack OS-prefix matching, arch aliases, sizes.
+
+Pure functions; every rejection is a UsageError whose text says what is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from pytest_ttenv.errors import UsageError
+
+ARCHES = ("x86_64", "aarch64", "riscv64")
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "riscv": "riscv64"}
+DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64"}
+
+_IMAGE_RE = re.compile(r"^([a-z][a-z0-9]*)-([0-9][a-z0-9.]*)-(x86_64|aarch64|riscv64)$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
+
+
+def normalize(text: str) -> str:
+    """Lower-case ``text`` and drop every separator: ``Ubuntu-20.04`` -> ``ubuntu2004``."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def canonical_arch(arch: str) -> str:
+    """Map an arch name or alias (amd64, arm64) to its canonical form, or raise UsageError."""
+    key = arch.strip().lower()
+    key = _ARCH_ALIASES.get(key, key)
+    if key not in ARCHES:
+        raise UsageError(f"unknown arch {arch!r}", f"use one of {', '.join(ARCHES)} (or amd64, arm64)")
+    return key
+
+
+def image_name(os_name: str, version: str, arch: str) -> str:
+    """Canonical image name ``<os>-<version>-<arch>``."""
+    return f"{os_name}-{version}-{canonical_arch(arch)}"
+
+
+def split_image_name(name: str) -> tuple[str, str, str]:
+    """Split a canonical image name into (os, version, arch), or raise UsageError."""
+    m = _IMAGE_RE.match(name)
+    if not m:
+        raise UsageError(f"bad image name {name!r}", "expected <os>-<version>-<arch>, e.g. debian-12-x86_64")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def split_prefixes(values: Iterable[str]) -> list[str]:
+    """Flatten comma-separated option values into a list of non-empty prefixes."""
+    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+
+
+def match_prefixes(prefixes: Sequence[str], names: Iterable[str], arches: Sequence[str] = ()) -> list[str]:
+    """Names matching any OS prefix (TTStack rule), optionally restricted to ``arches``.
+
+    A prefix matches a name when the normalized prefix starts the normalized name, so
+    ``cent`` matches every CentOS and ``ubuntu2004`` only Ubuntu 20.04. Result keeps the
+    order of ``names`` (sorted by the caller) without duplicates. A prefix that matches
+    nothing raises UsageError listing what exists.
+    """
+    pool = sorted(set(names))
+    wanted_arches = {canonical_arch(a) for a in arches}
+    result: list[str] = []
+    for prefix in prefixes:
+        key = normalize(prefix)
+        if not key:
+            raise UsageError(f"empty OS prefix {prefix!r}", "give e.g. debian12 or cent")
+        hits = [n for n in pool if normalize(n).startswith(key)]
+        if wanted_arches:
+            hits = [n for n in hits if n.rsplit("-", 1)[-1] in wanted_arches]
+        if not hits:
+            arch_note = f" for arch {','.join(sorted(wanted_arches))}" if wanted_arches else ""
+            available = ", ".join(pool) if pool else "none (build one: ttenv image build debian-12)"
+            raise UsageError(f"OS prefix {prefix!r} matches no image{arch_note}; available: {available}")
+        result.extend(h for h in hits if h not in result)
+    return result
+
+
+def check_env_name(name: str) -> str:
+    """Return ``name`` if it is a valid ENV name, else raise UsageError."""
+    if not _ENV_NAME_RE.match(name):
+        raise UsageError(
+            f"bad ENV name {name!r}", "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def parse_mib(text: str | int, what: str) -> int:
+    """Parse a size (``512``, ``512M``, ``2G``, ``2GiB``; bare numbers are MiB) into MiB."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE_RE.match(text)
+        if not m:
+            raise UsageError(f"bad {what} size {text!r}", "use a number of MiB or a suffix: 512M, 2G")
+        unit = (m.group(2) or "m")[0].lower()
+        value = int(m.group(1)) * {"k": 1, "m": 1, "g": 1024, "t": 1024 * 1024}[unit]
+        if unit == "k":
+            value //= 1024
+    if value <= 0:
+        raise UsageError(f"{what} size must be positive, got {text!r}")
+    return value

@@ -1,0 +1,182 @@
+"""The qemu engine: one direct qemu process per VM, no daemon.
+
+``build_argv`` is pure (unit-tested); the rest starts, inspects and stops processes.
+A VM's process is identified by its pid *and* its run dir appearing in its command line,
+so a reused pid is never mistaken for the VM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_ttenv.backend.model import Resources
+from pytest_ttenv.errors import TTError
+
+QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64", "riscv64": "qemu-system-riscv64"}
+QEMU_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm", "riscv64": "qemu-system-misc"}
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """Everything one qemu invocation needs; paths are absolute."""
+
+    name: str
+    arch: str
+    accel: str  # kvm | tcg
+    resources: Resources
+    disk: Path
+    seed: Path | None
+    kernel: Path | None
+    initrd: Path | None
+    cmdline: str
+    port: int
+    console: Path
+    qmp: Path
+    pidfile: Path
+
+
+def build_argv(cfg: QemuConfig) -> list[str]:
+    """The qemu command line for ``cfg``: direct kernel boot, virtio disk/net/rng, user-mode
+    networking with guest port 22 forwarded from 127.0.0.1:``port``, serial console to a file,
+    QMP on a unix socket. TCG uses multi-threaded translation with a 64 MiB translation cache.
+    """
+    if cfg.accel == "kvm":
+        accel, cpu = ["-accel", "kvm"], "host"
+    else:
+        accel, cpu = ["-accel", "tcg,thread=multi,tb-size=64"], "max"
+    if cfg.arch == "x86_64":
+        machine = ["-machine", "q35"]
+    elif cfg.arch == "aarch64":
+        machine = ["-machine", "virt,gic-version=max" if cfg.accel == "kvm" else "virt"]
+        cpu = "host" if cfg.accel == "kvm" else "max,pauth-impdef=on"
+    else:
+        machine = ["-machine", "virt"]
+        cpu = "rv64" if cfg.accel != "kvm" else "host"
+    argv = [
+        QEMU_BINARY[cfg.arch], "-name", f"ttenv:{cfg.name}",
+        "-nodefaults", "-no-user-config", "-display", "none",
+        *machine, *accel, "-cpu", cpu,
+        "-smp", str(cfg.resources.cpu), "-m", str(cfg.resources.mem_mib),
+        "-chardev", f"file,id=console,path={cfg.console}", "-serial", "chardev:console",
+        "-qmp", f"unix:{cfg.qmp},server=on,wait=off",
+        "-pidfile", str(cfg.pidfile),
+        "-drive", f"if=none,id=root,file={cfg.disk},format=qcow2,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-pci,drive=root",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{cfg.port}-:22",
+        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+    ]  # fmt: skip
+    if cfg.seed is not None:
+        argv += ["-drive", f"if=none,id=seed,file={cfg.seed},format=raw,readonly=on"]
+        argv += ["-device", "virtio-blk-pci,drive=seed"]
+    if cfg.kernel is not None:
+        argv += ["-kernel", str(cfg.kernel), "-append", cfg.cmdline]
+        if cfg.initrd is not None:
+            argv += ["-initrd", str(cfg.initrd)]
+    return argv
+
+
+def create_overlay(base: Path, overlay: Path, size_mib: int = 0) -> None:
+    """Create a qcow2 linked clone of ``base`` (backing file, never a copy), optionally larger."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)]
+    if size_mib:
+        argv.append(f"{size_mib}M")
+    res = subprocess.run(argv, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise TTError(f"cannot create overlay {overlay}: {res.stderr.strip()}")
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def start(cfg: QemuConfig, log: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
+    """Start qemu for ``cfg`` in its own session; stdout/stderr go to ``log``.
+
+    ``die_with_parent``: the kernel kills qemu when the calling thread's process dies
+    (call from a long-lived thread: PDEATHSIG follows the forking thread).
+    """
+    with open(log, "ab") as out:
+        try:
+            return subprocess.Popen(
+                build_argv(cfg), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None,
+            )  # fmt: skip
+        except FileNotFoundError:
+            raise TTError(
+                f"{QEMU_BINARY[cfg.arch]} not found", f"apt-get install -y {QEMU_PACKAGE[cfg.arch]}"
+            ) from None
+
+
+def is_running(pid: int, marker: str) -> bool:
+    """True if ``pid`` is a live (non-zombie) process whose command line contains ``marker``."""
+    if pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X") and marker.encode() in cmdline
+
+
+def qmp_command(qmp: Path, command: str, timeout: float = 3.0, **args: object) -> object:
+    """Run one QMP command on the VM's monitor socket and return its result."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    mon = QEMUMonitorProtocol(str(qmp))
+    mon.connect()
+    try:
+        mon.settimeout(timeout)
+        return mon.cmd(command, **args) if args else mon.cmd(command)
+    finally:
+        mon.close()
+
+
+def stop(pid: int, marker: str, qmp: Path, grace: float = 2.0) -> None:
+    """Stop the VM's qemu: QMP ``quit``, then SIGTERM, then SIGKILL; returns once it is gone."""
+    if not is_running(pid, marker):
+        _reap(pid)
+        return
+    try:
+        qmp_command(qmp, "quit", timeout=1.0)
+    except Exception:  # noqa: BLE001 - a dead or wedged monitor just means we escalate
+        pass
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None and is_running(pid, marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and is_running(pid, marker):
+            _reap(pid)
+            time.sleep(0.02)
+        if not is_running(pid, marker):
+            break
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid`` if it is our exited child (no zombie left behind); ignore otherwise."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def version(arch: str = "x86_64") -> str:
+    """qemu's version string (``QEMU emulator version 7.2.x``), or '' if qemu is missing."""
+    try:
+        out = subprocess.run([QEMU_BINARY[arch], "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.splitlines()[0].strip() if out else ""

@@ -1,0 +1,116 @@
+"""Access injection: per-VM SSH host keys and the NoCloud seed (``cidata`` ISO) that carries them.
+
+One seed serves both readers: cloud-init (user-data / meta-data / network-config) in vendor
+images, and the ttenv first-boot unit in images we build (the ``ttenv/`` directory).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import pycdlib
+import yaml
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An OpenSSH key pair as text: ``private`` (PEM-like OpenSSH format) and ``public`` (one line)."""
+
+    private: str
+    public: str
+
+    @classmethod
+    def generate(cls, comment: str) -> KeyPair:
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+        return cls(
+            private=key.export_private_key().decode(),
+            public=key.export_public_key().decode().strip(),
+        )
+
+    def write_private(self, path: Path) -> None:
+        """Write the private key with mode 0600 from the start (never briefly world-readable)."""
+        path.unlink(missing_ok=True)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(self.private)
+
+
+@dataclass(frozen=True)
+class SeedData:
+    """What one VM is told at boot."""
+
+    hostname: str
+    instance_id: str
+    user: str
+    authorized_key: str
+    host_key: KeyPair
+    address: str | None = "10.0.2.15/24"  # None: DHCP
+    gateway: str = "10.0.2.2"
+    dns: str = "10.0.2.3"
+    resize: bool = False  # the overlay is larger than the image: grow the root file system
+
+
+def user_data(seed: SeedData) -> str:
+    """cloud-init user-data: our client key, our host key, no password login."""
+    doc = {
+        "users": [
+            {"name": seed.user, "ssh_authorized_keys": [seed.authorized_key], "lock_passwd": True}
+            | ({} if seed.user == "root" else {"sudo": "ALL=(ALL) NOPASSWD:ALL", "shell": "/bin/bash"})
+        ],
+        "disable_root": seed.user != "root",
+        "ssh_pwauth": False,
+        "ssh_deletekeys": True,
+        "ssh_genkeytypes": [],
+        "ssh_keys": {"ed25519_private": seed.host_key.private, "ed25519_public": seed.host_key.public},
+    }
+    return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
+
+
+def network_config(seed: SeedData) -> str:
+    eth: dict[str, object] = {"match": {"name": "e*"}}
+    if seed.address:
+        eth |= {"addresses": [seed.address], "gateway4": seed.gateway, "nameservers": {"addresses": [seed.dns]}}
+    else:
+        eth["dhcp4"] = True
+    return yaml.safe_dump({"version": 2, "ethernets": {"eth0": eth}}, sort_keys=False)
+
+
+def seed_files(seed: SeedData) -> dict[str, str]:
+    """Every file of the seed, by path inside the volume."""
+    meta = f"instance-id: {seed.instance_id}\nlocal-hostname: {seed.hostname}\n"
+    net = f"address={seed.address}\ngateway={seed.gateway}\ndns={seed.dns}\n" if seed.address else "dhcp=1\n"
+    return {
+        "meta-data": meta,
+        "user-data": user_data(seed),
+        "network-config": network_config(seed),
+        "ttenv/authorized_keys": seed.authorized_key + "\n",
+        "ttenv/ssh_host_ed25519_key": seed.host_key.private,
+        "ttenv/ssh_host_ed25519_key.pub": seed.host_key.public + "\n",
+        "ttenv/network": net,
+        "ttenv/user": seed.user + "\n",
+    } | ({"ttenv/resize": "1\n"} if seed.resize else {})
+
+
+def write_seed_iso(seed: SeedData, dest: Path) -> None:
+    """Write the seed as an ISO 9660 volume labelled ``cidata`` with Rock Ridge and Joliet names."""
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
+    dirs_done: set[str] = set()
+    for n, (path, text) in enumerate(sorted(seed_files(seed).items())):
+        parts = path.split("/")
+        if len(parts) == 2 and parts[0] not in dirs_done:
+            iso.add_directory(f"/{parts[0].upper()}", rr_name=parts[0], joliet_path=f"/{parts[0]}")
+            dirs_done.add(parts[0])
+        data = text.encode()
+        iso_dir = f"/{parts[0].upper()}" if len(parts) == 2 else ""
+        iso.add_fp(
+            io.BytesIO(data), len(data), f"{iso_dir}/F{n}.;1", rr_name=parts[-1], joliet_path=f"/{path}"
+        )
+    tmp = dest.with_name(dest.name + ".tmp")
+    iso.write(str(tmp))
+    iso.close()
+    tmp.chmod(0o600)
+    tmp.replace(dest)

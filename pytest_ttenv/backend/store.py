@@ -1,0 +1,146 @@
+"""sqlite state of the local backend: ENVs, their VMs and the host ports they hold.
+
+Safe for several processes at once (WAL, busy timeout, short IMMEDIATE transactions).
+A VM's port is UNIQUE across the store, which is how concurrent creators never hand
+out the same forwarded port twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pytest_ttenv.backend.model import EnvInfo, VmInfo
+from pytest_ttenv.errors import NotFound, UsageError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS envs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL,
+    state TEXT NOT NULL,
+    rundir TEXT NOT NULL,
+    owner_pid INTEGER,
+    owner_start INTEGER
+);
+CREATE TABLE IF NOT EXISTS vms (
+    env_id TEXT NOT NULL REFERENCES envs(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    port INTEGER UNIQUE,
+    data TEXT NOT NULL,
+    PRIMARY KEY (env_id, name)
+);
+"""
+
+
+class Store:
+    """The sqlite file at ``path`` (created with its schema on first use)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db.executescript(_SCHEMA)
+        finally:
+            db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def add_env(self, env: EnvInfo, owner_pid: int | None, owner_start: int | None) -> None:
+        """Insert a new ENV (no VMs yet); a taken name is a UsageError."""
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO envs VALUES (?,?,?,?,?,?,?,?,?)",
+                    (env.id, env.name, env.owner, env.created, env.expires, env.state, env.rundir,
+                     owner_pid, owner_start),
+                )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise UsageError(
+                f"an ENV named {env.name!r} exists already", f"pick another name or: ttenv env del {env.name}"
+            ) from None
+
+    def reserve_port(self, env_id: str, vm: VmInfo, candidates: Iterator[int]) -> int:
+        """Insert ``vm`` with the first candidate port no other VM holds; returns the port."""
+        for port in candidates:
+            try:
+                with self._tx() as db:
+                    db.execute(
+                        "INSERT INTO vms VALUES (?,?,?,?)", (env_id, vm.name, port, json.dumps(vm.to_dict()))
+                    )
+                return port
+            except sqlite3.IntegrityError as exc:
+                if "vms.port" not in str(exc):
+                    raise
+        raise UsageError("no free host port left for SSH forwarding", "delete unused ENVs: ttenv env list")
+
+    def update_vm(self, env_id: str, vm: VmInfo) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE vms SET port=?, data=? WHERE env_id=? AND name=?",
+                (vm.port, json.dumps(vm.to_dict()), env_id, vm.name),
+            )
+
+    def set_env_state(self, env_id: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE envs SET state=? WHERE id=?", (state, env_id))
+
+    def set_expires(self, env_id: str, expires: float | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE envs SET expires=? WHERE id=?", (expires, env_id))
+
+    def delete_env(self, env_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM envs WHERE id=?", (env_id,))
+
+    def get_env(self, ref: str) -> EnvInfo:
+        """The ENV whose name or id is ``ref``, or NotFound."""
+        envs = [e for e in self.list_envs() if ref in (e.name, e.id)]
+        if not envs:
+            raise NotFound(f"no ENV named {ref!r}", "see: ttenv env list")
+        return envs[0]
+
+    def owner_of(self, env_id: str) -> tuple[int | None, int | None]:
+        """(owner pid, owner process start time) recorded for the ENV."""
+        with self._tx() as db:
+            row = db.execute("SELECT owner_pid, owner_start FROM envs WHERE id=?", (env_id,)).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    def list_envs(self) -> list[EnvInfo]:
+        """Every ENV with its VMs, oldest first."""
+        with self._tx() as db:
+            envs = db.execute(
+                "SELECT id, name, owner, created, expires, state, rundir FROM envs ORDER BY created"
+            ).fetchall()
+            vms = db.execute("SELECT env_id, data FROM vms ORDER BY rowid").fetchall()
+        result = []
+        for id_, name, owner, created, expires, state, rundir in envs:
+            info = EnvInfo(id_, name, owner, created, expires, state, rundir=rundir)
+            info.vms = [VmInfo.from_dict(json.loads(d)) for e, d in vms if e == id_]
+            result.append(info)
+        return result
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,316 @@
+"""``ttenv``: doctor, image list|build|rm, env add|list|show|run|console|del, gc.
+
+Every failure the user can act on prints one line ``ttenv: error: ...`` and exits 1
+(runtime) or 2 (usage); Ctrl-C exits 130 after cleaning up what the command created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from pytest_ttenv import __version__
+from pytest_ttenv.backend.local import LocalBackend
+from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmSpec
+from pytest_ttenv.backend.naming import canonical_arch, check_env_name, parse_mib, split_prefixes
+from pytest_ttenv.errors import BootError, TTError, UsageError
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)
+
+
+def _backend(args: argparse.Namespace, progress: bool = True) -> LocalBackend:
+    return LocalBackend(args.image_dir, args.state_dir, progress=_out if progress else None)
+
+
+# -- doctor -------------------------------------------------------------------------------------
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pytest_ttenv.doctor import run_checks, usable
+
+    backend = _backend(args)
+    checks = run_checks(backend.image_store, probe=not args.no_probe)
+    for check in checks:
+        _out(check.line())
+    ok = usable(checks)
+    _out("local backend: ready" if ok else "local backend: NOT usable - install what is marked MISS")
+    return 0 if ok else 1
+
+
+# -- images -------------------------------------------------------------------------------------
+def cmd_image_list(args: argparse.Namespace) -> int:
+    images = _backend(args).images()
+    if not images:
+        _out(f"no images in {_backend(args).image_store.root} - build one: ttenv image build debian-12")
+        return 0
+    _out(f"{'NAME':<22} {'FILE':>8} {'VIRTUAL':>8} {'USER':<8} {'SOURCE':<7} CREATED")
+    for img in images:
+        size = img.file(img.disk).stat().st_size / 2**20 if img.file(img.disk).exists() else 0
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(img.created))
+        _out(f"{img.name:<22} {size:>6.0f}Mi {img.disk_mib:>6}Mi {img.user:<8} {img.source:<7} {created}")
+    return 0
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pytest_ttenv.backend.build import ImageBuilder, parse_target
+
+    arch = canonical_arch(args.arch)
+    req = replace(parse_target(args.target, arch), mirror=args.mirror, disk_mib=parse_mib(args.disk, "disk"))
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        if args.verbose or not line.startswith("  ") or line.startswith("  I: "):
+            _out(f"[{time.monotonic() - started:5.0f}s] {line.strip()}")
+
+    ImageBuilder(_backend(args).image_store, progress).build(req)
+    return 0
+
+
+def cmd_image_rm(args: argparse.Namespace) -> int:
+    store = _backend(args).image_store
+    for name in args.names:
+        store.remove(name)
+        _out(f"removed image {name}")
+    return 0
+
+
+# -- ENVs ---------------------------------------------------------------------------------------
+def cmd_env_add(args: argparse.Namespace) -> int:
+    from pytest_ttenv.access import save_key, target
+    from pytest_ttenv.backend.seed import KeyPair
+    from pytest_ttenv.ssh import Connection
+
+    backend = _backend(args)
+    check_env_name(args.name)
+    prefixes = split_prefixes(args.os_prefix)
+    if not prefixes:
+        raise UsageError("--os-prefix is empty", "give e.g. --os-prefix=debian12,debian11")
+    arches = [canonical_arch(a) for a in split_prefixes(args.arch or [])]
+    res = Resources(cpu=args.cpu, mem_mib=parse_mib(args.mem, "memory"), disk_mib=parse_mib(args.disk, "disk")
+                    if args.disk else 0)  # fmt: skip
+    names = backend.resolve(prefixes, arches)
+    key = KeyPair.generate(f"ttenv-client-{args.name}")
+    spec = EnvSpec(name=args.name, vms=tuple(VmSpec(n, n, res) for n in names), client_pubkey=key.public,
+                   accel=args.accel, ttl=args.ttl)  # fmt: skip
+    started = time.monotonic()
+    env: EnvInfo | None = None
+    try:
+        env = backend.create_env(spec)
+        key_file = save_key(env.id, key, args.state_dir)
+        lock = threading.Lock()
+
+        def boot(vm_name: str) -> str | None:
+            try:
+                vm = backend.wait_vm(env.id if env else "", vm_name, args.boot_timeout)
+                up = time.monotonic() - started
+                conn = Connection(target(vm, key_file), connect_timeout=30, use_agent=False)
+                try:
+                    conn.run("true", timeout=60, check=True)
+                finally:
+                    conn.close()
+                with lock:
+                    _out(f"{vm_name}: ready - ssh up after {up:.1f} s, first command after "
+                         f"{time.monotonic() - started:.1f} s")  # fmt: skip
+                return None
+            except BootError as exc:
+                return f"{exc}\n--- console tail ---\n{exc.console_tail}"
+            except Exception as exc:  # noqa: BLE001 - reported per VM, the ENV is then removed
+                return f"{vm_name}: {exc}"
+
+        with ThreadPoolExecutor(max_workers=len(env.vms)) as pool:
+            failures = [f for f in pool.map(boot, [vm.name for vm in env.vms]) if f]
+        if failures:
+            for failure in failures:
+                print(f"ttenv: error: {failure}", file=sys.stderr)
+            backend.delete_env(env.id)
+            print(f"ttenv: ENV {args.name} removed after {len(failures)} VM(s) failed to boot", file=sys.stderr)
+            return 1
+    except BaseException:
+        if env is not None:
+            backend.delete_env(env.id)
+        raise
+    _print_env(backend.show_env(env.id))
+    return 0
+
+
+def cmd_env_list(args: argparse.Namespace) -> int:
+    envs = _backend(args, progress=False).list_envs()
+    if not envs:
+        _out("no ENVs")
+        return 0
+    _out(f"{'NAME':<20} {'ID':<13} {'STATE':<8} {'VMS':>3}  {'OWNER':<10} CREATED")
+    for env in envs:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(env.created))
+        _out(f"{env.name:<20} {env.id:<13} {env.state:<8} {len(env.vms):>3}  {env.owner:<10} {created}")
+    return 0
+
+
+def _print_env(env: EnvInfo) -> None:
+    from pytest_ttenv.access import key_path
+
+    expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(env.expires)) if env.expires else "never"
+    _out(f"ENV {env.name} (id {env.id}, owner {env.owner}, state {env.state}, expires {expires})")
+    _out(f"  {'VM':<22} {'STATE':<8} {'ACCEL':<5} {'CPU':>3} {'MEM':>6} {'SSH':<16} CONSOLE")
+    for vm in env.vms:
+        _out(f"  {vm.name:<22} {vm.state:<8} {vm.accel:<5} {vm.resources.cpu:>3} {vm.resources.mem_mib:>4}Mi "
+             f"{vm.address}:{vm.port:<6} {vm.console}")  # fmt: skip
+    if env.vms:
+        vm = env.vms[0]
+        _out(f"  login: ssh -i {key_path(env)} -p {vm.port} {vm.user}@{vm.address}")
+
+
+def cmd_env_show(args: argparse.Namespace) -> int:
+    _print_env(_backend(args, progress=False).show_env(args.name))
+    return 0
+
+
+def cmd_env_run(args: argparse.Namespace) -> int:
+    from pytest_ttenv.access import key_path, target
+    from pytest_ttenv.ssh import Connection, SshError, fan_out
+
+    backend = _backend(args, progress=False)
+    env = backend.show_env(args.name)
+    vms = [vm for vm in env.vms if not args.vm or vm.name in args.vm]
+    if not vms:
+        raise UsageError(f"no VM named {', '.join(args.vm)} in ENV {env.name}",
+                         f"VMs: {', '.join(v.name for v in env.vms)}")  # fmt: skip
+    down = [vm.name for vm in vms if vm.state != "running"]
+    if down:
+        raise TTError(f"VM(s) not running in ENV {env.name}: {', '.join(down)}", f"ttenv env show {env.name}")
+    key = key_path(env, args.state_dir)
+    if not key.exists():
+        raise TTError(f"no client key for ENV {env.name} at {key}", "it was created by another user or host")
+    conns = [Connection(target(vm, key)) for vm in vms]
+    try:
+        results = fan_out(conns, args.cmd, timeout=args.timeout)
+    finally:
+        for conn in conns:
+            conn.close()
+    failed = 0
+    for name in sorted(results):
+        res = results[name]
+        if isinstance(res, SshError):
+            failed += 1
+            _out(f"== {name}: error: {res}")
+            continue
+        failed += not res.ok
+        _out(f"== {name}: exit {res.exit_status} ({res.duration * 1000:.0f} ms)")
+        if res.stdout:
+            sys.stdout.write(res.stdout if res.stdout.endswith("\n") else res.stdout + "\n")
+        if res.stderr:
+            sys.stdout.write("".join(f"stderr: {ln}\n" for ln in res.stderr.splitlines()))
+    sys.stdout.flush()
+    return 1 if failed else 0
+
+
+def cmd_env_console(args: argparse.Namespace) -> int:
+    _out(_backend(args, progress=False).console(args.name, args.vm, args.lines))
+    return 0
+
+
+def cmd_env_del(args: argparse.Namespace) -> int:
+    from pytest_ttenv.access import forget_key
+
+    backend = _backend(args, progress=False)
+    for name in args.names:
+        env = backend.delete_env(name)
+        forget_key(env, args.state_dir)
+        _out(f"deleted ENV {env.name}: {len(env.vms)} VM(s) stopped, overlays, seeds and ports released")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    backend = _backend(args, progress=False)
+    reaped = backend.gc()
+    stale = backend.image_store.remove_stale_builds()
+    _out(f"reaped {len(reaped)} ENV(s) whose owner is gone or lease expired; removed {len(stale)} stale build(s)")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--image-dir", help="image store (default: $TTENV_IMAGE_DIR or ~/.cache/ttenv/images)")
+    common.add_argument("--state-dir", help="local state (default: $TTENV_STATE_DIR or ~/.local/state/ttenv)")
+    parser = argparse.ArgumentParser(prog="ttenv", description="Real VMs across an OS x arch matrix.")
+    parser.add_argument("--version", action="version", version=f"ttenv {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("doctor", parents=[common], help="what this host has and lacks")
+    p.add_argument("--no-probe", action="store_true", help="do not boot a probe guest to test KVM")
+    p.set_defaults(func=cmd_doctor)
+
+    image = sub.add_parser("image", help="list, build or remove images").add_subparsers(
+        dest="image_command", required=True, metavar="ACTION")  # fmt: skip
+    p = image.add_parser("list", parents=[common], help="images in the store")
+    p.set_defaults(func=cmd_image_list)
+    p = image.add_parser("build", parents=[common], help="build a Debian image with mmdebstrap")
+    p.add_argument("target", help="debian-11, debian-12 or debian-13")
+    p.add_argument("--arch", default=platform.machine(), help="x86_64 (default: this host's), aarch64, riscv64")
+    p.add_argument("--mirror", help="Debian mirror URL (default: the one this host's apt uses)")
+    p.add_argument("--disk", default="3G", help="root file system size (default 3G)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show every line of the bootstrap")
+    p.set_defaults(func=cmd_image_build)
+    p = image.add_parser("rm", parents=[common], help="remove images")
+    p.add_argument("names", nargs="+")
+    p.set_defaults(func=cmd_image_rm)
+
+    env = sub.add_parser("env", help="create, inspect, use and delete ENVs").add_subparsers(
+        dest="env_command", required=True, metavar="ACTION")  # fmt: skip
+    p = env.add_parser("add", parents=[common], help="create an ENV: one VM per image matching the prefixes")
+    p.add_argument("name")
+    p.add_argument("--os-prefix", action="append", required=True, help="e.g. debian12,debian11 (TTStack prefixes)")
+    p.add_argument("--arch", action="append", help="restrict to arches, e.g. x86_64,aarch64")
+    p.add_argument("--cpu", type=int, default=2, help="vCPUs per VM (default 2)")
+    p.add_argument("--mem", default="512", help="memory per VM, MiB or 1G (default 512)")
+    p.add_argument("--disk", help="overlay disk size per VM (default: the image's size)")
+    p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    p.add_argument("--boot-timeout", type=float, help="seconds to wait for SSH (default: scaled by accel/arch)")
+    p.add_argument("--ttl", type=float, help="lease in seconds; expired ENVs are reaped by ttenv gc")
+    p.set_defaults(func=cmd_env_add)
+    p = env.add_parser("list", parents=[common], help="all ENVs")
+    p.set_defaults(func=cmd_env_list)
+    p = env.add_parser("show", parents=[common], help="one ENV: VMs, state, ports, resources, console")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_env_show)
+    p = env.add_parser("run", parents=[common], help="run a command on every VM concurrently")
+    p.add_argument("name")
+    p.add_argument("--cmd", required=True)
+    p.add_argument("--vm", action="append", help="only these VMs")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=cmd_env_run)
+    p = env.add_parser("console", parents=[common], help="the tail of a VM's serial console")
+    p.add_argument("name")
+    p.add_argument("vm")
+    p.add_argument("--lines", type=int, default=50)
+    p.set_defaults(func=cmd_env_console)
+    p = env.add_parser("del", parents=[common], help="delete ENVs: VMs stopped, everything released")
+    p.add_argument("names", nargs="+")
+    p.set_defaults(func=cmd_env_del)
+
+    p = sub.add_parser("gc", parents=[common], help="reap ENVs whose owner died or whose lease expired")
+    p.set_defaults(func=cmd_gc)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TTError as exc:
+        print(f"ttenv: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ttenv: interrupted; what this command created was removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

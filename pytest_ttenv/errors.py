@@ -1,0 +1,37 @@
+"""Errors that reach the user as one clear line (what is wrong, what to do)."""
+
+from __future__ import annotations
+
+
+class TTError(Exception):
+    """A failure the user can act on; ``str()`` is the one line to print.
+
+    ``exit_code`` follows the CLI convention: 1 runtime failure, 2 usage error.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message} ({hint})" if hint else message)
+
+
+class UsageError(TTError):
+    """Bad input: a name, prefix, size or option that cannot be used."""
+
+    exit_code = 2
+
+
+class NotFound(TTError):
+    """A named ENV, VM or image does not exist."""
+
+    exit_code = 2
+
+
+class BootError(TTError):
+    """A VM did not come up: qemu exited or SSH never answered before the timeout."""
+
+    def __init__(self, message: str, console_tail: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.console_tail = console_tail

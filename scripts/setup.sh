@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install what pytest-ttenv needs on a Debian host: qemu, image build tools, ssh, and the
+# package itself with its test extras. Idempotent; run as root (or with sudo available).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+PKGS=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client openssh-server ca-certificates)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'

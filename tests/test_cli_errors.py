@@ -1,0 +1,45 @@
+"""Bad input to ``ttenv``: one clear line, the right exit code, no traceback, nothing created."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def ttenv(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TTENV_STATE_DIR=str(tmp_path / "state"), TTENV_IMAGE_DIR=str(tmp_path / "images"))
+    return subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["env", "add", "T", "--os-prefix=fedora"], 2, "OS prefix 'fedora' matches no image"),
+        (["env", "add", "bad name", "--os-prefix=deb"], 2, "bad ENV name 'bad name'"),
+        (["env", "add", "T", "--os-prefix=deb", "--arch=sparc"], 2, "unknown arch 'sparc'"),
+        (["env", "add", "T", "--os-prefix=,"], 2, "--os-prefix is empty"),
+        (["env", "add", "T", "--os-prefix=deb", "--mem=lots"], 2, "bad memory size 'lots'"),
+        (["env", "show", "nope"], 2, "no ENV named 'nope'"),
+        (["env", "del", "nope"], 2, "no ENV named 'nope'"),
+        (["env", "run", "nope", "--cmd", "true"], 2, "no ENV named 'nope'"),
+        (["image", "build", "ubuntu-22.04"], 2, "cannot build 'ubuntu-22.04'"),
+        (["image", "build", "debian-12", "--arch", "mips"], 2, "unknown arch 'mips'"),
+        (["image", "rm", "debian-99-x86_64"], 2, "image debian-99-x86_64 is not in"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path: Path, args: list[str], code: int, message: str) -> None:
+    res = ttenv(tmp_path, *args)
+    assert res.returncode == code, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ttenv: error: ") and message in lines[0], res.stderr
+    envs = tmp_path / "state" / "envs"
+    assert not envs.exists() or not any(envs.iterdir())
+
+
+def test_list_on_empty_host(tmp_path: Path) -> None:
+    assert ttenv(tmp_path, "env", "list").stdout.strip() == "no ENVs"
+    assert "ttenv image build debian-12" in ttenv(tmp_path, "image", "list").stdout

@@ -1,0 +1,90 @@
+"""The image store: listing, atomic install, builds in progress never listed (real files)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_ttenv.backend.build import host_mirror, parse_target
+from pytest_ttenv.backend.images import ImageStore
+from pytest_ttenv.backend.model import ImageInfo
+from pytest_ttenv.errors import NotFound, UsageError
+
+
+def info(name: str = "debian-12-x86_64") -> ImageInfo:
+    os_, version, arch = name.split("-")[0], name.split("-")[1], name.rsplit("-", 1)[1]
+    return ImageInfo(name=name, os=os_, version=version, arch=arch, created=1.0)
+
+
+def make(tmp_path: Path, name: str) -> Path:
+    src = tmp_path / f"src-{name}"
+    src.mkdir()
+    (src / "disk.qcow2").write_bytes(b"qcow")
+    return src
+
+
+def test_install_then_list_and_get(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+    store.root.mkdir()
+    store.install(make(tmp_path, "a"), info())
+    assert store.names() == ["debian-12-x86_64"]
+    got = store.get("debian-12-x86_64")
+    assert got.path == store.root / "debian-12-x86_64"
+    assert got.file(got.disk).read_bytes() == b"qcow"
+
+
+def test_install_replaces_existing(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+    store.root.mkdir()
+    store.install(make(tmp_path, "a"), info())
+    newer = make(tmp_path, "b")
+    (newer / "disk.qcow2").write_bytes(b"new")
+    store.install(newer, info())
+    assert store.get("debian-12-x86_64").file("disk.qcow2").read_bytes() == b"new"
+    assert [p.name for p in store.root.iterdir()] == ["debian-12-x86_64"]
+
+
+def test_half_built_and_dropped_in_images(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+    building = store.root / f".build-debian-13-x86_64-{os.getpid()}"
+    building.mkdir(parents=True)
+    (building / "image.json").write_text(json.dumps(info("debian-13-x86_64").to_dict()))
+    assert store.names() == []  # a build in progress is invisible
+    dropped = store.root / "debian-11-x86_64"
+    dropped.mkdir()
+    (dropped / "image.json").write_text(json.dumps(info("debian-11-x86_64").to_dict()))
+    assert store.names() == ["debian-11-x86_64"]  # picked up without a restart of anything
+    (store.root / "broken").mkdir()
+    (store.root / "broken" / "image.json").write_text("{not json")
+    assert store.names() == ["debian-11-x86_64"]
+
+
+def test_stale_builds_removed_live_ones_kept(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    live = tmp_path / f".build-debian-12-x86_64-{os.getpid()}"
+    dead = tmp_path / ".build-debian-12-x86_64-999999999"
+    live.mkdir()
+    dead.mkdir()
+    assert store.remove_stale_builds() == [dead]
+    assert live.exists() and not dead.exists()
+
+
+def test_missing_image_says_how_to_build(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="ttenv image build debian-13 --arch x86_64"):
+        ImageStore(tmp_path).get("debian-13-x86_64")
+
+
+@pytest.mark.parametrize(("target", "version"), [("debian-12", "12"), ("debian11", "11"), ("debian-trixie", "13")])
+def test_parse_build_target(target: str, version: str) -> None:
+    req = parse_target(target, "x86_64")
+    assert (req.os, req.version, req.name) == ("debian", version, f"debian-{version}-x86_64")
+
+
+def test_unbuildable_target() -> None:
+    with pytest.raises(UsageError, match="buildable here: debian-11, debian-12, debian-13"):
+        parse_target("ubuntu-22.04", "x86_64")
+
+
+def test_host_mirror_is_a_debian_http_mirror() -> None:
+    assert host_mirror().startswith("http") and "/debian" in host_mirror()

@@ -1,0 +1,54 @@
+"""The qemu command line built for a VM (pure)."""
+
+from pathlib import Path
+
+from pytest_ttenv.backend.model import Resources
+from pytest_ttenv.backend.qemu import QemuConfig, build_argv
+
+
+def cfg(arch: str = "x86_64", accel: str = "tcg", seed: bool = True) -> QemuConfig:
+    d = Path("/run/env/vm")
+    return QemuConfig(
+        name="T/vm", arch=arch, accel=accel, resources=Resources(cpu=3, mem_mib=768), disk=d / "overlay.qcow2",
+        seed=d / "seed.iso" if seed else None, kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.img"),
+        cmdline="root=/dev/vda console=ttyS0", port=23456, console=d / "console.log", qmp=d / "qmp.sock",
+        pidfile=d / "qemu.pid",
+    )  # fmt: skip
+
+
+def pairs(argv: list[str]) -> list[tuple[str, str]]:
+    return list(zip(argv[1::2], argv[2::2], strict=False))
+
+
+def test_x86_tcg_argv() -> None:
+    argv = build_argv(cfg())
+    assert argv[0] == "qemu-system-x86_64"
+    joined = " ".join(argv)
+    assert "-accel tcg,thread=multi,tb-size=64" in joined
+    assert "-cpu max" in joined and "-machine q35" in joined
+    assert "-smp 3" in joined and "-m 768" in joined
+    assert "hostfwd=tcp:127.0.0.1:23456-:22" in joined  # forward bound to loopback only
+    assert "file=/run/env/vm/overlay.qcow2,format=qcow2" in joined
+    assert "file=/run/env/vm/seed.iso,format=raw,readonly=on" in joined
+    assert "-qmp unix:/run/env/vm/qmp.sock,server=on,wait=off" in joined
+    assert "path=/run/env/vm/console.log" in joined
+    assert ("-kernel", "/img/vmlinuz") in zip(argv, argv[1:])
+    assert ("-initrd", "/img/initrd.img") in zip(argv, argv[1:])
+    assert ("-append", "root=/dev/vda console=ttyS0") in zip(argv, argv[1:])
+    assert "-nodefaults" in argv
+
+
+def test_kvm_uses_host_cpu() -> None:
+    joined = " ".join(build_argv(cfg(accel="kvm")))
+    assert "-accel kvm" in joined and "-cpu host" in joined and "tcg" not in joined
+
+
+def test_aarch64_tcg() -> None:
+    argv = build_argv(cfg(arch="aarch64"))
+    joined = " ".join(argv)
+    assert argv[0] == "qemu-system-aarch64"
+    assert "-machine virt" in joined and "-cpu max,pauth-impdef=on" in joined
+
+
+def test_no_seed_no_seed_drive() -> None:
+    assert "seed.iso" not in " ".join(build_argv(cfg(seed=False)))
