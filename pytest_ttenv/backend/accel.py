@@ -48,9 +48,7 @@ def boot_timeout(accel: str, arch: str, concurrent: int = 1) -> float:
 def _host_key(arch: str) -> str:
     cpu = ""
     try:
-        cpu = next(
-            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), ""
-        )
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
     except OSError:
         pass
     return f"{platform.node()}|{platform.release()}|{cpu}|{version(arch)}|{arch}"
@@ -141,8 +139,10 @@ def choose(requested: str, image: ImageInfo) -> Accel:
     verdict = _cached(key)
     if verdict is None:
         ok, detail = probe_kvm(image)
-        verdict = Accel("kvm", detail) if ok else Accel(
-            "tcg", f"KVM probe failed ({detail}); VMs run under TCG emulation, several times slower"
+        verdict = (
+            Accel("kvm", detail)
+            if ok
+            else Accel("tcg", f"KVM probe failed ({detail}); VMs run under TCG emulation, several times slower")
         )
         _remember(key, verdict)
     if requested == "kvm" and verdict.name != "kvm":

@@ -26,7 +26,11 @@ from pytest_ttenv.backend.naming import DEBIAN_ARCH, image_name
 from pytest_ttenv.errors import TTError, UsageError
 
 DEBIAN_SUITES = {"11": "bullseye", "12": "bookworm", "13": "trixie"}
-KERNEL_PACKAGE = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud-arm64", "riscv64": "linux-image-riscv64"}
+KERNEL_PACKAGE = {
+    "x86_64": "linux-image-cloud-amd64",
+    "aarch64": "linux-image-cloud-arm64",
+    "riscv64": "linux-image-riscv64",
+}
 BASE_PACKAGES = (
     "systemd-sysv", "udev", "kmod", "openssh-server", "iproute2", "ca-certificates",
     "python3-minimal", "sudo", "procps", "busybox-static", "e2fsprogs",
@@ -84,12 +88,13 @@ def host_mirror() -> str:
             continue
         for uri in re.findall(r"^\s*(?:deb\s+(?:\[[^]]*\]\s+)?|URIs:\s*)(\S+)", text, re.MULTILINE):
             if uri.startswith("http") and "security" not in uri and "/debian" in uri:
-                return uri
+                return str(uri)
     return "http://deb.debian.org/debian"
 
 
 def _guest_file(name: str) -> str:
-    return resources.files("pytest_ttenv.backend").joinpath("guest").joinpath(name).read_text()
+    text: str = resources.files("pytest_ttenv.backend").joinpath("guest").joinpath(name).read_text()
+    return text
 
 
 def _run(argv: list[str], progress: Progress, what: str, cwd: Path | None = None) -> None:
@@ -102,7 +107,7 @@ def _run(argv: list[str], progress: Progress, what: str, cwd: Path | None = None
         for line in proc.stdout:
             line = line.rstrip()
             if line:
-                tail = (tail + [line])[-15:]
+                tail = ([*tail, line])[-15:]
                 progress("  " + line)
     if proc.returncode != 0:
         detail = "\n".join(tail)
@@ -316,3 +321,14 @@ def build_initramfs(root: Path, kver: str, dest: Path) -> None:
             input="\n".join(files).encode(), stdout=f, cwd=tree, check=True,
         )  # fmt: skip
     shutil.rmtree(tree)
+
+
+def ensure_images(store: ImageStore, names: list[str], progress: Progress = print) -> list[ImageInfo]:
+    """The named images, building the Debian ones that are missing (first use)."""
+    have = set(store.names())
+    for name in names:
+        if name not in have:
+            os_name, version, arch = name.split("-")[0], name.split("-")[1], name.rsplit("-", 1)[1]
+            progress(f"image {name} not in {store.root}: building it (first use)")
+            ImageBuilder(store, progress).build(parse_target(f"{os_name}-{version}", arch))
+    return [store.get(n) for n in names]

@@ -31,7 +31,7 @@ class ImageStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def list(self) -> list[ImageInfo]:
+    def all(self) -> list[ImageInfo]:
         """Every complete image, sorted by name; unreadable metadata is skipped."""
         if not self.root.is_dir():
             return []
@@ -46,7 +46,7 @@ class ImageStore:
         return found
 
     def names(self) -> list[str]:
-        return [i.name for i in self.list()]
+        return [i.name for i in self.all()]
 
     def get(self, name: str) -> ImageInfo:
         """The image called ``name``, or NotFound saying what exists and how to build."""

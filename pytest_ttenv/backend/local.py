@@ -1,9 +1,10 @@
 """The local backend: ENVs of qemu VMs on this host, state in sqlite, one run dir per ENV.
 
 Run dir layout: ``<state>/envs/<env id>/owner.json`` and one directory per VM holding
-``overlay.qcow2`` (linked clone of the image), ``seed.iso``, ``console.log``, ``qemu.log``,
-``qmp.sock`` and ``qemu.pid``. Deleting an ENV stops its qemu processes, removes the run
-dir and its rows; nothing else on the host refers to it.
+``overlay.qcow2`` (linked clone of the image), ``seed.iso``, ``console.log``, ``qemu.log``
+and ``qemu.pid``. QMP sockets live in ``$TMPDIR/ttenv-<uid>/<env id>/`` (short paths).
+Deleting an ENV stops its qemu processes and removes its run dir, socket dir and rows;
+nothing else on the host refers to it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.backend.naming import check_env_name, match_prefixes
 from pytest_ttenv.backend.owner import is_alive, start_time
-from pytest_ttenv.backend.paths import image_dir, state_dir
+from pytest_ttenv.backend.paths import image_dir, runtime_dir, state_dir
 from pytest_ttenv.backend.seed import KeyPair, SeedData, write_seed_iso
 from pytest_ttenv.backend.store import Store
 from pytest_ttenv.errors import BootError, TTError, UsageError
@@ -92,7 +93,7 @@ class LocalBackend:
 
     # -- images -----------------------------------------------------------------------------
     def images(self) -> list[ImageInfo]:
-        return self.image_store.list()
+        return self.image_store.all()
 
     def resolve(self, prefixes: Sequence[str], arches: Sequence[str] = ()) -> list[str]:
         """Image names matching the OS prefixes (and arches); UsageError lists what exists."""
@@ -121,11 +122,10 @@ class LocalBackend:
         self.gc()
         env_id = secrets.token_hex(6)
         rundir = self.state / "envs" / env_id
-        longest = max(len(str(rundir / n / "qmp.sock")) for n in names)
+        longest = max(len(str(_qmp_path(env_id, n))) for n in names)
         if longest > _SOCKET_PATH_MAX:
             raise UsageError(
-                f"state dir {self.state} is too deep for qemu's monitor socket paths",
-                "set TTENV_STATE_DIR to a shorter path",
+                f"{runtime_dir()} is too deep for qemu's monitor socket paths", "set TMPDIR to a shorter path"
             )
         now = time.time()
         info = EnvInfo(
@@ -133,12 +133,16 @@ class LocalBackend:
             expires=now + spec.ttl if spec.ttl else None, state="booting", rundir=str(rundir),
         )  # fmt: skip
         rundir.mkdir(parents=True)
+        sockets = runtime_dir() / env_id
+        sockets.mkdir(mode=0o700)
+        (sockets / "rundir").write_text(str(rundir))
         owner_start = start_time(spec.owner_pid) if spec.owner_pid else None
         (rundir / "owner.json").write_text(json.dumps({"pid": spec.owner_pid, "start": owner_start}))
         try:
             self.store.add_env(info, spec.owner_pid, owner_start)
         except BaseException:
             shutil.rmtree(rundir, ignore_errors=True)
+            shutil.rmtree(sockets, ignore_errors=True)
             raise
         try:
             for vm, image in plan:
@@ -173,7 +177,7 @@ class LocalBackend:
                 disk=overlay, seed=seed_iso,
                 kernel=image.file(image.kernel) if image.kernel else None,
                 initrd=image.file(image.initrd) if image.initrd else None,
-                cmdline=cmdline, port=info.port, console=vmdir / "console.log", qmp=vmdir / "qmp.sock",
+                cmdline=cmdline, port=info.port, console=vmdir / "console.log", qmp=_qmp_path(env.id, vm.name),
                 pidfile=vmdir / "qemu.pid",
             )  # fmt: skip
             proc = qemu.start(cfg, vmdir / "qemu.log", die_with_parent=spec.owner_pid is not None)
@@ -249,7 +253,7 @@ class LocalBackend:
                     self.store.set_env_state(env.id, "running")
                 return vm
             if time.monotonic() >= deadline:
-                qemu.stop(vm.pid, marker, Path(marker) / "qmp.sock")
+                qemu.stop(vm.pid, marker, _qmp_path(env.id, vm.name))
                 self._reap(vm.pid)
                 msg = f"VM {vm.name} did not answer SSH within {timeout:.0f} s ({vm.accel})"
                 return self._boot_failed(env, vm, msg)
@@ -283,10 +287,10 @@ class LocalBackend:
         """Stop every VM of the ENV and remove its run dir and rows; returns what was deleted."""
         env = self.store.get_env(ref)
         for vm in env.vms:
-            vmdir = Path(env.rundir) / vm.name
-            qemu.stop(vm.pid, str(vmdir), vmdir / "qmp.sock")
+            qemu.stop(vm.pid, str(Path(env.rundir) / vm.name), _qmp_path(env.id, vm.name))
             self._reap(vm.pid)
         shutil.rmtree(env.rundir, ignore_errors=True)
+        shutil.rmtree(runtime_dir() / env.id, ignore_errors=True)
         self.store.delete_env(env.id)
         return env
 
@@ -311,7 +315,28 @@ class LocalBackend:
             expired = env.expires is not None and env.expires < now
             if orphaned or expired:
                 reaped.append(self.delete_env(env.id))
+        self._reap_strays()
         return reaped
+
+    @staticmethod
+    def _reap_strays() -> None:
+        """Kill qemu processes and drop socket dirs whose run dir no longer exists (its state
+        was deleted from under it), whichever state dir they belonged to."""
+        for pid, vmdir in qemu.ttenv_processes():
+            if not vmdir.exists():
+                qemu.stop(pid, str(vmdir), Path("/nonexistent"), grace=1.0)
+        for sockets in runtime_dir().iterdir():
+            try:
+                owner = Path((sockets / "rundir").read_text())
+            except OSError:
+                continue
+            if not owner.exists():
+                shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _qmp_path(env_id: str, vm_name: str) -> Path:
+    """The VM's QMP socket: in the short private runtime dir, not the (possibly deep) run dir."""
+    return runtime_dir() / env_id / f"{vm_name}.qmp"
 
 
 def _check_resources(res: Resources, image: ImageInfo) -> None:

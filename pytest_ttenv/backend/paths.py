@@ -7,9 +7,13 @@
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 import platformdirs
+
+from pytest_ttenv.errors import TTError
 
 
 def image_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -27,3 +31,19 @@ def state_dir(override: str | os.PathLike[str] | None = None) -> Path:
 def cache_dir() -> Path:
     """Small caches that may be dropped at any time (accelerator verdicts)."""
     return Path(platformdirs.user_cache_dir("ttenv"))
+
+
+def runtime_dir() -> Path:
+    """A short private directory for unix sockets (their paths are limited to 107 bytes).
+
+    ``$TMPDIR/ttenv-<uid>``, created 0700; refuses one that is a symlink or not ours.
+    """
+    path = Path(tempfile.gettempdir()) / f"ttenv-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise TTError(f"{path} is not a private directory of this user", "remove it or set TMPDIR elsewhere")
+    return path

@@ -180,3 +180,23 @@ def version(arch: str = "x86_64") -> str:
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return out.splitlines()[0].strip() if out else ""
+
+
+def ttenv_processes() -> list[tuple[int, Path]]:
+    """Every live qemu process started by ttenv on this host, with its VM run dir."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(args) < 3 or args[1:3] != [b"-name", args[2]] or not args[2].startswith(b"ttenv:"):
+            continue
+        for arg in args:
+            if arg.startswith(b"file,id=console,path="):
+                console = Path(arg.split(b"path=", 1)[1].decode(errors="replace"))
+                if is_running(int(entry.name), str(console.parent)):
+                    found.append((int(entry.name), console.parent))
+    return found

@@ -106,9 +106,7 @@ def write_seed_iso(seed: SeedData, dest: Path) -> None:
             dirs_done.add(parts[0])
         data = text.encode()
         iso_dir = f"/{parts[0].upper()}" if len(parts) == 2 else ""
-        iso.add_fp(
-            io.BytesIO(data), len(data), f"{iso_dir}/F{n}.;1", rr_name=parts[-1], joliet_path=f"/{path}"
-        )
+        iso.add_fp(io.BytesIO(data), len(data), f"{iso_dir}/F{n}.;1", rr_name=parts[-1], joliet_path=f"/{path}")
     tmp = dest.with_name(dest.name + ".tmp")
     iso.write(str(tmp))
     iso.close()

@@ -86,9 +86,7 @@ class Store:
         for port in candidates:
             try:
                 with self._tx() as db:
-                    db.execute(
-                        "INSERT INTO vms VALUES (?,?,?,?)", (env_id, vm.name, port, json.dumps(vm.to_dict()))
-                    )
+                    db.execute("INSERT INTO vms VALUES (?,?,?,?)", (env_id, vm.name, port, json.dumps(vm.to_dict())))
                 return port
             except sqlite3.IntegrityError as exc:
                 if "vms.port" not in str(exc):

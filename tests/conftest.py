@@ -1,0 +1,41 @@
+"""Shared fixtures: real Debian images (built once, cached in the user cache like CI does)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from collections.abc import Callable
+
+import pytest
+
+from pytest_ttenv.backend.build import ensure_images
+from pytest_ttenv.backend.images import ImageStore
+from pytest_ttenv.backend.model import ImageInfo
+from pytest_ttenv.backend.paths import image_dir
+
+HOST_ARCH = platform.machine()
+
+
+def _why_no_vms() -> str | None:
+    if os.geteuid() != 0:
+        return "building guest images needs root (mmdebstrap --mode=root)"
+    for tool in ("mmdebstrap", "qemu-img", f"qemu-system-{HOST_ARCH}"):
+        if not shutil.which(tool):
+            return f"{tool} not installed (run scripts/setup.sh)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def images() -> Callable[..., list[ImageInfo]]:
+    """``images("debian-12", "debian-11")`` -> those host-arch images, built on first use."""
+    reason = _why_no_vms()
+    if reason:
+        pytest.skip(f"cannot boot VMs here: {reason}")
+    store = ImageStore(image_dir())
+
+    def get(*targets: str) -> list[ImageInfo]:
+        names = [f"{t}-{HOST_ARCH}" for t in targets]
+        return ensure_images(store, names, progress=lambda line: print(line, flush=True))
+
+    return get
