@@ -62,7 +62,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from pytest_ttenv.backend.build import ImageBuilder, parse_target
 
     arch = canonical_arch(args.arch)
-    req = replace(parse_target(args.target, arch), mirror=args.mirror, disk_mib=parse_mib(args.disk, "disk"))
+    req = replace(
+        parse_target(args.target, arch), mirror=args.mirror, disk_mib=parse_mib(args.disk, "disk"), tuned=not args.plain
+    )
     started = time.monotonic()
 
     def progress(line: str) -> None:
@@ -257,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", help="Debian mirror URL (default: the one this host's apt uses)")
     p.add_argument("--disk", default="3G", help="root file system size (default 3G)")
     p.add_argument("-v", "--verbose", action="store_true", help="show every line of the bootstrap")
+    p.add_argument("--plain", action="store_true", help="untuned reference image (Debian defaults), for benchmarks")
     p.set_defaults(func=cmd_image_build)
     p = image.add_parser("rm", parents=[common], help="remove images")
     p.add_argument("names", nargs="+")

@@ -1,5 +1,6 @@
 """The qemu command line built for a VM (pure)."""
 
+import itertools
 from pathlib import Path
 
 from pytest_ttenv.backend.model import Resources
@@ -32,9 +33,9 @@ def test_x86_tcg_argv() -> None:
     assert "file=/run/env/vm/seed.iso,format=raw,readonly=on" in joined
     assert "-qmp unix:/run/env/vm/qmp.sock,server=on,wait=off" in joined
     assert "path=/run/env/vm/console.log" in joined
-    assert ("-kernel", "/img/vmlinuz") in zip(argv, argv[1:])
-    assert ("-initrd", "/img/initrd.img") in zip(argv, argv[1:])
-    assert ("-append", "root=/dev/vda console=ttyS0") in zip(argv, argv[1:])
+    assert ("-kernel", "/img/vmlinuz") in itertools.pairwise(argv)
+    assert ("-initrd", "/img/initrd.img") in itertools.pairwise(argv)
+    assert ("-append", "root=/dev/vda console=ttyS0") in itertools.pairwise(argv)
     assert "-nodefaults" in argv
 
 
@@ -52,3 +53,11 @@ def test_aarch64_tcg() -> None:
 
 def test_no_seed_no_seed_drive() -> None:
     assert "seed.iso" not in " ".join(build_argv(cfg(seed=False)))
+
+
+def test_tcg_without_cx16_when_asked() -> None:
+    from dataclasses import replace
+
+    joined = " ".join(build_argv(replace(cfg(), tcg_cx16=False)))
+    assert "-cpu max,-cx16" in joined
+    assert "-cpu host" in " ".join(build_argv(replace(cfg(accel="kvm"), tcg_cx16=False)))

@@ -60,6 +60,7 @@ class BuildRequest:
     arch: str
     mirror: str | None = None
     disk_mib: int = 3072
+    tuned: bool = True  # False: a plain systemd image with Debian's initramfs (the benchmark anchor)
 
     @property
     def name(self) -> str:
@@ -168,22 +169,25 @@ class ImageBuilder:
         p = self.progress
         p(f"[1/4] bootstrapping Debian {req.version} ({suite}, {req.arch}) from {mirror}")
         initramfs_conf = "MODULES=list\\n"
+        # A small initramfs-tools config before the kernel's postinst runs (minutes saved under emulation).
+        hook = (
+            '--essential-hook=mkdir -p "$1/etc/initramfs-tools/conf.d" && '
+            f"printf '{initramfs_conf}' > \"$1/etc/initramfs-tools/conf.d/ttenv.conf\""
+        )
         argv = [
             "mmdebstrap", "--mode=root", "--variant=minbase", f"--architectures={DEBIAN_ARCH[req.arch]}",
             f"--include={','.join((*BASE_PACKAGES, KERNEL_PACKAGE[req.arch]))}",
             "--skip=cleanup/apt/lists",
             *(f"--dpkgopt=path-exclude={x}" for x in DPKG_EXCLUDES),
             "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-            # A small initramfs-tools config before the kernel's postinst runs (minutes saved under emulation).
-            "--essential-hook=mkdir -p \"$1/etc/initramfs-tools/conf.d\" && "
-            f"printf '{initramfs_conf}' > \"$1/etc/initramfs-tools/conf.d/ttenv.conf\"",
+            *([hook] if req.tuned else []),
             suite, str(rootfs), mirror,
         ]  # fmt: skip
         _run(argv, p, "mmdebstrap")
-        p("[2/4] tuning the guest for a fast boot to SSH")
-        self._customize(rootfs)
+        p("[2/4] tuning the guest for a fast boot to SSH" if req.tuned else "[2/4] adding seed access (untuned)")
+        self._customize(rootfs, req.tuned)
         p("[3/4] extracting the kernel and building a minimal initramfs")
-        kver = self._install_kernel(rootfs, out)
+        kver = self._install_kernel(rootfs, out, req.tuned)
         p(f"[4/4] writing the {req.disk_mib} MiB root file system and converting it to qcow2")
         raw = work / "disk.raw"
         with open(raw, "wb") as f:
@@ -197,16 +201,33 @@ class ImageBuilder:
             name=req.name, os=req.os, version=req.version, arch=req.arch, disk_mib=req.disk_mib,
             cmdline=f"root=/dev/vda rw console={console} quiet loglevel=3 net.ifnames=0",
             source="build", created=time.time(),
-            details={"suite": suite, "mirror": mirror, "kernel": kver, "builder": "mmdebstrap"},
+            details={"suite": suite, "mirror": mirror, "kernel": kver, "builder": "mmdebstrap",
+                     "variant": "tuned" if req.tuned else "plain"},
         )  # fmt: skip
 
-    def _customize(self, root: Path) -> None:
+    def _customize(self, root: Path, tuned: bool) -> None:
         etc = root / "etc"
         units = etc / "systemd" / "system"
         sbin = root / "usr" / "local" / "sbin"
         sbin.mkdir(parents=True, exist_ok=True)
         (sbin / "ttenv-seed").write_text(_guest_file("ttenv-seed"))
         (sbin / "ttenv-seed").chmod(0o755)
+        (etc / "ssh" / "sshd_config.d").mkdir(exist_ok=True)
+        for key in (etc / "ssh").glob("ssh_host_*"):
+            key.unlink()
+        # A fixed id avoids systemd's first-boot work; each VM gets its own via systemd.machine_id=.
+        (etc / "machine-id").write_text("7474656e76000000000000000000abcd\n")
+        shadow = etc / "shadow"
+        shadow.write_text(re.sub(r"^root:[^:]*:", "root:*:", shadow.read_text(), flags=re.MULTILINE))
+        if not tuned:  # Debian's defaults; only the seed unit, ordered like any ordinary service
+            unit = _guest_file("ttenv-seed.service").replace("DefaultDependencies=no\n", "")
+            (units / "ttenv-seed.service").write_text(unit.replace(" sysinit.target", "").replace(
+                "WantedBy=sysinit.target", "WantedBy=multi-user.target"))  # fmt: skip
+            (units / "multi-user.target.wants").mkdir(exist_ok=True)
+            _symlink(units / "multi-user.target.wants" / "ttenv-seed.service", "/etc/systemd/system/ttenv-seed.service")
+            (etc / "ssh" / "sshd_config.d" / "ttenv.conf").write_text("HostKey /etc/ssh/ssh_host_ed25519_key\n")
+            (etc / "fstab").write_text("/dev/vda / ext4 rw 0 1\n")
+            return
         for unit in ("ttenv-seed.service", "ssh.service"):
             (units / unit).write_text(_guest_file(unit))
         wants = units / "sysinit.target.wants"
@@ -227,31 +248,27 @@ class ImageBuilder:
         network = etc / "systemd" / "network"
         network.mkdir(exist_ok=True)
         (network / "80-ttenv-dhcp.network").write_text("[Match]\nName=e*\n\n[Network]\nDHCP=yes\n")
-        (etc / "ssh" / "sshd_config.d").mkdir(exist_ok=True)
         (etc / "ssh" / "sshd_config.d" / "ttenv.conf").write_text(_guest_file("sshd-ttenv.conf"))
-        for key in (etc / "ssh").glob("ssh_host_*"):
-            key.unlink()
         (etc / "modprobe.d" / "ttenv.conf").write_text(
             "# ttenv: nothing in a test VM needs these; probing them costs boot time\n"
             + "".join(f"blacklist {m}\n" for m in ("kvm", "kvm_intel", "kvm_amd", "pcspkr", "floppy", "psmouse"))
         )
         (etc / "hostname").write_text("debian\n")
         (etc / "hosts").write_text("127.0.0.1 localhost\n127.0.1.1 debian\n")
-        # A fixed id avoids systemd's first-boot work; each VM gets its own via systemd.machine_id=.
-        (etc / "machine-id").write_text("7474656e76000000000000000000abcd\n")
         (etc / "fstab").write_text("# ttenv: the root file system is mounted read-write by the initramfs\n")
-        shadow = etc / "shadow"
-        shadow.write_text(re.sub(r"^root:[^:]*:", "root:*:", shadow.read_text(), flags=re.MULTILINE))
         for cache in (root / "var" / "cache" / "apt").glob("*.bin"):
             cache.unlink()
 
-    def _install_kernel(self, root: Path, out: Path) -> str:
+    def _install_kernel(self, root: Path, out: Path, tuned: bool) -> str:
         kernels = sorted((root / "boot").glob("vmlinuz-*"))
         if not kernels:
             raise TTError("the bootstrapped root has no kernel in /boot")
         kver = kernels[-1].name.removeprefix("vmlinuz-")
         shutil.copyfile(kernels[-1], out / "vmlinuz")
-        build_initramfs(root, kver, out / "initrd.img")
+        if tuned:
+            build_initramfs(root, kver, out / "initrd.img")
+        else:
+            shutil.copyfile(root / "boot" / f"initrd.img-{kver}", out / "initrd.img")
         return kver
 
 

@@ -178,7 +178,7 @@ class LocalBackend:
                 kernel=image.file(image.kernel) if image.kernel else None,
                 initrd=image.file(image.initrd) if image.initrd else None,
                 cmdline=cmdline, port=info.port, console=vmdir / "console.log", qmp=_qmp_path(env.id, vm.name),
-                pidfile=vmdir / "qemu.pid",
+                pidfile=vmdir / "qemu.pid", tcg_cx16=qemu.tcg_cx16_safe(image.arch),
             )  # fmt: skip
             proc = qemu.start(cfg, vmdir / "qemu.log", die_with_parent=spec.owner_pid is not None)
             info.pid = proc.pid

@@ -1,0 +1,118 @@
+"""Boot benchmark (run by hand): ENV creation to first SSH command, disk per VM, RSS per VM.
+
+Compares, interleaved in one run, the tuned ttenv image against a plain (untuned, Debian
+defaults) image of the same release, for ENVs of 1 and of 2 VMs:
+
+    python3 bench/boot.py --runs 3 [--release debian-12] [--plain-dir /var/tmp/ttenv-plain]
+
+Both images are built on first use. Prints medians with min/max; nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from pytest_ttenv.access import target
+from pytest_ttenv.backend.build import ImageBuilder, parse_target
+from pytest_ttenv.backend.images import ImageStore
+from pytest_ttenv.backend.local import LocalBackend
+from pytest_ttenv.backend.model import EnvSpec, Resources, VmSpec
+from pytest_ttenv.backend.paths import image_dir
+from pytest_ttenv.backend.seed import KeyPair
+from pytest_ttenv.ssh import Connection
+
+
+def ensure(store: ImageStore, release: str, tuned: bool) -> str:
+    req = replace(parse_target(release, platform.machine()), tuned=tuned)
+    if req.name not in store.names():
+        ImageBuilder(store, progress=lambda line: print(line, flush=True)).build(req)
+    return req.name
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def one_run(images_root: Path, image: str, count: int, idle: float) -> dict[str, list[float]]:
+    """Create an ENV of ``count`` VMs of ``image``; time to each VM's first command, disk, RSS."""
+    with tempfile.TemporaryDirectory(prefix="ttenv-bench-") as state:
+        backend = LocalBackend(images_root, state)
+        key = KeyPair.generate("bench")
+        key_file = Path(state) / "id"
+        key.write_private(key_file)
+        vms = tuple(VmSpec(f"vm{i}", image, Resources(cpu=2, mem_mib=512)) for i in range(count))
+        started = time.monotonic()
+        env = backend.create_env(EnvSpec("BENCH", vms, key.public))
+        try:
+
+            def first_command(name: str) -> float:
+                vm = backend.wait_vm(env.id, name)
+                conn = Connection(target(vm, key_file), use_agent=False)
+                try:
+                    conn.run("true", timeout=60, check=True)
+                finally:
+                    conn.close()
+                return time.monotonic() - started
+
+            with ThreadPoolExecutor(count) as pool:
+                firsts = list(pool.map(first_command, [v.name for v in vms]))
+            time.sleep(idle)
+            env = backend.show_env(env.id)
+            disk = [
+                Path(env.rundir, vm.name, "overlay.qcow2").stat().st_blocks * 512 / 2**20 for vm in env.vms
+            ]
+            rss = [rss_mib(vm.pid) for vm in env.vms]
+        finally:
+            backend.delete_env(env.id)
+    return {"first": [max(firsts)], "disk": disk, "rss": rss}
+
+
+def fmt(values: list[float], unit: str) -> str:
+    return f"{statistics.median(values):7.1f}{unit} [{min(values):.1f}-{max(values):.1f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--release", default="debian-12")
+    parser.add_argument("--plain-dir", default="/var/tmp/ttenv-plain", help="image store for the plain image")
+    parser.add_argument("--idle", type=float, default=5.0, help="seconds idle before reading RSS")
+    args = parser.parse_args()
+
+    variants = {
+        "tuned": (image_dir(), ensure(ImageStore(image_dir()), args.release, True)),
+        "plain": (Path(args.plain_dir), ensure(ImageStore(Path(args.plain_dir)), args.release, False)),
+    }
+    image_mib = {
+        name: ImageStore(root).get(img).file("disk.qcow2").stat().st_size / 2**20
+        for name, (root, img) in variants.items()
+    }
+    results: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for run in range(args.runs):
+        for count in (1, 2):
+            for name, (root, img) in variants.items():  # interleaved: same conditions for both
+                got = one_run(root, img, count, args.idle)
+                print(f"run {run + 1} {name} x{count}: first command after {got['first'][0]:.1f} s", flush=True)
+                slot = results.setdefault((name, count), {"first": [], "disk": [], "rss": []})
+                for k, v in got.items():
+                    slot[k] += v
+    print(f"\n{args.release} on {platform.machine()}, {args.runs} runs, TCG/KVM as detected; median [min-max]")
+    print(f"{'image':<7} {'VMs':>3} {'env add -> first command':>28} {'disk/VM (MiB, % image)':>30} {'RSS/VM':>22}")
+    for (name, count), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "tuned")):
+        pct = 100 * statistics.median(r["disk"]) / image_mib[name]
+        print(f"{name:<7} {count:>3} {fmt(r['first'], 's'):>28} {fmt(r['disk'], '') + f' ({pct:.1f} %)':>30} "
+              f"{fmt(r['rss'], 'Mi'):>22}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
