@@ -53,17 +53,15 @@ def run_checks(store: ImageStore, probe: bool = True) -> list[Check]:
                 Check(binary, False, f"not found ({role})", f"apt-get install -y {QEMU_PACKAGE[arch]}", arch == host)
             )
     checks.append(_tool("qemu-img", "qemu-utils", "overlays, image conversion"))
-    checks.append(_tool("mmdebstrap", "mmdebstrap", "building Debian images", required=not store.list()))
-    checks.append(_tool("mkfs.ext4", "e2fsprogs", "building images", required=not store.list()))
-    checks.append(_tool("cpio", "cpio", "building the initramfs", required=not store.list()))
+    checks.append(_tool("mmdebstrap", "mmdebstrap", "building Debian images", required=not store.all()))
+    checks.append(_tool("mkfs.ext4", "e2fsprogs", "building images", required=not store.all()))
+    checks.append(_tool("cpio", "cpio", "building the initramfs", required=not store.all()))
     checks.append(_tool("ssh", "openssh-client", "logging in by hand to kept VMs", required=False))
     checks.append(_accel_check(store, probe))
     checks.append(_disk_check(store))
-    images = store.list()
+    images = store.all()
     detail = ", ".join(i.name for i in images) if images else "none yet"
-    checks.append(
-        Check("images", bool(images), detail, "ttenv image build debian-12", required=False)
-    )
+    checks.append(Check("images", bool(images), detail, "ttenv image build debian-12", required=False))
     return checks
 
 
@@ -75,7 +73,7 @@ def _accel_check(store: ImageStore, probe: bool) -> Check:
                      required=False)  # fmt: skip
     verdict = accel.cached_verdict(host)
     if verdict is None and probe:
-        image = next((i for i in store.list() if i.arch == host and i.kernel), None)
+        image = next((i for i in store.all() if i.arch == host and i.kernel), None)
         if image is not None:
             verdict = accel.choose("auto", image)
     if verdict is None:

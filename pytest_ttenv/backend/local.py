@@ -180,7 +180,9 @@ class LocalBackend:
                 cmdline=cmdline, port=info.port, console=vmdir / "console.log", qmp=_qmp_path(env.id, vm.name),
                 pidfile=vmdir / "qemu.pid", tcg_cx16=qemu.tcg_cx16_safe(image.arch),
             )  # fmt: skip
-            proc = qemu.start(cfg, vmdir / "qemu.log", die_with_parent=spec.owner_pid is not None)
+            proc = qemu.start(
+                cfg, vmdir / "qemu.log", die_with_parent=spec.owner_pid is not None and spec.die_with_owner
+            )
             info.pid = proc.pid
             info.boot_seconds = time.time()  # start time until wait_vm turns it into the boot duration
             self._procs[proc.pid] = proc
@@ -298,6 +300,34 @@ class LocalBackend:
         env = self.store.get_env(ref)
         self.store.set_expires(env.id, time.time() + ttl)
         return self.show_env(env.id)
+
+    def keep(self, ref: str, ttl: float) -> EnvInfo:
+        """Detach the ENV from its owner process (it survives it) with a lease of ``ttl`` seconds.
+
+        Its VMs were started to die with the owner, so this only holds for ENVs created without
+        an owner; the plugin starts them that way when ``--tt-keep`` is not ``never``.
+        """
+        env = self.store.get_env(ref)
+        self.store.set_owner(env.id, None, None)
+        return self.renew(env.id, ttl)
+
+    def snapshot(self, env_ref: str, vm_name: str, name: str) -> None:
+        """Save the running VM's memory and disk state as ``name`` (QMP ``savevm``)."""
+        self._hmp(env_ref, vm_name, f"savevm {name}")
+
+    def revert(self, env_ref: str, vm_name: str, name: str) -> None:
+        """Restore the VM to snapshot ``name``; open SSH connections to it are dead afterwards."""
+        self._hmp(env_ref, vm_name, f"loadvm {name}")
+
+    def _hmp(self, env_ref: str, vm_name: str, command: str) -> None:
+        env = self.store.get_env(env_ref)
+        vm = env.vm(vm_name)
+        if not qemu.is_running(vm.pid, str(Path(env.rundir) / vm.name)):
+            raise BootError(f"VM {vm.name} died (qemu is not running)", self.console(env.id, vm.name))
+        out = qemu.qmp_command(_qmp_path(env.id, vm.name), "human-monitor-command", timeout=120,
+                               **{"command-line": command})  # fmt: skip
+        if isinstance(out, str) and out.strip():
+            raise TTError(f"{command.split()[0]} on VM {vm.name} failed: {out.strip()}")
 
     def console(self, env_ref: str, vm_name: str, tail: int = 50) -> str:
         """The last ``tail`` lines of the VM's serial console."""

@@ -76,7 +76,8 @@ class EnvSpec:
     """An ENV to create. ``client_pubkey`` (OpenSSH line) is authorized in every VM.
 
     ``ttl`` seconds until the lease expires (None: no expiry). ``owner_pid`` ties the ENV's
-    life to a process (the pytest session) where given: when it dies, the ENV is reaped.
+    life to a process (the pytest session) where given: when it dies, the ENV is reaped by the
+    next gc, and with ``die_with_owner`` its VMs are killed by the kernel at once (PDEATHSIG).
     """
 
     name: str
@@ -86,6 +87,7 @@ class EnvSpec:
     ttl: float | None = None
     accel: str = "auto"  # auto | kvm | tcg
     owner_pid: int | None = None
+    die_with_owner: bool = True
 
 
 VM_STATES = ("creating", "booting", "running", "failed", "stopped")

@@ -104,6 +104,10 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE envs SET state=? WHERE id=?", (state, env_id))
 
+    def set_owner(self, env_id: str, pid: int | None, started: int | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE envs SET owner_pid=?, owner_start=? WHERE id=?", (pid, started, env_id))
+
     def set_expires(self, env_id: str, expires: float | None) -> None:
         with self._tx() as db:
             db.execute("UPDATE envs SET expires=? WHERE id=?", (expires, env_id))

@@ -1,0 +1,25 @@
+"""pluggy hook specifications of pytest-ttenv (implement them in a conftest.py or a plugin).
+
+Named ``pytest_*`` because pytest only collects hook implementations by that prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+@pytest.hookspec
+def pytest_ttenv_vm_ready(vm: Any) -> None:
+    """Called once per VM and session, after the VM answered SSH and before any test uses it.
+
+    Provision here (install the package under test, start services): ``vm`` is the same handle
+    tests get as ``tt_vm``. What this hook leaves in the VM is part of the post-boot snapshot
+    that ``tt_vm_fresh`` reverts to. An exception fails every test of that VM with its message.
+    """
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_ttenv_modify_matrix(config: pytest.Config, vms: list[Any]) -> list[Any] | None:
+    """Return a changed list of the session's ``MatrixVm`` to boot (or None to keep it)."""

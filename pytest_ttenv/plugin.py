@@ -1,0 +1,221 @@
+"""pytest hooks of pytest-ttenv: options, matrix parametrization, ENV lifecycle, xdist hand-off,
+failure sections, JUnit properties, the matrix summary. Logic lives in the modules it calls."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from pytest_ttenv import hookspecs
+from pytest_ttenv.backend.build import ensure_images
+from pytest_ttenv.backend.images import ImageStore
+from pytest_ttenv.backend.paths import image_dir
+from pytest_ttenv.config import SETTINGS, raw_values, resolve
+from pytest_ttenv.errors import TTError
+from pytest_ttenv.fixtures import tt_env, tt_vm, tt_vm_fresh
+from pytest_ttenv.matrix import MatrixVm, missing_buildable, select, session_vms
+from pytest_ttenv.report import outcome_of, summary_lines, test_key, write_matrix
+from pytest_ttenv.session import EnvSession
+from pytest_ttenv.state import STATE, PluginState
+
+__all__ = ["tt_env", "tt_vm", "tt_vm_fresh"]
+VM_FIXTURES = ("tt_vm", "tt_vm_fresh")
+
+
+class _Holder:
+    """pytest_runtest_logreport gets no config: the session's state is reachable from here."""
+
+    state: PluginState | None = None
+
+
+_STATE_HOLDER = _Holder()
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ttenv", "pytest-ttenv: run tests on VMs across an OS x arch matrix")
+    for s in SETTINGS:
+        group.addoption(s.flag, dest=s.dest, default=None, metavar=s.metavar,
+                        help=f"{s.help} (ini {s.dest}, env {s.env}; default {s.default or 'unset'})")  # fmt: skip
+        parser.addini(s.dest, s.help, default=None)
+
+
+def _progress(config: pytest.Config) -> Any:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"ttenv: {line.strip()}")
+
+    return say
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "tt_os(*prefixes): run this test only on VMs matching these OS prefixes")
+    config.addinivalue_line("markers", "tt_arch(*arches): run this test only on VMs of these arches")
+    try:
+        cfg = resolve(raw_values(config.getoption, config.getini))
+    except TTError as exc:
+        raise pytest.UsageError(f"ttenv: {exc}") from None
+    state = PluginState(cfg)
+    config.stash[STATE] = state
+    _STATE_HOLDER.state = state
+    if not cfg.os:
+        return
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # an xdist worker: the controller created the ENV
+        if "ttenv" in workerinput:
+            state.session = EnvSession.attach(cfg, workerinput["ttenv"])
+            state.vms = [MatrixVm.from_image(vm.name) for vm in state.session.env.vms]
+        return
+    if cfg.dist == "vm" and getattr(config.option, "dist", "no") != "no":
+        config.option.dist = "loadgroup"
+    if config.option.collectonly or config.option.help:
+        return
+    try:
+        state.vms = _matrix(config, cfg)
+        state.session = EnvSession.create(cfg, state.vms, _progress(config))
+    except TTError as exc:
+        raise pytest.UsageError(f"ttenv: {exc}") from None
+    _install_guards(config)
+
+
+def _matrix(config: pytest.Config, cfg: Any) -> list[MatrixVm]:
+    """The session's VMs; Debian images asked for but missing are built first (progress shown)."""
+    store = ImageStore(image_dir(cfg.image_dir))
+    arches = list(cfg.arch) or [os.uname().machine]
+    missing = missing_buildable(cfg.os, store.names(), arches)
+    if missing:
+        ensure_images(store, missing, progress=_progress(config))
+    vms = session_vms(cfg.os, cfg.arch, store.names())
+    changed = config.hook.pytest_ttenv_modify_matrix(config=config, vms=vms)
+    return list(changed) if changed is not None else vms
+
+
+def _install_guards(config: pytest.Config) -> None:
+    """SIGTERM becomes KeyboardInterrupt (so pytest tears down); atexit deletes a leftover ENV."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, on_term)
+    atexit.register(_teardown, config, None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: hand the ENV to each worker."""
+    state = node.config.stash[STATE]
+    if state.session is not None:
+        node.workerinput["ttenv"] = state.session.to_workerinput()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if not any(f in metafunc.fixturenames for f in VM_FIXTURES):
+        return
+    state = metafunc.config.stash[STATE]
+    if state.session is None:
+        metafunc.parametrize("_tt_vm_name", [pytest.param(None, marks=pytest.mark.skip(reason=state.skip_reason))],
+                             ids=["no-vm"])  # fmt: skip
+        return
+    os_f = [a for m in metafunc.definition.iter_markers("tt_os") for a in m.args]
+    arch_f = [a for m in metafunc.definition.iter_markers("tt_arch") for a in m.args]
+    try:
+        chosen = select(state.vms, os_f, arch_f)
+    except TTError as exc:
+        raise pytest.UsageError(f"ttenv: {metafunc.definition.nodeid}: {exc}") from None
+    if not chosen:
+        reason = f"tt_os{tuple(os_f)}/tt_arch{tuple(arch_f)} leave no VM of this session's matrix"
+        metafunc.parametrize("_tt_vm_name", [pytest.param(None, marks=pytest.mark.skip(reason=reason))],
+                             ids=["no-vm"])  # fmt: skip
+        return
+    metafunc.parametrize("_tt_vm_name", [vm.name for vm in chosen], ids=[vm.name for vm in chosen])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = config.stash[STATE]
+    if state.session is None:
+        return
+    state.session.snapshots = any("tt_vm_fresh" in getattr(i, "fixturenames", ()) for i in items)
+    if state.cfg.dist == "vm":
+        for item in items:
+            name = getattr(item, "callspec", None) and item.callspec.params.get("_tt_vm_name")  # type: ignore[attr-defined]
+            if name:
+                item.add_marker(pytest.mark.xdist_group(name=name))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    state = item.config.stash[STATE]
+    callspec = getattr(item, "callspec", None)
+    name = callspec.params.get("_tt_vm_name") if callspec else None
+    if not report.failed or state.session is None or not name:
+        return
+    vm = state.session.vms.get(name)
+    if vm is None:
+        return
+    if vm.last_command:
+        report.sections.append((f"ttenv last command on {name}", vm.last_command))
+    console = vm.console or state.session.console(name, 50)
+    report.sections.append((f"ttenv console of {name} (last 50 lines)", console or "(empty)"))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Record each VM test's outcome (under xdist the controller sees the workers' reports)."""
+    vms = [str(v) for k, v in report.user_properties if k == "tt_vm"]
+    outcome = outcome_of(report)
+    if not vms or outcome is None or _STATE_HOLDER.state is None:
+        return
+    for vm in vms:
+        key = (test_key(report.nodeid, vm), vm)
+        if _STATE_HOLDER.state.outcomes.get(key) in (None, "passed"):
+            _STATE_HOLDER.state.outcomes[key] = outcome
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = session.config.stash.get(STATE, None)
+    if state is None or state.session is None:
+        return
+    if state.cfg.matrix_report and state.session.controller:
+        write_matrix(state.cfg.matrix_report, state.outcomes, [vm.name for vm in state.vms])
+    _teardown(session.config, exitstatus)
+
+
+def _teardown(config: pytest.Config, exitstatus: int | None) -> None:
+    state = config.stash.get(STATE, None)
+    if state is None or state.session is None:
+        return
+    session, state.session = state.session, None
+    keep: list[str] = []
+    if state.cfg.keep == "always":
+        keep = list(session.vms)
+    elif state.cfg.keep == "failed":
+        keep = sorted({vm for (_, vm), o in state.outcomes.items() if o in ("failed", "error")})
+    line = session.teardown(keep)
+    if line:
+        state.notes.append(line)
+        if exitstatus is None:  # atexit: the terminal reporter is gone
+            print(line)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = config.stash.get(STATE, None)
+    if state is None or getattr(config, "workerinput", None) is not None:
+        return
+    if state.outcomes:
+        terminalreporter.section("ttenv matrix")
+        for line in summary_lines(state.outcomes, [vm.name for vm in state.vms]):
+            terminalreporter.write_line(line)
+    for note in state.notes:
+        terminalreporter.write_line(note)

@@ -1,0 +1,242 @@
+"""The ENV of one pytest session: created by the controlling process, shared with xdist workers,
+readied once per VM, destroyed at the end.
+
+- The controller (the only process, or the xdist controller) calls ``EnvSession.create`` in
+  ``pytest_sessionstart``: the ENV is created at once and boots while tests are collected.
+- Workers get ``to_workerinput()`` and ``attach`` to the same ENV; they never create or delete.
+- ``ready(vm)`` in any process waits for that VM only; the first process to get there runs the
+  ``pytest_ttenv_vm_ready`` hook and takes the post-boot snapshot, under a file lock in the session dir,
+  and records the outcome there, so every process sees the same (and a failed boot fails fast).
+- ``teardown`` (controller) deletes the ENV, or keeps it with a lease when asked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_ttenv.access import save_key, target
+from pytest_ttenv.backend import Backend, get_backend
+from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
+from pytest_ttenv.backend.seed import KeyPair
+from pytest_ttenv.config import TTConfig
+from pytest_ttenv.errors import BootError, TTError
+from pytest_ttenv.matrix import MatrixVm
+from pytest_ttenv.ssh import Connection
+
+BOOT_SNAPSHOT = "ttenv-boot"
+KEEP_TTL = 24 * 3600.0  # lease of an ENV kept by --tt-keep, renewable with the CLI
+
+
+@dataclass
+class VmState:
+    """What this process knows of one VM: its info once ready, its connection, why it failed."""
+
+    info: VmInfo | None = None
+    conn: Connection | None = None
+    error: str = ""
+    console: str = ""
+    last_command: str = ""
+    generation: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class EnvSession:
+    """One pytest session's ENV, as seen from one process."""
+
+    def __init__(self, cfg: TTConfig, backend: Backend, env: EnvInfo, workdir: Path, controller: bool) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.env = env
+        self.workdir = workdir  # holds the private key and the per-VM ready records
+        self.controller = controller
+        self.vms = {vm.name: VmState() for vm in env.vms}
+        self.snapshots = False  # set when some collected test uses tt_vm_fresh
+        self._held: dict[str, tuple[int, bool, int]] = {}  # VM -> (fd, exclusive, depth)
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "id_ed25519"
+
+    @classmethod
+    def create(cls, cfg: TTConfig, vms: Sequence[MatrixVm], progress: Callable[[str], None]) -> EnvSession:
+        """Create the ENV (VMs start booting) owned by this process; returns at once."""
+        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, progress=progress)
+        workdir = Path(tempfile.mkdtemp(prefix="ttenv-session-"))
+        try:
+            key = KeyPair.generate(f"ttenv-pytest-{os.getpid()}")
+            key.write_private(workdir / "id_ed25519")
+            res = Resources(cpu=cfg.cpu, mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib)
+            spec = EnvSpec(
+                name=f"pytest-{os.getpid()}-{secrets.token_hex(2)}",
+                vms=tuple(VmSpec(vm.name, vm.name, res) for vm in vms),
+                client_pubkey=key.public,
+                accel=cfg.accel,
+                owner_pid=os.getpid(),
+                die_with_owner=cfg.keep == "never",
+            )
+            env = backend.create_env(spec)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return cls(cfg, backend, env, workdir, controller=True)
+
+    def to_workerinput(self) -> dict[str, Any]:
+        return {"env": self.env.to_dict(), "workdir": str(self.workdir)}
+
+    @classmethod
+    def attach(cls, cfg: TTConfig, data: dict[str, Any]) -> EnvSession:
+        """The ENV the controller created, in an xdist worker."""
+        backend = get_backend(cfg.backend, image_dir=cfg.image_dir)
+        return cls(cfg, backend, EnvInfo.from_dict(data["env"]), Path(data["workdir"]), controller=False)
+
+    # -- per VM --------------------------------------------------------------------------------
+    def ready(self, name: str, on_ready: Callable[[str], None]) -> VmState:
+        """Wait for VM ``name`` (only it); provision it once per session. Raises BootError."""
+        state = self.vms[name]
+        with state.lock:
+            if state.error:
+                raise BootError(state.error, state.console)
+            if state.info is not None:
+                return state
+            with self._vm_lock(name):
+                record = self.workdir / f"{name}.ready"
+                failed = self.workdir / f"{name}.failed"
+                try:
+                    if failed.exists():
+                        raise BootError(failed.read_text(), self.backend.console(self.env.id, name))
+                    info = self.backend.wait_vm(self.env.id, name, self.cfg.boot_timeout)
+                    state.info = info
+                    if not record.exists():
+                        on_ready(name)
+                        if self.snapshots:
+                            self.close_connection(name)
+                            self.backend.snapshot(self.env.id, name, BOOT_SNAPSHOT)
+                        record.write_text("ok")
+                except BootError as exc:
+                    state.info, state.error, state.console = None, str(exc), exc.console_tail
+                    failed.write_text(state.error)
+                    raise
+                except Exception as exc:
+                    state.info = None
+                    state.error = f"VM {name} could not be readied: {exc}"
+                    state.console = self.backend.console(self.env.id, name)
+                    failed.write_text(state.error)
+                    raise BootError(state.error, state.console) from exc
+            return state
+
+    @contextmanager
+    def _vm_lock(self, name: str) -> Iterator[None]:
+        with open(self.workdir / f"{name}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def connection(self, name: str) -> Connection:
+        """This process's connection to a ready VM (opened on first use, and again after any
+        process reverted the VM: its guest-side TCP state is gone then)."""
+        state = self.vms[name]
+        if state.info is None:
+            raise TTError(f"VM {name} is not ready")
+        generation = self._generation(name)
+        if state.conn is not None and state.generation != generation:
+            self.close_connection(name)
+        if state.conn is None:
+            state.conn = Connection(target(state.info, self.key_file))
+            state.generation = generation
+        return state.conn
+
+    def _generation(self, name: str) -> int:
+        try:
+            return int((self.workdir / f"{name}.generation").read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    @contextmanager
+    def use(self, names: Sequence[str], exclusive: bool) -> Iterator[None]:
+        """Hold VMs for a test: shared (tt_vm, tt_env) or exclusive (tt_vm_fresh), across every
+        process of the session (flock), so a revert never runs under another test using that VM.
+
+        Locks are taken in name order; an exclusive holder holds one VM only, so no cycle forms.
+        """
+        taken: list[tuple[str, int]] = []
+        try:
+            for name in sorted(set(names)):
+                held = self._held.get(name)
+                if held is not None and (held[1] or not exclusive):
+                    self._held[name] = (held[0], held[1], held[2] + 1)
+                    taken.append((name, -1))
+                    continue
+                fd = held[0] if held else os.open(self.workdir / f"{name}.use", os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                self._held[name] = (fd, exclusive, held[2] + 1 if held else 1)
+                taken.append((name, int(held is not None and not held[1])))  # 1: upgraded from shared
+            yield
+        finally:
+            for name, kind in reversed(taken):
+                fd, exclusive_now, count = self._held[name]
+                if kind == 1:  # back from exclusive to the shared lock held before
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                    self._held[name] = (fd, False, count - 1)
+                elif count > 1:
+                    self._held[name] = (fd, exclusive_now, count - 1)
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+                    del self._held[name]
+
+    def close_connection(self, name: str) -> None:
+        state = self.vms[name]
+        if state.conn is not None:
+            state.conn.close()
+            state.conn = None
+
+    def revert(self, name: str) -> None:
+        """Restore the VM's post-boot snapshot (memory and disk), then fix the guest clock.
+
+        Hold the VM exclusively (``use``) around this: other processes' connections die with it.
+        """
+        self.close_connection(name)
+        self.backend.revert(self.env.id, name, BOOT_SNAPSHOT)
+        (self.workdir / f"{name}.generation").write_text(str(self._generation(name) + 1))
+        self.connection(name).run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
+
+    def console(self, name: str, lines: int = 50) -> str:
+        try:
+            return self.backend.console(self.env.id, name, lines)
+        except TTError:
+            return ""
+
+    # -- end -----------------------------------------------------------------------------------
+    def teardown(self, keep: Sequence[str]) -> str:
+        """Close connections; delete the ENV unless ``keep`` names VMs to keep. Returns one line."""
+        for name in self.vms:
+            self.close_connection(name)
+        if not self.controller:
+            return ""
+        try:
+            if keep:
+                env = self.backend.keep(self.env.id, KEEP_TTL)
+                key = save_key(env.id, KeyPair(self.key_file.read_text(), ""))
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                lines = [f"ttenv: kept ENV {env.name} for 24 h; delete it with: ttenv env del {env.name}"]
+                lines += [f"  {vm.name}: ssh -i {key} -p {vm.port} {vm.user}@{vm.address}"
+                          for vm in env.vms if vm.name in keep]  # fmt: skip
+                return "\n".join(lines)
+            self.backend.delete_env(self.env.id)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return f"ttenv: ENV {self.env.name} deleted: {len(self.vms)} VM(s) stopped, overlays and ports released"
+        except TTError as exc:
+            return f"ttenv: teardown of ENV {self.env.name} failed: {exc}"
