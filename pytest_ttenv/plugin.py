@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from pytest_ttenv import hookspecs
+from pytest_ttenv.backend import Backend, get_backend
 from pytest_ttenv.backend.build import ensure_images
-from pytest_ttenv.backend.images import ImageStore
-from pytest_ttenv.backend.paths import image_dir
-from pytest_ttenv.config import SETTINGS, raw_values, resolve
+from pytest_ttenv.backend.local import LocalBackend
+from pytest_ttenv.config import SETTINGS, TTConfig, raw_values, resolve
 from pytest_ttenv.errors import TTError
 from pytest_ttenv.fixtures import tt_env, tt_vm, tt_vm_fresh
 from pytest_ttenv.matrix import MatrixVm, missing_buildable, select, session_vms
@@ -81,21 +81,23 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.collectonly or config.option.help:
         return
     try:
-        state.vms = _matrix(config, cfg)
-        state.session = EnvSession.create(cfg, state.vms, _progress(config))
+        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, progress=_progress(config))
+        state.vms = _matrix(config, cfg, backend)
+        state.session = EnvSession.create(cfg, state.vms, backend)
     except TTError as exc:
         raise pytest.UsageError(f"ttenv: {exc}") from None
     _install_guards(config)
 
 
-def _matrix(config: pytest.Config, cfg: Any) -> list[MatrixVm]:
-    """The session's VMs; Debian images asked for but missing are built first (progress shown)."""
-    store = ImageStore(image_dir(cfg.image_dir))
-    arches = list(cfg.arch) or [os.uname().machine]
-    missing = missing_buildable(cfg.os, store.names(), arches)
-    if missing:
-        ensure_images(store, missing, progress=_progress(config))
-    vms = session_vms(cfg.os, cfg.arch, store.names())
+def _matrix(config: pytest.Config, cfg: TTConfig, backend: Backend) -> list[MatrixVm]:
+    """The session's VMs from the backend's images; on the local backend, Debian images asked
+    for but missing are built first (progress shown)."""
+    if isinstance(backend, LocalBackend):
+        arches = list(cfg.arch) or [os.uname().machine]
+        missing = missing_buildable(cfg.os, backend.image_store.names(), arches)
+        if missing:
+            ensure_images(backend.image_store, missing, progress=_progress(config))
+    vms = session_vms(cfg.os, cfg.arch, [image.name for image in backend.images()])
     changed = config.hook.pytest_ttenv_modify_matrix(config=config, vms=vms)
     return list(changed) if changed is not None else vms
 

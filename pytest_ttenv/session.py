@@ -69,9 +69,8 @@ class EnvSession:
         return self.workdir / "id_ed25519"
 
     @classmethod
-    def create(cls, cfg: TTConfig, vms: Sequence[MatrixVm], progress: Callable[[str], None]) -> EnvSession:
+    def create(cls, cfg: TTConfig, vms: Sequence[MatrixVm], backend: Backend) -> EnvSession:
         """Create the ENV (VMs start booting) owned by this process; returns at once."""
-        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, progress=progress)
         workdir = Path(tempfile.mkdtemp(prefix="ttenv-session-"))
         try:
             key = KeyPair.generate(f"ttenv-pytest-{os.getpid()}")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: local qemu engine, Debian images built on first use,
-# an ENV of one VM per image, a small check suite run on every VM, the matrix printed.
+# The main job on the embedded default: the local qemu engine, Debian 11/12/13 images built on
+# first use (progress shown), the example suite run on one VM per image, the matrix printed.
+# Extra arguments go to pytest (e.g. -n 2, --tt-keep=failed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 examples/matrix_demo.py "$@"
+exec python3 -m pytest examples -p no:cacheprovider --tt-os="${TTENV_OS:-debian11,debian12,debian13}" \
+  --tt-matrix-report=ttenv-matrix.md "$@"

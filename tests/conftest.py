@@ -15,6 +15,7 @@ from pytest_ttenv.backend.model import ImageInfo
 from pytest_ttenv.backend.paths import image_dir
 
 HOST_ARCH = platform.machine()
+IMAGE_ROOT = image_dir()  # read before any test moves HOME (pytester does)
 
 
 def _why_no_vms() -> str | None:
@@ -32,7 +33,7 @@ def images() -> Callable[..., list[ImageInfo]]:
     reason = _why_no_vms()
     if reason:
         pytest.skip(f"cannot boot VMs here: {reason}")
-    store = ImageStore(image_dir())
+    store = ImageStore(IMAGE_ROOT)
 
     def get(*targets: str) -> list[ImageInfo]:
         names = [f"{t}-{HOST_ARCH}" for t in targets]
