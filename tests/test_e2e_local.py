@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from leftovers import port_free, qemu_pids_under
 
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import EnvSpec, ImageInfo, Resources, VmSpec
@@ -33,34 +33,6 @@ def ttenv(state: Path, *args: str, timeout: float = 600) -> subprocess.Completed
                          env=env, timeout=timeout)  # fmt: skip
     print(f"$ ttenv {' '.join(args)} -> {res.returncode}\n{res.stdout}{res.stderr}")
     return res
-
-
-def qemu_pids_under(path: Path) -> list[int]:
-    """Live (non-zombie) processes whose command line mentions ``path``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if str(path).encode() in cmdline and state != "Z":
-            pids.append(int(proc.name))
-    return pids
-
-
-def port_free(port: int) -> bool:
-    """Nothing listens on the port: a new listener can take it (as qemu's hostfwd would)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            s.listen()
-            return True
-        except OSError:
-            return False
 
 
 def test_env_cycle_two_vms_through_cli(tmp_path: Path, images: Callable[..., list[ImageInfo]]) -> None:

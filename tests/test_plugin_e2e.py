@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import IMAGE_ROOT
+from leftovers import qemu_pids_under
 
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import ImageInfo
-from tests.conftest import IMAGE_ROOT
-from tests.test_e2e_local import qemu_pids_under
 
 pytestmark = pytest.mark.vm
 pytest_plugins = ["pytester"]
