@@ -68,9 +68,7 @@ def one_run(images_root: Path, image: str, count: int, idle: float) -> dict[str,
                 firsts = list(pool.map(first_command, [v.name for v in vms]))
             time.sleep(idle)
             env = backend.show_env(env.id)
-            disk = [
-                Path(env.rundir, vm.name, "overlay.qcow2").stat().st_blocks * 512 / 2**20 for vm in env.vms
-            ]
+            disk = [Path(env.rundir, vm.name, "overlay.qcow2").stat().st_blocks * 512 / 2**20 for vm in env.vms]
             rss = [rss_mib(vm.pid) for vm in env.vms]
         finally:
             backend.delete_env(env.id)
