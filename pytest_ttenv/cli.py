@@ -230,9 +230,13 @@ def cmd_env_del(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     backend = _backend(args, progress=False)
+    from pytest_ttenv.session import reap_session_dirs
+
     reaped = backend.gc()
     stale = backend.image_store.remove_stale_builds()
-    _out(f"reaped {len(reaped)} ENV(s) whose owner is gone or lease expired; removed {len(stale)} stale build(s)")
+    sessions = reap_session_dirs(backend)
+    _out(f"reaped {len(reaped)} ENV(s) whose owner is gone or lease expired; removed {len(stale)} stale "
+         f"build(s) and {sessions} stale pytest session dir(s)")  # fmt: skip
     return 0
 
 

@@ -35,3 +35,21 @@ class BootError(TTError):
     def __init__(self, message: str, console_tail: str = "", hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.console_tail = console_tail
+
+
+class VmDied(BootError):
+    """A VM that was up is gone (qemu exited, the guest powered off or panicked)."""
+
+
+def from_os_error(exc: OSError, doing: str) -> TTError:
+    """One line for a failed file operation: what we were doing, why, and what to do."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = {
+        errno.ENOSPC: "free disk space, or point TTENV_STATE_DIR / TTENV_IMAGE_DIR elsewhere",
+        errno.EDQUOT: "free disk space, or point TTENV_STATE_DIR / TTENV_IMAGE_DIR elsewhere",
+        errno.EACCES: "check permissions, or point TTENV_STATE_DIR / TTENV_IMAGE_DIR elsewhere",
+        errno.EROFS: "the file system is read-only: point TTENV_STATE_DIR / TTENV_IMAGE_DIR elsewhere",
+    }.get(exc.errno or 0)
+    return TTError(f"cannot {doing}: {exc.strerror or exc}{where}", hint)

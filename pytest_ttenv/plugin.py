@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import threading
 from collections.abc import Generator
 from typing import Any
 
@@ -204,7 +205,14 @@ def _teardown(config: pytest.Config, exitstatus: int | None) -> None:
         keep = list(session.vms)
     elif state.cfg.keep == "failed":
         keep = sorted({vm for (_, vm), o in state.outcomes.items() if o in ("failed", "error")})
-    line = session.teardown(keep)
+    # A second Ctrl-C must not cut the teardown short: it takes a few seconds at most.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        line = session.teardown(keep)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if line:
         state.notes.append(line)
         if exitstatus is None:  # atexit: the terminal reporter is gone

@@ -16,7 +16,6 @@ import fcntl
 import os
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,9 +27,10 @@ from typing import Any
 from pytest_ttenv.access import save_key, target
 from pytest_ttenv.backend import Backend, get_backend
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
+from pytest_ttenv.backend.paths import state_dir
 from pytest_ttenv.backend.seed import KeyPair
 from pytest_ttenv.config import TTConfig
-from pytest_ttenv.errors import BootError, TTError
+from pytest_ttenv.errors import BootError, TTError, VmDied
 from pytest_ttenv.matrix import MatrixVm
 from pytest_ttenv.ssh import Connection
 
@@ -49,6 +49,21 @@ class VmState:
     last_command: str = ""
     generation: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def sessions_dir() -> Path:
+    path = state_dir() / "sessions"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def reap_session_dirs(backend: Backend) -> int:
+    """Remove session dirs whose ENV no longer exists (their session was killed); returns how many."""
+    live = {env.id for env in backend.list_envs()}
+    stale = [d for d in sessions_dir().iterdir() if d.is_dir() and d.name not in live]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(stale)
 
 
 class EnvSession:
@@ -70,23 +85,29 @@ class EnvSession:
 
     @classmethod
     def create(cls, cfg: TTConfig, vms: Sequence[MatrixVm], backend: Backend) -> EnvSession:
-        """Create the ENV (VMs start booting) owned by this process; returns at once."""
-        workdir = Path(tempfile.mkdtemp(prefix="ttenv-session-"))
+        """Create the ENV (VMs start booting) owned by this process; returns at once.
+
+        The session dir ``<state>/sessions/<env id>`` holds the private key (0600) and the
+        per-VM records; a dir whose ENV is gone is removed by the next session or ``ttenv gc``.
+        """
+        reap_session_dirs(backend)
+        key = KeyPair.generate(f"ttenv-pytest-{os.getpid()}")
+        res = Resources(cpu=cfg.cpu, mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib)
+        spec = EnvSpec(
+            name=f"pytest-{os.getpid()}-{secrets.token_hex(2)}",
+            vms=tuple(VmSpec(vm.name, vm.name, res) for vm in vms),
+            client_pubkey=key.public,
+            accel=cfg.accel,
+            owner_pid=os.getpid(),
+            die_with_owner=cfg.keep == "never",
+        )
+        env = backend.create_env(spec)
         try:
-            key = KeyPair.generate(f"ttenv-pytest-{os.getpid()}")
+            workdir = sessions_dir() / env.id
+            workdir.mkdir(mode=0o700)
             key.write_private(workdir / "id_ed25519")
-            res = Resources(cpu=cfg.cpu, mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib)
-            spec = EnvSpec(
-                name=f"pytest-{os.getpid()}-{secrets.token_hex(2)}",
-                vms=tuple(VmSpec(vm.name, vm.name, res) for vm in vms),
-                client_pubkey=key.public,
-                accel=cfg.accel,
-                owner_pid=os.getpid(),
-                die_with_owner=cfg.keep == "never",
-            )
-            env = backend.create_env(spec)
         except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
+            backend.delete_env(env.id)
             raise
         return cls(cfg, backend, env, workdir, controller=True)
 
@@ -104,6 +125,9 @@ class EnvSession:
         """Wait for VM ``name`` (only it); provision it once per session. Raises BootError."""
         state = self.vms[name]
         with state.lock:
+            failed = self.workdir / f"{name}.failed"
+            if not state.error and failed.exists():  # another process saw it fail or die
+                state.error, state.console = failed.read_text(), self.console(name)
             if state.error:
                 raise BootError(state.error, state.console)
             if state.info is not None:
@@ -211,6 +235,22 @@ class EnvSession:
         self.backend.revert(self.env.id, name, BOOT_SNAPSHOT)
         (self.workdir / f"{name}.generation").write_text(str(self._generation(name) + 1))
         self.connection(name).run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
+
+    def check_alive(self, name: str) -> None:
+        """Raise VmDied (and remember it for every process) if the VM is gone; else return."""
+        state = self.vms[name]
+        try:
+            vm = self.backend.show_env(self.env.id).vm(name)
+        except (TTError, KeyError):
+            vm = None
+        console = self.console(name)
+        if vm is not None and vm.state in ("running", "booting") and "Kernel panic" not in console:
+            return
+        why = "the guest kernel panicked" if "Kernel panic" in console else "qemu is not running"
+        state.error, state.console = f"VM {name} died ({why})", console
+        (self.workdir / f"{name}.failed").write_text(state.error)
+        self.close_connection(name)
+        raise VmDied(state.error, console)
 
     def console(self, name: str, lines: int = 50) -> str:
         try:

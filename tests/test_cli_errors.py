@@ -43,3 +43,23 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], code: int, messa
 def test_list_on_empty_host(tmp_path: Path) -> None:
     assert ttenv(tmp_path, "env", "list").stdout.strip() == "no ENVs"
     assert "ttenv image build debian-12" in ttenv(tmp_path, "image", "list").stdout
+
+
+def test_unwritable_state_dir_is_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.write_text("a file where a directory should be")
+    env = dict(os.environ, TTENV_STATE_DIR=str(state), TTENV_IMAGE_DIR=str(tmp_path / "images"))
+    res = subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", "env", "list"], capture_output=True, text=True,
+                         env=env, timeout=60)  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("ttenv: error: cannot open the state store in ") and len(res.stderr.splitlines()) == 1
+
+
+def test_unwritable_image_store_is_one_line(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.write_text("not a directory")
+    env = dict(os.environ, TTENV_STATE_DIR=str(tmp_path / "state"), TTENV_IMAGE_DIR=str(images))
+    res = subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", "image", "build", "debian-12"],
+                         capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("ttenv: error: cannot build image debian-12-") and len(res.stderr.splitlines()) == 1

@@ -23,7 +23,7 @@ from pathlib import Path
 from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.model import ImageInfo
 from pytest_ttenv.backend.naming import DEBIAN_ARCH, image_name
-from pytest_ttenv.errors import TTError, UsageError
+from pytest_ttenv.errors import TTError, UsageError, from_os_error
 
 DEBIAN_SUITES = {"11": "bullseye", "12": "bookworm", "13": "trixie"}
 KERNEL_PACKAGE = {
@@ -124,6 +124,12 @@ class ImageBuilder:
 
     def build(self, req: BuildRequest) -> ImageInfo:
         """Build ``req`` and return its ImageInfo; an existing image of that name is replaced."""
+        try:
+            return self._build(req)
+        except OSError as exc:
+            raise from_os_error(exc, f"build image {req.name} in {self.store.root}") from None
+
+    def _build(self, req: BuildRequest) -> ImageInfo:
         missing = [t for t in ("mmdebstrap", "mkfs.ext4", "qemu-img", "cpio") if not shutil.which(t)]
         if missing:
             raise TTError(

@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +31,7 @@ from pytest_ttenv.backend.owner import is_alive, start_time
 from pytest_ttenv.backend.paths import image_dir, runtime_dir, state_dir
 from pytest_ttenv.backend.seed import KeyPair, SeedData, write_seed_iso
 from pytest_ttenv.backend.store import Store
-from pytest_ttenv.errors import BootError, TTError, UsageError
+from pytest_ttenv.errors import BootError, TTError, UsageError, from_os_error
 
 PORT_RANGE = (10022, 32767)  # below Linux's ephemeral range, so outgoing connections never take them
 MAX_CPU = 64
@@ -87,7 +88,13 @@ class LocalBackend:
     ) -> None:
         self.image_store = ImageStore(image_dir(image_root))
         self.state = state_dir(state_root)
-        self.store = Store(self.state / "state.sqlite")
+        try:
+            self.store = Store(self.state / "state.sqlite")
+        except OSError as exc:
+            raise from_os_error(exc, f"open the state store in {self.state}") from None
+        except sqlite3.Error as exc:
+            raise TTError(f"cannot open the state store {self.state / 'state.sqlite'}: {exc}",
+                          "check permissions and free space, or set TTENV_STATE_DIR") from None  # fmt: skip
         self.progress = progress or (lambda line: None)
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -103,8 +110,15 @@ class LocalBackend:
     def create_env(self, spec: EnvSpec) -> EnvInfo:
         """Create the ENV and start every VM; returns at once while the VMs boot.
 
-        Any failure before all VMs are started removes everything created so far.
+        Any failure before all VMs are started removes everything created so far; a failing
+        file operation (disk full, no permission) becomes one TTError line.
         """
+        try:
+            return self._create_env(spec)
+        except OSError as exc:
+            raise from_os_error(exc, f"create ENV {spec.name}") from None
+
+    def _create_env(self, spec: EnvSpec) -> EnvInfo:
         check_env_name(spec.name)
         if not spec.vms:
             raise UsageError("an ENV needs at least one VM")

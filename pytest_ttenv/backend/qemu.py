@@ -74,6 +74,8 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{cfg.port}-:22",
         "-device", "virtio-net-pci,netdev=net0",
         "-device", "virtio-rng-pci",
+        # A guest kernel panic ends qemu, so a dead guest is seen at once, not after a timeout.
+        "-device", "pvpanic" if cfg.arch == "x86_64" else "pvpanic-pci", "-action", "panic=exit-failure",
     ]  # fmt: skip
     if cfg.seed is not None:
         argv += ["-drive", f"if=none,id=seed,file={cfg.seed},format=raw,readonly=on"]
