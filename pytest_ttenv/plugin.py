@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import threading
 from collections.abc import Generator
 from typing import Any
 
@@ -81,13 +80,13 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.dist = "loadgroup"
     if config.option.collectonly or config.option.help:
         return
+    _install_guards(config)  # before the first VM starts: a SIGTERM during boot cleans up too
     try:
         backend = get_backend(cfg.backend, image_dir=cfg.image_dir, progress=_progress(config))
         state.vms = _matrix(config, cfg, backend)
         state.session = EnvSession.create(cfg, state.vms, backend)
     except TTError as exc:
         raise pytest.UsageError(f"ttenv: {exc}") from None
-    _install_guards(config)
 
 
 def _matrix(config: pytest.Config, cfg: TTConfig, backend: Backend) -> list[MatrixVm]:
@@ -104,13 +103,22 @@ def _matrix(config: pytest.Config, cfg: TTConfig, backend: Backend) -> list[Matr
 
 
 def _install_guards(config: pytest.Config) -> None:
-    """SIGTERM becomes KeyboardInterrupt (so pytest tears down); atexit deletes a leftover ENV."""
+    """The first SIGINT/SIGTERM interrupts the session (pytest then tears the ENV down); later
+    ones only say that cleanup is under way, so a second Ctrl-C cannot cut it short. (A SIGKILL
+    still takes the VMs along: qemu dies with its parent.) atexit deletes a leftover ENV."""
 
-    def on_term(signum: int, frame: object) -> None:
+    def again(signum: int, frame: object) -> None:
+        os.write(2, b"ttenv: cleaning up the VMs, this takes a few seconds\n")
+
+    def first(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, again)
+        signal.signal(signal.SIGTERM, again)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, on_term)
+    state = config.stash[STATE]
+    for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        if signal.getsignal(sig) in (default, None):
+            state.restore_signals[sig] = signal.signal(sig, first)
     atexit.register(_teardown, config, None)
 
 
@@ -205,14 +213,9 @@ def _teardown(config: pytest.Config, exitstatus: int | None) -> None:
         keep = list(session.vms)
     elif state.cfg.keep == "failed":
         keep = sorted({vm for (_, vm), o in state.outcomes.items() if o in ("failed", "error")})
-    # A second Ctrl-C must not cut the teardown short: it takes a few seconds at most.
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-    try:
-        line = session.teardown(keep)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    line = session.teardown(keep)
+    for sig, handler in state.restore_signals.items():
+        signal.signal(sig, handler)
     if line:
         state.notes.append(line)
         if exitstatus is None:  # atexit: the terminal reporter is gone

@@ -36,6 +36,7 @@ from pytest_ttenv.ssh import Connection
 
 BOOT_SNAPSHOT = "ttenv-boot"
 KEEP_TTL = 24 * 3600.0  # lease of an ENV kept by --tt-keep, renewable with the CLI
+DEATH_GRACE = 15.0  # seconds a VM that lost SSH may take to finish powering off
 
 
 @dataclass
@@ -236,16 +237,26 @@ class EnvSession:
         (self.workdir / f"{name}.generation").write_text(str(self._generation(name) + 1))
         self.connection(name).run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
 
-    def check_alive(self, name: str) -> None:
-        """Raise VmDied (and remember it for every process) if the VM is gone; else return."""
+    def check_alive(self, name: str, grace: float = DEATH_GRACE) -> None:
+        """Raise VmDied (and remember it for every process) if the VM is gone; else return.
+
+        Called after SSH failed: a guest that is powering off keeps qemu up a few more seconds,
+        so this watches for up to ``grace`` seconds before deciding the VM is alive.
+        """
         state = self.vms[name]
-        try:
-            vm = self.backend.show_env(self.env.id).vm(name)
-        except (TTError, KeyError):
-            vm = None
-        console = self.console(name)
-        if vm is not None and vm.state in ("running", "booting") and "Kernel panic" not in console:
-            return
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                vm: VmInfo | None = self.backend.show_env(self.env.id).vm(name)
+            except (TTError, KeyError):
+                vm = None
+            console = self.console(name)
+            alive = vm is not None and vm.state in ("running", "booting") and "Kernel panic" not in console
+            if not alive:
+                break
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
         why = "the guest kernel panicked" if "Kernel panic" in console else "qemu is not running"
         state.error, state.console = f"VM {name} died ({why})", console
         (self.workdir / f"{name}.failed").write_text(state.error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,7 @@ class PluginState:
     # (test id without the VM, VM name) -> passed | failed | error | skipped
     outcomes: dict[tuple[str, str], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    restore_signals: dict[int, Any] = field(default_factory=dict)  # handlers to put back after teardown
 
 
 STATE = pytest.StashKey[PluginState]()

@@ -32,3 +32,28 @@ def port_free(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def leftovers(state: Path) -> list[str]:
+    """Everything a ttenv state dir still holds or runs: qemu processes, run dirs, session dirs,
+    sqlite rows, QMP socket dirs. Empty when nothing is left behind."""
+    import sqlite3
+
+    from pytest_ttenv.backend.paths import runtime_dir
+
+    found = [f"qemu pid {pid}" for pid in qemu_pids_under(state)]
+    for sub in ("envs", "sessions"):
+        if (state / sub).is_dir():
+            found += [f"{sub}/{d.name}" for d in (state / sub).iterdir()]
+    if (state / "state.sqlite").exists():
+        with sqlite3.connect(state / "state.sqlite") as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM envs")]
+            found += [f"row env {i}" for i in ids]
+            found += [f"row vm {n}" for (n,) in db.execute("SELECT name FROM vms")]
+    for sockets in runtime_dir().iterdir():
+        try:
+            if str(state) in (sockets / "rundir").read_text():
+                found.append(f"socket dir {sockets}")
+        except OSError:
+            continue
+    return found
