@@ -12,6 +12,7 @@ dirs, session dirs, rows, socket dirs: must all be 0) and SIGINT-to-down times (
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import statistics
@@ -19,14 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from leftovers import leftovers, qemu_pids_under  # noqa: E402
-
 from pytest_ttenv.backend.paths import image_dir  # noqa: E402
+
+from leftovers import leftovers, qemu_pids_under  # noqa: E402
 
 SUITE = """
 import pathlib, os
@@ -47,13 +49,17 @@ def session(tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
     return proc, state, marker
 
 
-def wait(check: object, timeout: float) -> bool:
+def wait(check: Callable[[], object], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return True
         time.sleep(0.02)
     return False
+
+
+def vms_running(state: Path) -> bool:
+    return bool(qemu_pids_under(state))
 
 
 def gc(state: Path) -> None:
@@ -72,12 +78,12 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="ttenv-soak-") as tmp:
                 proc, state, marker = session(Path(tmp))
                 if mode == "kill-boot":
-                    wait(lambda: qemu_pids_under(state), 120)
+                    wait(functools.partial(vms_running, state), 120)
                 else:
                     wait(marker.exists, 300)
                 sent = time.monotonic()
                 proc.send_signal(signal.SIGKILL if mode.startswith("kill") else signal.SIGINT)
-                wait(lambda: not qemu_pids_under(state), 30)
+                wait(lambda s=state: not vms_running(s), 30)
                 down = time.monotonic() - sent
                 proc.wait(timeout=60)
                 if mode == "sigint-test":

@@ -16,13 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from leftovers import port_free, qemu_pids_under
 
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import EnvSpec, ImageInfo, Resources, VmSpec
 from pytest_ttenv.backend.paths import runtime_dir
 from pytest_ttenv.backend.seed import KeyPair
 from pytest_ttenv.errors import BootError
+
+from leftovers import port_free, qemu_pids_under
 
 pytestmark = pytest.mark.vm
 

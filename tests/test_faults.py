@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAGE_ROOT
-from leftovers import leftovers, qemu_pids_under
 from pytest_ttenv.access import target
 from pytest_ttenv.backend import local as local_backend
 from pytest_ttenv.backend.local import LocalBackend
@@ -25,6 +23,9 @@ from pytest_ttenv.backend.model import EnvSpec, ImageInfo, Resources, VmSpec
 from pytest_ttenv.backend.seed import KeyPair
 from pytest_ttenv.cli import main as ttenv_main
 from pytest_ttenv.ssh import Connection, HostKeyMismatch
+
+from conftest import IMAGE_ROOT
+from leftovers import leftovers, qemu_pids_under
 
 pytestmark = pytest.mark.vm
 
@@ -162,9 +163,7 @@ def test_vms_dying_mid_test(tmp_path: Path, images: Callable[..., list[ImageInfo
     assert leftovers(state) == []
 
 
-def test_vm_without_its_seed_is_refused(
-    tmp_path: Path, debian12: ImageInfo, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_vm_without_its_seed_is_refused(tmp_path: Path, debian12: ImageInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     """The seed is lost before boot: the guest makes its own host key, which the client refuses."""
     monkeypatch.setattr(local_backend, "write_seed_iso", lambda seed, dest: dest.write_bytes(b""))
     backend = LocalBackend(state_root=tmp_path / "state")
@@ -174,7 +173,7 @@ def test_vm_without_its_seed_is_refused(
     try:
         vm = backend.wait_vm(env.id, "vm")
         conn = Connection(target(vm, tmp_path / "id"), connect_timeout=30)
-        with pytest.raises(HostKeyMismatch, match="^vm: "):
+        with pytest.raises(HostKeyMismatch, match=r"^vm: "):
             conn.run("true")
         conn.close()
     finally:

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import IMAGE_ROOT
-from leftovers import qemu_pids_under
 
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import ImageInfo
+
+from conftest import IMAGE_ROOT
+from leftovers import qemu_pids_under
 
 pytestmark = pytest.mark.vm
 pytest_plugins = ["pytester"]

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sshd_fixture import Farm, Sshd, free_port, have_sshd, keygen, path_without_python, start_farm, start_sshd
 
 import pytest_ttenv.ssh as ssh
 import pytest_ttenv.ssh_agent as ssh_agent
@@ -30,6 +29,8 @@ from pytest_ttenv.ssh import (
     Unreachable,
     fan_out,
 )
+
+from sshd_fixture import Farm, Sshd, free_port, have_sshd, keygen, path_without_python, start_farm, start_sshd
 
 pytestmark = pytest.mark.skipif(not have_sshd(), reason="needs root, openssh-server and ssh-keygen")
 
