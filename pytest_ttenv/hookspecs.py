@@ -23,3 +23,9 @@ def pytest_ttenv_vm_ready(vm: Any) -> None:
 @pytest.hookspec(firstresult=True)
 def pytest_ttenv_modify_matrix(config: pytest.Config, vms: list[Any]) -> list[Any] | None:
     """Return a changed list of the session's ``MatrixVm`` to boot (or None to keep it)."""
+
+
+@pytest.hookspec
+def pytest_ttenv_register_backends(register: Any) -> None:
+    """Register backends: call ``register(scheme, factory)`` (see ``backend.register_backend``);
+    ``--tt-backend=<scheme>`` or ``<scheme>://...`` then uses ``factory``."""

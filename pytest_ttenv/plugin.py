@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pytest_ttenv import hookspecs
-from pytest_ttenv.backend import Backend, get_backend
+from pytest_ttenv.backend import Backend, get_backend, register_backend
 from pytest_ttenv.backend.build import ensure_images
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.config import SETTINGS, TTConfig, raw_values, resolve
@@ -80,6 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.dist = "loadgroup"
     if config.option.collectonly or config.option.help:
         return
+    config.hook.pytest_ttenv_register_backends(register=register_backend)
     _install_guards(config)  # before the first VM starts: a SIGTERM during boot cleans up too
     try:
         backend = get_backend(cfg.backend, image_dir=cfg.image_dir, progress=_progress(config))

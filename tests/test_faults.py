@@ -179,3 +179,39 @@ def test_vm_without_its_seed_is_refused(tmp_path: Path, debian12: ImageInfo, mon
     finally:
         backend.delete_env(env.id)
     assert leftovers(tmp_path / "state") == []
+
+
+def run_cli(state: Path, *args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TTENV_STATE_DIR=str(state), TTENV_IMAGE_DIR=str(IMAGE_ROOT))
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+
+
+def test_qemu_missing_is_one_line_and_leaves_nothing(tmp_path: Path, debian12: ImageInfo) -> None:
+    bin_dir = tmp_path / "bin"  # qemu-img but no qemu-system-*
+    bin_dir.mkdir()
+    (bin_dir / "qemu-img").symlink_to("/usr/bin/qemu-img")
+    res = run_cli(tmp_path / "state", "env", "add", "NOQEMU", "--os-prefix=debian12", path=str(bin_dir))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines() == [
+        f"ttenv: error: qemu-system-{debian12.arch} not found (apt-get install -y qemu-system-x86)"
+    ]
+    assert leftovers(tmp_path / "state") == []
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path: Path, debian12: ImageInfo) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill up")
+    try:
+        state = small / "state"
+        run_cli(state, "env", "list")  # the store fits; an ENV's overlays and seeds do not
+        res = run_cli(state, "env", "add", "FULL", "--os-prefix=debian12,debian11")
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.splitlines()) == 1 and "No space left on device" in res.stderr, res.stderr
+        assert leftovers(state) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

@@ -100,3 +100,25 @@ def test_unreachable_backend_is_one_line(pytester: pytest.Pytester) -> None:
     assert [ln for ln in result.stderr.lines if ln.strip()] == [
         "ERROR: ttenv: backend http://127.0.0.1:9: remote host servers are not supported yet (use --backend local)"
     ]
+
+
+def test_backend_registered_by_a_conftest_hook(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest('''
+from pytest_ttenv.errors import TTError
+
+def make(spec, **kw):
+    raise TTError(f"fake backend asked for {spec}")
+
+def pytest_ttenv_register_backends(register):
+    register("fake", make)
+''')
+    pytester.makepyfile(VM_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--tt-os=debian12", "--tt-backend=fake://x")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: ttenv: fake backend asked for fake://x"])
+
+
+def test_unknown_backend_lists_known_ones(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(VM_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--tt-os=debian12", "--tt-backend=nonsense")
+    result.stderr.fnmatch_lines(["ERROR: ttenv: unknown backend 'nonsense' (use one of local*"])

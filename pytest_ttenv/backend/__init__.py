@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from typing import Protocol
 
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, VmInfo
@@ -50,6 +51,29 @@ class Backend(Protocol):
     def console(self, env_ref: str, vm_name: str, tail: int = 50) -> str: ...
 
 
+BackendFactory = Callable[..., Backend]
+_REGISTRY: dict[str, BackendFactory] = {}
+ENTRY_POINT_GROUP = "ttenv.backends"
+
+
+def register_backend(scheme: str, factory: BackendFactory) -> None:
+    """Make ``--tt-backend=<scheme>`` / ``<scheme>://...`` create backends with ``factory``.
+
+    ``factory(spec, image_dir=, state_dir=, progress=)`` returns a Backend. Plugins register
+    through the ``pytest_ttenv_register_backends`` hook or the ``ttenv.backends`` entry point
+    group (name: the scheme, value: the factory).
+    """
+    _REGISTRY[scheme] = factory
+
+
+def _factory(scheme: str) -> BackendFactory | None:
+    if scheme not in _REGISTRY:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == scheme:
+                register_backend(scheme, ep.load())
+    return _REGISTRY.get(scheme)
+
+
 def get_backend(
     spec: str = "local",
     *,
@@ -57,11 +81,17 @@ def get_backend(
     state_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Backend:
-    """The backend named by ``spec``: ``local`` (this host) or ``http(s)://host:port``."""
+    """The backend named by ``spec``: ``local`` (this host), ``http(s)://host:port`` (later),
+    or a registered scheme."""
+    scheme = spec.split("://", 1)[0] if "://" in spec else spec
+    factory = _factory(scheme)
+    if factory is not None:
+        return factory(spec, image_dir=image_dir, state_dir=state_dir, progress=progress)
     if spec in ("", "local"):
         from pytest_ttenv.backend.local import LocalBackend
 
         return LocalBackend(image_dir, state_dir, progress=progress)
     if spec.startswith(("http://", "https://")):
         raise UsageError(f"backend {spec}: remote host servers are not supported yet", "use --backend local")
-    raise UsageError(f"unknown backend {spec!r}", "use 'local' or an http(s)://host:port URL")
+    known = ", ".join(["local", *sorted(_REGISTRY)])
+    raise UsageError(f"unknown backend {spec!r}", f"use one of {known}, or an http(s)://host:port URL")

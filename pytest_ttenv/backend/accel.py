@@ -101,7 +101,10 @@ def probe_kvm(image: ImageInfo, timeout: float = PROBE_TIMEOUT) -> tuple[bool, s
             "-chardev", f"file,id=c,path={console}", "-serial", "chardev:c",
         ]  # fmt: skip
         started = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            return False, f"{argv[0]} not found"
         try:
             while time.monotonic() - started < timeout:
                 if console.exists() and PROBE_MARKER in console.read_bytes():
