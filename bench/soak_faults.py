@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from pytest_ttenv.backend.paths import image_dir  # noqa: E402
 
-from leftovers import leftovers, qemu_pids_under  # noqa: E402
+from leftovers import interactive_signals, leftovers, qemu_pids_under  # noqa: E402
 
 SUITE = """
 import pathlib, os
@@ -45,7 +45,7 @@ def session(tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
     env = dict(os.environ, TTENV_STATE_DIR=str(state), TTENV_IMAGE_DIR=str(image_dir()), MARKER=str(marker))
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tt-os=debian12",
                              "-o", "timeout=0", str(tmp)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+                            stderr=subprocess.DEVNULL, preexec_fn=interactive_signals)  # fmt: skip
     return proc, state, marker
 
 

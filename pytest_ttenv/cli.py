@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from pytest_ttenv import __version__
 from pytest_ttenv.backend.local import LocalBackend
@@ -126,8 +126,14 @@ def cmd_env_add(args: argparse.Namespace) -> int:
             except Exception as exc:  # noqa: BLE001 - reported per VM, the ENV is then removed
                 return f"{vm_name}: {exc}"
 
-        with ThreadPoolExecutor(max_workers=len(env.vms)) as pool:
-            failures = [f for f in pool.map(boot, [vm.name for vm in env.vms]) if f]
+        pool = ThreadPoolExecutor(max_workers=len(env.vms))
+        try:
+            futures = [pool.submit(boot, vm.name) for vm in env.vms]
+            while wait(futures, timeout=0.2).not_done:  # short waits keep Ctrl-C responsive
+                pass
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C: the ENV is deleted below
+        failures = [f for f in (fut.result() for fut in futures) if f]
         if failures:
             for failure in failures:
                 print(f"ttenv: error: {failure}", file=sys.stderr)

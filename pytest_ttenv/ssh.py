@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import functools
 import importlib.resources
 import logging
@@ -235,6 +236,9 @@ def loop() -> asyncio.AbstractEventLoop:
             ready = threading.Event()
 
             def run() -> None:
+                # Signals go to the main thread: one taken here would leave the main thread
+                # blocked in a lock wait, its Ctrl-C handler not run until the command ends.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
                 asyncio.set_event_loop(lp)
                 lp.call_soon(ready.set)
                 lp.run_forever()
@@ -254,7 +258,11 @@ def _sync(coro: Coroutine[Any, Any, T]) -> T:
         raise RuntimeError("pytest_ttenv.ssh: sync call from the SSH loop thread; use arun()")
     fut = asyncio.run_coroutine_threadsafe(coro, lp)
     try:
-        return fut.result()
+        while True:  # short waits, so a signal taken by any other thread still interrupts us
+            try:
+                return fut.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                continue
     except BaseException:
         fut.cancel()
         raise

@@ -57,3 +57,12 @@ def leftovers(state: Path) -> list[str]:
         except OSError:
             continue
     return found
+
+
+def interactive_signals() -> None:
+    """In a child before exec: SIGINT/SIGTERM as in an interactive terminal. A shell's background
+    job (CI runners, ``cmd &``) starts with SIGINT ignored, and a child would inherit that."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

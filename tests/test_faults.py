@@ -25,7 +25,7 @@ from pytest_ttenv.cli import main as ttenv_main
 from pytest_ttenv.ssh import Connection, HostKeyMismatch
 
 from conftest import IMAGE_ROOT
-from leftovers import leftovers, qemu_pids_under
+from leftovers import interactive_signals, leftovers, qemu_pids_under
 
 pytestmark = pytest.mark.vm
 
@@ -46,6 +46,7 @@ def start(tmp: Path, suite: str, *args: str) -> tuple[subprocess.Popen[str], Pat
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--tt-os=debian12", "-o", "timeout=0", *args,
          str(tmp / "suite")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=interactive_signals,
     )  # fmt: skip
     return proc, state, marker
 

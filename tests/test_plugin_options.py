@@ -103,7 +103,7 @@ def test_unreachable_backend_is_one_line(pytester: pytest.Pytester) -> None:
 
 
 def test_backend_registered_by_a_conftest_hook(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest('''
+    pytester.makeconftest("""
 from pytest_ttenv.errors import TTError
 
 def make(spec, **kw):
@@ -111,7 +111,7 @@ def make(spec, **kw):
 
 def pytest_ttenv_register_backends(register):
     register("fake", make)
-''')
+""")
     pytester.makepyfile(VM_TESTS)
     result = pytester.runpytest("-p", "no:cacheprovider", "--tt-os=debian12", "--tt-backend=fake://x")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
