@@ -1,4 +1,4 @@
-"""``ttenv``: doctor, image list|build|rm, env add|list|show|run|console|del, gc.
+"""``ttenv``: doctor, image list|pull|import|build|rm, env add|list|show|run|console|del, gc.
 
 Every failure the user can act on prints one line ``ttenv: error: ...`` and exits 1
 (runtime) or 2 (usage); Ctrl-C exits 130 after cleaning up what the command created.
@@ -13,11 +13,14 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
 
 from pytest_ttenv import __version__
+from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmSpec
 from pytest_ttenv.backend.naming import canonical_arch, check_env_name, parse_mib, split_prefixes
+from pytest_ttenv.backend.paths import image_dir
 from pytest_ttenv.errors import BootError, TTError, UsageError
 
 
@@ -43,16 +46,112 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # -- images -------------------------------------------------------------------------------------
+def _image_store(args: argparse.Namespace) -> ImageStore:
+    return ImageStore(image_dir(args.image_dir))
+
+
 def cmd_image_list(args: argparse.Namespace) -> int:
-    images = _backend(args).images()
+    if args.available:
+        return _list_available(args)
+    images = _image_store(args).all()
     if not images:
-        _out(f"no images in {_backend(args).image_store.root} - build one: ttenv image build debian-12")
+        _out(f"no images in {_image_store(args).root} - build one: ttenv image build debian-12, "
+             "or pull one: ttenv image list --available")  # fmt: skip
         return 0
-    _out(f"{'NAME':<22} {'FILE':>8} {'VIRTUAL':>8} {'USER':<8} {'SOURCE':<7} CREATED")
+    _out(f"{'NAME':<22} {'FILE':>8} {'VIRTUAL':>8} {'USER':<10} {'BOOT':<6} {'SOURCE':<7} CREATED")
     for img in images:
         size = img.file(img.disk).stat().st_size / 2**20 if img.file(img.disk).exists() else 0
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(img.created))
-        _out(f"{img.name:<22} {size:>6.0f}Mi {img.disk_mib:>6}Mi {img.user:<8} {img.source:<7} {created}")
+        _out(f"{img.name:<22} {size:>6.0f}Mi {img.disk_mib:>6}Mi {img.user:<10} {img.boot:<6} {img.source:<7} "
+             f"{created}")  # fmt: skip
+    return 0
+
+
+def _list_available(args: argparse.Namespace) -> int:
+    from pytest_ttenv.backend.catalog import load_catalog
+
+    catalog = load_catalog()
+    have = {img.name: img for img in _image_store(args).all()}
+    host = canonical_arch(platform.machine())
+    _out(f"catalog {catalog.version} ({catalog.source}); pull with: ttenv image pull NAME")
+    header = f"  {'NAME':<24} {'IN STORE':<10} {'USER':<10} {'BOOT':<5} {'FORMAT':<9} NOTES"
+    for title, images in (
+        (f"for this host ({host}):", catalog.images([host])),
+        ("for other arches (emulated, slower):", [i for i in catalog.images() if i.arch != host]),
+    ):
+        if not images:
+            continue
+        _out(title)
+        _out(header)
+        for img in images:
+            source = have[img.name].source if img.name in have else ""
+            state = {"": "-", "build": "built", "pull": "pulled", "import": "imported"}.get(source, source)
+            _out(f"  {img.name:<24} {state:<10} {img.user:<10} {img.boot:<5} {img.format:<9} {img.notes}".rstrip())
+    return 0
+
+
+def cmd_image_pull(args: argparse.Namespace) -> int:
+    from pytest_ttenv.backend.catalog import load_catalog
+    from pytest_ttenv.backend.pull import pull
+
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
+    catalog = load_catalog()
+    store = _image_store(args)
+    images = [catalog.image(name, args.arch) for name in args.names]  # all names checked before any download
+    for img in images:
+        bar = _ByteBar(img.name) if sys.stdout.isatty() else None
+        try:
+            pull(store, img.name, _out, catalog=catalog, timeout=args.timeout,
+                 on_bytes=bar.update if bar and bar.usable else None)  # fmt: skip
+        except KeyboardInterrupt:
+            if bar:
+                bar.close()
+            print(f"ttenv: interrupted; the partial download of {img.name} is kept in "
+                  f"{store.root / '.partial'} - rerun to resume", file=sys.stderr)  # fmt: skip
+            return 130
+        finally:
+            if bar:
+                bar.close()
+    return 0
+
+
+class _ByteBar:
+    """A tqdm progress bar for a download when tqdm is installed and stdout is a terminal."""
+
+    def __init__(self, name: str) -> None:
+        import importlib
+
+        try:
+            self._tqdm: Any = importlib.import_module("tqdm").tqdm
+        except ImportError:
+            self._tqdm = None
+        self.name = name
+        self.bar: Any = None
+
+    @property
+    def usable(self) -> bool:
+        return self._tqdm is not None
+
+    def update(self, done: int, total: int | None) -> None:
+        if self.bar is None:
+            self.bar = self._tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024,
+                                  desc=self.name, leave=True)  # fmt: skip
+        self.bar.update(done - self.bar.n)
+        if total is not None and done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_image_import(args: argparse.Namespace) -> int:
+    from pytest_ttenv.backend.importer import import_image
+
+    import_image(_image_store(args), args.file, args.name, user=args.user, boot=args.boot, force=args.force,
+                 kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline or "", progress=_out)  # fmt: skip
     return 0
 
 
@@ -76,7 +175,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_image_rm(args: argparse.Namespace) -> int:
-    store = _backend(args).image_store
+    store = _image_store(args)
     for name in args.names:
         store.remove(name)
         _out(f"removed image {name}")
@@ -259,10 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="do not boot a probe guest to test KVM")
     p.set_defaults(func=cmd_doctor)
 
-    image = sub.add_parser("image", help="list, build or remove images").add_subparsers(
+    image = sub.add_parser("image", help="list, pull, import, build or remove images").add_subparsers(
         dest="image_command", required=True, metavar="ACTION")  # fmt: skip
-    p = image.add_parser("list", parents=[common], help="images in the store")
+    p = image.add_parser("list", parents=[common], help="images in the store (--available: what can be pulled)")
+    p.add_argument("--available", action="store_true", help="the catalog's images, for this host's arch and others")
     p.set_defaults(func=cmd_image_list)
+    p = image.add_parser("pull", parents=[common], help="download a vendor cloud image from the catalog")
+    p.add_argument("names", nargs="+", metavar="NAME", help="ubuntu-24.04 (with --arch) or ubuntu-24.04-aarch64")
+    p.add_argument("--arch", help="x86_64, aarch64, riscv64 (default: the name's, else this host's)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or data (default 30)")
+    p.set_defaults(func=cmd_image_pull)
+    p = image.add_parser("import", parents=[common], help="add your own qcow2 or raw disk as an image")
+    p.add_argument("file", help="the disk: qcow2 or raw (or vmdk, vdi, vhdx, vpc)")
+    p.add_argument("--name", required=True, help="canonical <os>-<version>-<arch>, e.g. myos-1.0-x86_64")
+    p.add_argument("--user", default="root", help="login user, created by cloud-init (default root)")
+    p.add_argument("--boot", default="bios", choices=("bios", "uefi", "direct"), help="how it boots (default bios)")
+    p.add_argument("--kernel", help="kernel for --boot direct")
+    p.add_argument("--initrd", help="initrd for --boot direct")
+    p.add_argument("--cmdline", help="kernel command line for --boot direct")
+    p.add_argument("--force", action="store_true", help="replace an image of that name")
+    p.set_defaults(func=cmd_image_import)
     p = image.add_parser("build", parents=[common], help="build a Debian image with mmdebstrap")
     p.add_argument("target", help="debian-11, debian-12 or debian-13")
     p.add_argument("--arch", default=platform.machine(), help="x86_64 (default: this host's), aarch64, riscv64")

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-PKGS=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client openssh-server ca-certificates)
+PKGS=(qemu-system-x86 qemu-system-arm qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client openssh-server
+      ca-certificates qemu-user-static binfmt-support arch-test)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

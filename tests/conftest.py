@@ -29,14 +29,15 @@ def _why_no_vms() -> str | None:
 
 @pytest.fixture(scope="session")
 def images() -> Callable[..., list[ImageInfo]]:
-    """``images("debian-12", "debian-11")`` -> those host-arch images, built on first use."""
+    """``images("debian-12", "debian-11", arch=...)`` -> those images (default: host arch), built
+    on first use."""
     reason = _why_no_vms()
     if reason:
         pytest.skip(f"cannot boot VMs here: {reason}")
     store = ImageStore(IMAGE_ROOT)
 
-    def get(*targets: str) -> list[ImageInfo]:
-        names = [f"{t}-{HOST_ARCH}" for t in targets]
+    def get(*targets: str, arch: str = HOST_ARCH) -> list[ImageInfo]:
+        names = [f"{t}-{arch}" for t in targets]
         return ensure_images(store, names, progress=lambda line: print(line, flush=True))
 
     return get

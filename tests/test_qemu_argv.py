@@ -61,3 +61,13 @@ def test_tcg_without_cx16_when_asked() -> None:
     joined = " ".join(build_argv(replace(cfg(), tcg_cx16=False)))
     assert "-cpu max,-cx16" in joined
     assert "-cpu host" in " ".join(build_argv(replace(cfg(accel="kvm"), tcg_cx16=False)))
+
+
+def test_firmware_boot_without_kernel() -> None:
+    from dataclasses import replace
+
+    bios = build_argv(replace(cfg(), kernel=None, initrd=None))
+    assert "-kernel" not in bios and "pflash" not in " ".join(bios)
+    uefi = " ".join(build_argv(replace(cfg(arch="aarch64"), kernel=None, initrd=None, uefi_vars=Path("/v/vars.fd"))))
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd" in uefi
+    assert "if=pflash,format=raw,unit=1,file=/v/vars.fd" in uefi

@@ -154,10 +154,22 @@ class ImageBuilder:
         return self.store.get(req.name)
 
     def _check_foreign(self, arch: str) -> None:
+        """A foreign arch's second stage runs under qemu-user: make sure binfmt_misc serves it
+        (mounting binfmt_misc and enabling the qemu-user-static entry if we can)."""
         host = platform.machine()
         if arch == host:
             return
-        interp = Path(f"/proc/sys/fs/binfmt_misc/qemu-{arch}")
+        if not shutil.which("arch-test"):
+            raise TTError(f"building a {arch} image needs arch-test (mmdebstrap checks the foreign arch with it)",
+                          "apt-get install -y arch-test qemu-user-static binfmt-support")  # fmt: skip
+        binfmt = Path("/proc/sys/fs/binfmt_misc")
+        interp = binfmt / f"qemu-{arch}"
+        if not interp.exists() and shutil.which("update-binfmts"):
+            if not (binfmt / "register").exists():
+                subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], capture_output=True)
+            subprocess.run(["update-binfmts", "--enable", f"qemu-{arch}"], capture_output=True)
+            if interp.exists():
+                self.progress(f"enabled qemu-user for {arch} in binfmt_misc")
         if not interp.exists():
             raise TTError(
                 f"building a {arch} image on a {host} host needs qemu-user binfmt support",

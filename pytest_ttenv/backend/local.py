@@ -183,6 +183,9 @@ class LocalBackend:
             accel=acc.name, console=str(vmdir / "console.log"),
         )  # fmt: skip
         cmdline = f"{image.cmdline} systemd.machine_id={secrets.token_hex(16)}".strip()
+        uefi_vars = None
+        if image.kernel is None and (image.boot == "uefi" or image.arch == "aarch64"):
+            uefi_vars = qemu.uefi_vars_copy(image.arch, vmdir / "uefi-vars.fd")
         ports = _free_ports()
         info.port = self.store.reserve_port(env.id, info, ports)
         for _attempt in range(5):
@@ -192,7 +195,7 @@ class LocalBackend:
                 kernel=image.file(image.kernel) if image.kernel else None,
                 initrd=image.file(image.initrd) if image.initrd else None,
                 cmdline=cmdline, port=info.port, console=vmdir / "console.log", qmp=_qmp_path(env.id, vm.name),
-                pidfile=vmdir / "qemu.pid", tcg_cx16=qemu.tcg_cx16_safe(image.arch),
+                pidfile=vmdir / "qemu.pid", tcg_cx16=qemu.tcg_cx16_safe(image.arch), uefi_vars=uefi_vars,
             )  # fmt: skip
             proc = qemu.start(
                 cfg, vmdir / "qemu.log", die_with_parent=spec.owner_pid is not None and spec.die_with_owner

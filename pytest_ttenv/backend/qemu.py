@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -41,6 +42,7 @@ class QemuConfig:
     console: Path
     qmp: Path
     pidfile: Path
+    uefi_vars: Path | None = None  # UEFI boot: this VM's writable copy of the firmware variables
     tcg_cx16: bool = True  # False: hide CMPXCHG16B from x86_64 TCG guests (see tcg_cx16_safe)
 
 
@@ -84,7 +86,29 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         argv += ["-kernel", str(cfg.kernel), "-append", cfg.cmdline]
         if cfg.initrd is not None:
             argv += ["-initrd", str(cfg.initrd)]
+    elif cfg.uefi_vars is not None:  # the image's own boot loader, under UEFI firmware
+        code, _ = UEFI_FIRMWARE[cfg.arch]
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}"]
+        argv += ["-drive", f"if=pflash,format=raw,unit=1,file={cfg.uefi_vars}"]
+    # else: the image's own boot loader under the default BIOS (SeaBIOS boots virtio-blk)
     return argv
+
+
+# (firmware code, template of its variable store) per arch, from Debian's ovmf / qemu-efi-aarch64
+UEFI_FIRMWARE = {
+    "x86_64": ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    "aarch64": ("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
+}
+UEFI_PACKAGE = {"x86_64": "ovmf", "aarch64": "qemu-efi-aarch64"}
+
+
+def uefi_vars_copy(arch: str, dest: Path) -> Path:
+    """A per-VM writable copy of the UEFI variable store for ``arch`` (TTError if not installed)."""
+    if arch not in UEFI_FIRMWARE or not Path(UEFI_FIRMWARE[arch][0]).exists():
+        pkg = UEFI_PACKAGE.get(arch)
+        raise TTError(f"no UEFI firmware for {arch} guests", f"apt-get install -y {pkg}" if pkg else None)
+    shutil.copyfile(UEFI_FIRMWARE[arch][1], dest)
+    return dest
 
 
 def tcg_cx16_safe(arch: str) -> bool:
