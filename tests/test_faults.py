@@ -214,5 +214,10 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path: Path, debian12: Imag
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
         assert len(res.stderr.splitlines()) == 1 and "No space left on device" in res.stderr, res.stderr
         assert leftovers(state) == []
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
+    finally:  # a just-killed qemu may hold its overlay for a moment: retry, then detach lazily
+        for _ in range(20):
+            if subprocess.run(["umount", str(small)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "-l", str(small)], check=False)
