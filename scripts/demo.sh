@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 exec python3 -m pytest examples -p no:cacheprovider --tt-os="${TTENV_OS:-debian11,debian12,debian13}" \
-  --tt-matrix-report=ttenv-matrix.md "$@"
+  --tt-arch="${TTENV_ARCH:-$(uname -m)}" --tt-matrix-report=ttenv-matrix.md "$@"
