@@ -11,6 +11,7 @@ test, which waits for the boot, is left out. Nothing here is asserted.
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,15 @@ def overhead(n: int, os_prefix: str) -> tuple[list[float], list[float]]:
         body = ["def test_vm_{i}(tt_vm):\n    pass\n", "def test_plain_{i}():\n    pass\n"]
         suite.write_text("\n".join(b.format(i=i) for i in range(n) for b in body))
         junit = Path(tmp) / "junit.xml"
-        pytest(str(suite), f"--tt-os={os_prefix}", f"--junitxml={junit}", "-o", "timeout=0", cwd=Path(tmp))
+        pytest(
+            str(suite),
+            f"--tt-os={os_prefix}",
+            f"--tt-arch={platform.machine()}",
+            f"--junitxml={junit}",
+            "-o",
+            "timeout=0",
+            cwd=Path(tmp),
+        )
         vm, plain = [], []
         for case in ET.parse(junit).getroot().iter("testcase"):
             (vm if case.get("name", "").startswith("test_vm_") else plain).append(float(case.get("time", 0)))
@@ -54,7 +63,7 @@ def main() -> None:
     walls: dict[str, list[float]] = {"-n 0": [], "-n 2": []}
     for run in range(args.runs):
         for mode, extra in (("-n 0", []), ("-n 2", ["-n", "2"])):  # interleaved
-            wall = pytest("examples", f"--tt-os={args.os}", *extra)
+            wall = pytest("examples", f"--tt-os={args.os}", f"--tt-arch={platform.machine()}", *extra)
             walls[mode].append(wall)
             print(f"run {run + 1} example suite {mode}: {wall:.1f} s", flush=True)
     vm, plain = overhead(args.tests, args.os.split(",")[0])

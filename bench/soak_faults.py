@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import platform
 import signal
 import statistics
 import subprocess
@@ -44,6 +45,7 @@ def session(tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
     state, marker = tmp / "state", tmp / "marker"
     env = dict(os.environ, TTENV_STATE_DIR=str(state), TTENV_IMAGE_DIR=str(image_dir()), MARKER=str(marker))
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tt-os=debian12",
+                             f"--tt-arch={platform.machine()}",
                              "-o", "timeout=0", str(tmp)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, preexec_fn=interactive_signals)  # fmt: skip
     return proc, state, marker

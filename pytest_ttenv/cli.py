@@ -7,6 +7,7 @@ Every failure the user can act on prints one line ``ttenv: error: ...`` and exit
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import threading
@@ -72,11 +73,14 @@ def _list_available(args: argparse.Namespace) -> int:
 
     catalog = load_catalog()
     have = {img.name: img for img in _image_store(args).all()}
-    host = canonical_arch(platform.machine())
+    try:
+        host = canonical_arch(platform.machine())
+    except UsageError:
+        host = platform.machine()  # an arch ttenv does not run guests for: everything is "other"
     _out(f"catalog {catalog.version} ({catalog.source}); pull with: ttenv image pull NAME")
     header = f"  {'NAME':<24} {'IN STORE':<10} {'USER':<10} {'BOOT':<5} {'FORMAT':<9} NOTES"
     for title, images in (
-        (f"for this host ({host}):", catalog.images([host])),
+        (f"for this host ({host}):", [i for i in catalog.images() if i.arch == host]),
         ("for other arches (emulated, slower):", [i for i in catalog.images() if i.arch != host]),
     ):
         if not images:
@@ -100,7 +104,7 @@ def cmd_image_pull(args: argparse.Namespace) -> int:
     store = _image_store(args)
     images = [catalog.image(name, args.arch) for name in args.names]  # all names checked before any download
     for img in images:
-        bar = _ByteBar(img.name) if sys.stdout.isatty() else None
+        bar = _ByteBar(img.name) if _sized_terminal() else None
         try:
             pull(store, img.name, _out, catalog=catalog, timeout=args.timeout,
                  on_bytes=bar.update if bar and bar.usable else None)  # fmt: skip
@@ -114,6 +118,15 @@ def cmd_image_pull(args: argparse.Namespace) -> int:
             if bar:
                 bar.close()
     return 0
+
+
+def _sized_terminal() -> bool:
+    """stdout is a terminal with a size (a bar on a 0x0 pseudo-terminal shows nothing)."""
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return sys.stdout.isatty() and size.columns > 0 and size.lines > 0
 
 
 class _ByteBar:
@@ -136,7 +149,7 @@ class _ByteBar:
     def update(self, done: int, total: int | None) -> None:
         if self.bar is None:
             self.bar = self._tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024,
-                                  desc=self.name, leave=True)  # fmt: skip
+                                  desc=self.name, leave=True, file=sys.stdout)  # fmt: skip
         self.bar.update(done - self.bar.n)
         if total is not None and done >= total:
             self.close()

@@ -24,7 +24,7 @@ from pytest_ttenv.backend.seed import KeyPair
 from pytest_ttenv.cli import main as ttenv_main
 from pytest_ttenv.ssh import Connection, HostKeyMismatch
 
-from conftest import IMAGE_ROOT
+from conftest import HOST_ARCH, IMAGE_ROOT
 from leftovers import interactive_signals, leftovers, qemu_pids_under
 
 pytestmark = pytest.mark.vm
@@ -44,7 +44,8 @@ def start(tmp: Path, suite: str, *args: str) -> tuple[subprocess.Popen[str], Pat
     state, marker = tmp / "state", tmp / "marker"
     env = dict(os.environ, TTENV_STATE_DIR=str(state), TTENV_IMAGE_DIR=str(IMAGE_ROOT), MARKER=str(marker))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--tt-os=debian12", "-o", "timeout=0", *args,
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--tt-os=debian12", f"--tt-arch={HOST_ARCH}",
+         "-o", "timeout=0", *args,
          str(tmp / "suite")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=interactive_signals,
     )  # fmt: skip
@@ -194,7 +195,9 @@ def test_qemu_missing_is_one_line_and_leaves_nothing(tmp_path: Path, debian12: I
     bin_dir = tmp_path / "bin"  # qemu-img but no qemu-system-*
     bin_dir.mkdir()
     (bin_dir / "qemu-img").symlink_to("/usr/bin/qemu-img")
-    res = run_cli(tmp_path / "state", "env", "add", "NOQEMU", "--os-prefix=debian12", path=str(bin_dir))
+    res = run_cli(
+        tmp_path / "state", "env", "add", "NOQEMU", "--os-prefix=debian12", "--arch", HOST_ARCH, path=str(bin_dir)
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.splitlines() == [
         f"ttenv: error: qemu-system-{debian12.arch} not found (apt-get install -y qemu-system-x86)"
@@ -210,7 +213,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path: Path, debian12: Imag
     try:
         state = small / "state"
         run_cli(state, "env", "list")  # the store fits; an ENV's overlays and seeds do not
-        res = run_cli(state, "env", "add", "FULL", "--os-prefix=debian12,debian11")
+        res = run_cli(state, "env", "add", "FULL", "--os-prefix=debian12,debian11", "--arch", HOST_ARCH)
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
         assert len(res.stderr.splitlines()) == 1 and "No space left on device" in res.stderr, res.stderr
         assert leftovers(state) == []

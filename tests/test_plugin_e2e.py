@@ -16,7 +16,7 @@ import pytest
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import ImageInfo
 
-from conftest import IMAGE_ROOT
+from conftest import HOST_ARCH, IMAGE_ROOT
 from leftovers import qemu_pids_under
 
 pytestmark = pytest.mark.vm
@@ -81,7 +81,7 @@ def test_two_vms_without_xdist(
     junit = tmp_path / "junit.xml"
     matrix = tmp_path / "matrix.json"
     result = pytester.runpytest_subprocess(
-        "--tt-os=debian12,debian11", "-p", "no:cacheprovider", "-rs", f"--junitxml={junit}",
+        "--tt-os=debian12,debian11", f"--tt-arch={HOST_ARCH}", "-p", "no:cacheprovider", "-rs", f"--junitxml={junit}",
         f"--tt-matrix-report={matrix}", timeout=900,
     )  # fmt: skip
     out = result.stdout.str()
@@ -111,13 +111,21 @@ def test_xdist_one_env_kept_then_deleted(
     images("debian-12")
     split_conftest(pytester)
     result = pytester.runpytest_subprocess(
-        "--tt-os=debian12", "-n", "2", "-p", "no:cacheprovider", "--tt-keep=failed", timeout=900
+        "--tt-os=debian12",
+        f"--tt-arch={HOST_ARCH}",
+        "-n",
+        "2",
+        "-p",
+        "no:cacheprovider",
+        "--tt-keep=failed",
+        timeout=900,
     )
     result.assert_outcomes(passed=6, failed=1, skipped=1)
     out = result.stdout.str()
     assert "kept ENV" in out and "ssh -i" in out and "ttenv env del" in out
 
     backend = LocalBackend(state_root=host)
+    assert backend.gc() == []  # a kept ENV outlives its pytest process: gc leaves it while leased
     envs = backend.list_envs()
     assert len(envs) == 1, "the workers must not create ENVs of their own"
     assert [vm.name for vm in envs[0].vms] == ["debian-12-x86_64"] and envs[0].expires is not None

@@ -160,7 +160,7 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     return {"raw": raw, "qcow2": (d / "disk.qcow2").read_bytes(), "raw.xz": lzma.compress(raw, preset=0)}
 
 
-def catalog_yaml(base: str, entries: dict[str, dict[str, Any]]) -> str:
+def catalog_yaml(entries: dict[str, dict[str, Any]]) -> str:
     return json.dumps({"schema": 1, "version": "test-1", "entries": entries})  # JSON is YAML
 
 
@@ -181,7 +181,7 @@ def serve_image(srv: Server, tmp_path: Path, data: bytes, file: str = "img.qcow2
     srv.state.files["/SHA256SUMS"] = f"{'0' * len(digest)} *other.img\n{digest} *{file}\n".encode()
     path = tmp_path / "catalog.yaml"
     ent = entry("testos", "1.0", file, fmt=fmt, alg=alg, base=srv.base)
-    path.write_text(catalog_yaml(srv.base, {"testos-1.0": ent}))
+    path.write_text(catalog_yaml({"testos-1.0": ent}))
     return path
 
 
@@ -351,7 +351,7 @@ def test_connection_refused_is_one_line(tmp_path: Path) -> None:
         port = s.getsockname()[1]  # closed again: nothing listens there
     base = f"http://127.0.0.1:{port}"
     path = tmp_path / "catalog.yaml"
-    path.write_text(catalog_yaml(base, {"testos-1.0": entry("testos", "1.0", "img.qcow2", base=base)}))
+    path.write_text(catalog_yaml({"testos-1.0": entry("testos", "1.0", "img.qcow2", base=base)}))
     with pytest.raises(TTError) as err:
         pull(ImageStore(tmp_path / "images"), "testos-1.0-x86_64", lambda line: None, catalog=load_catalog(path))
     assert str(err.value).startswith(f"cannot fetch the checksum file {base}/SHA256SUMS: connection refused by "
@@ -407,7 +407,7 @@ def test_json_checksum_end_to_end(server: Server, tmp_path: Path, disks: dict[st
     path = tmp_path / "catalog.yaml"
     ent = entry("testos", "1.0", "img.qcow2", checksum="img.json", ck_format="json", base=server.base)
     ent["checksum"]["key"] = "/sha256"
-    path.write_text(catalog_yaml(server.base, {"testos-1.0": ent}))
+    path.write_text(catalog_yaml({"testos-1.0": ent}))
     info = pull(ImageStore(tmp_path / "images"), "testos-1.0-x86_64", lambda line: None, catalog=load_catalog(path))
     assert info.details["sha256"] == hashlib.sha256(data).hexdigest()
 

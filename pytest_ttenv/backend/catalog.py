@@ -37,6 +37,7 @@ BOOTS = ("bios", "uefi")
 DEFAULT_BOOT = {"x86_64": "bios", "aarch64": "uefi", "riscv64": "uefi"}
 ACCESS = ("cloud-init",)
 BUILTIN = "built-in catalog"
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _KEY_RE = re.compile(r"^[a-z][a-z0-9]*-[0-9][a-z0-9.]*$")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -218,7 +219,7 @@ class Catalog:
         wanted = canonical_arch(arch) if arch else named_arch or canonical_arch(platform.machine())
         if wanted not in entry.arches:
             raise NotFound(f"{entry.key} is not published for {wanted}",
-                           f"the {self._where()} has it for: {', '.join(entry.arches)}")  # fmt: skip
+                           f"the {self.where} has it for: {', '.join(entry.arches)}")  # fmt: skip
         return entry.render(wanted)
 
     def _split(self, name: str) -> tuple[Entry, str | None]:
@@ -232,7 +233,7 @@ class Catalog:
             for entry in self.entries.values():
                 if base == normalize(entry.key):
                     return entry, arch
-        raise NotFound(f"{name!r} is not in the {self._where()}", f"pullable: {', '.join(self.entries) or 'none'}")
+        raise NotFound(f"{name!r} is not in the {self.where}", f"pullable: {', '.join(self.entries) or 'none'}")
 
     def images(self, arches: Sequence[str] = ()) -> list[CatalogImage]:
         """Every image of the catalog (for these arches), in catalog order."""
@@ -246,8 +247,10 @@ class Catalog:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and any(name in e.names() for e in self.entries.values())
 
-    def _where(self) -> str:
-        return "built-in catalog" if self.source == BUILTIN else f"catalog {self.source}"
+    @property
+    def where(self) -> str:
+        """``built-in catalog`` or ``catalog <path>``, for messages."""
+        return BUILTIN if self.source == BUILTIN else f"catalog {self.source}"
 
 
 def _arch_suffix(name: str) -> str | None:
@@ -295,7 +298,7 @@ def load_catalog(path: str | os.PathLike[str] | None = None) -> Catalog:
 
 def _read(text: str, where: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LOADER)  # a safe loader (in C where available)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -348,6 +351,8 @@ def _entry_dict(entry: Entry) -> dict[str, Any]:
 
 def _check_top(data: dict[str, Any], where: str, partial: bool = False) -> None:
     errors = _Errors(where)
+    if "extends" in data and data["extends"] != "builtin":
+        errors.add("extends", f"only 'builtin' is known (got {data['extends']!r})")
     allowed = set(JSON_SCHEMA["properties"])
     for key in data:
         if key not in allowed:
@@ -357,8 +362,6 @@ def _check_top(data: dict[str, Any], where: str, partial: bool = False) -> None:
             errors.add("schema", f"must be {SCHEMA} (got {data.get('schema')!r})")
     if not partial and not (isinstance(data.get("version"), str) and data["version"]):
         errors.add("version", 'must be a non-empty string (quote it: version: "2026.1")')
-    if "extends" in data and data["extends"] != "builtin":
-        errors.add("extends", f"only 'builtin' is known (got {data['extends']!r})")
     mirrors = data.get("mirrors")
     if mirrors is not None and not (isinstance(mirrors, dict) and all(
             isinstance(v, str) and re.match(r"^https?://", v) for v in mirrors.values())):  # fmt: skip

@@ -72,11 +72,11 @@ def ensure_available(
     (Debian with ``--tt-image-source=build``) handle those names before calling this.
     """
     cat = catalog or load_catalog()
-    missing = [n for n in names if n not in set(store.names())]
+    have = set(store.names())
+    missing = [n for n in dict.fromkeys(names) if n not in have]
     unknown = [n for n in missing if n not in cat]
     if unknown:
-        raise NotFound(f"image(s) {', '.join(unknown)} not in {store.root} and not in the "
-                       f"{'built-in catalog' if cat.source == 'built-in catalog' else 'catalog ' + cat.source}",
+        raise NotFound(f"image(s) {', '.join(unknown)} not in {store.root} and not in the {cat.where}",
                        "ttenv image list --available shows what can be pulled")  # fmt: skip
     for name in missing:
         img = cat.image(name)
@@ -211,7 +211,12 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def _is_timeout(exc: BaseException) -> bool:
     import urllib3.exceptions
 
-    return any(isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)) for e in _chain(exc))
+    for e in _chain(exc):
+        if isinstance(e, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError subclass, but not one
+            continue
+        if isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+            return True
+    return False
 
 
 def _network_error(url: str, doing: str, exc: BaseException, timeout: float) -> TTError:
