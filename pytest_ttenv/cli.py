@@ -451,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ttenv: interrupted; what this command created was removed", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ttenv ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ SETTINGS = (
     Setting("keep", "keep VMs after the session: never, failed (VMs with failed tests), always", "never",
             ("never", "failed", "always")),
     Setting("image_dir", "image store (default: ~/.cache/ttenv/images)", "", metavar="DIR"),
+    Setting("image_source", "how missing images are obtained: pull (vendor cloud images; Debian is built if "
+            "pulling fails) or build (Debian built locally)", "pull", ("pull", "build")),
     Setting("dist", "under xdist: shared (any worker uses any VM) or vm (each VM's tests on one worker)", "shared",
             ("shared", "vm")),
     Setting("matrix_report", "write the tests x VMs matrix to this file (.json, .md or .txt)", "", metavar="PATH"),
@@ -75,6 +77,7 @@ class TTConfig:
     boot_timeout: float | None
     keep: str
     image_dir: str | None
+    image_source: str
     dist: str
     matrix_report: str | None
 
@@ -126,6 +129,7 @@ def resolve(values: dict[str, str]) -> TTConfig:
         boot_timeout=timeout,
         keep=values["keep"],
         image_dir=values["image_dir"] or None,
+        image_source=values["image_source"],
         dist=values["dist"],
         matrix_report=values["matrix_report"] or None,
     )

@@ -34,19 +34,24 @@ def buildable(arches: Sequence[str]) -> list[str]:
     return [f"debian-{v}-{canonical_arch(a)}" for a in arches for v in BUILDABLE_VERSIONS]
 
 
-def missing_buildable(prefixes: Sequence[str], have: Iterable[str], arches: Sequence[str]) -> list[str]:
-    """Buildable images that a prefix asks for but the store lacks (so they can be built first).
+def missing_images(
+    prefixes: Sequence[str], have: Iterable[str], arches: Sequence[str], obtainable: Iterable[str]
+) -> list[str]:
+    """Obtainable images (buildable or pullable) that a prefix asks for but the store lacks.
 
-    Only prefixes that match no image in the store are considered: ``deb`` with Debian 12 present
-    does not build 11 and 13.
+    Only prefixes that match no image of ``arches`` in the store are considered: ``deb`` with
+    Debian 12 present does not fetch 11 and 13.
     """
-    have = list(have)
+    have, obtainable = list(have), list(obtainable)
     wanted: list[str] = []
     for prefix in prefixes:
         key = normalize(prefix)
         if any(normalize(n).startswith(key) and n.rsplit("-", 1)[1] in arches for n in have):
             continue
-        wanted += [n for n in buildable(arches) if normalize(n).startswith(key) and n not in wanted]
+        wanted += [
+            n for n in obtainable
+            if normalize(n).startswith(key) and n.rsplit("-", 1)[1] in arches and n not in wanted
+        ]  # fmt: skip
     return wanted
 
 

@@ -15,10 +15,11 @@ from pytest_ttenv import hookspecs
 from pytest_ttenv.backend import Backend, get_backend, register_backend
 from pytest_ttenv.backend.build import ensure_images
 from pytest_ttenv.backend.local import LocalBackend
+from pytest_ttenv.backend.pull import ensure_available, pullable_names
 from pytest_ttenv.config import SETTINGS, TTConfig, raw_values, resolve
 from pytest_ttenv.errors import TTError
 from pytest_ttenv.fixtures import tt_env, tt_vm, tt_vm_fresh
-from pytest_ttenv.matrix import MatrixVm, missing_buildable, select, session_vms
+from pytest_ttenv.matrix import MatrixVm, buildable, missing_images, select, session_vms
 from pytest_ttenv.report import outcome_of, summary_lines, test_key, write_matrix
 from pytest_ttenv.session import EnvSession
 from pytest_ttenv.state import STATE, PluginState
@@ -94,13 +95,30 @@ def _matrix(config: pytest.Config, cfg: TTConfig, backend: Backend) -> list[Matr
     """The session's VMs from the backend's images; on the local backend, Debian images asked
     for but missing are built first (progress shown)."""
     if isinstance(backend, LocalBackend):
-        arches = list(cfg.arch) or [os.uname().machine]
-        missing = missing_buildable(cfg.os, backend.image_store.names(), arches)
-        if missing:
-            ensure_images(backend.image_store, missing, progress=_progress(config))
+        _obtain_missing(config, cfg, backend)
     vms = session_vms(cfg.os, cfg.arch, [image.name for image in backend.images()])
     changed = config.hook.pytest_ttenv_modify_matrix(config=config, vms=vms)
     return list(changed) if changed is not None else vms
+
+
+def _obtain_missing(config: pytest.Config, cfg: TTConfig, backend: LocalBackend) -> None:
+    """Pull (or build, for Debian) the images the prefixes ask for that the store lacks."""
+    say = _progress(config)
+    arches = list(cfg.arch) or [os.uname().machine]
+    store = backend.image_store
+    can_build = set(buildable(arches))
+    missing = missing_images(cfg.os, store.names(), arches, [*buildable(arches), *pullable_names(arches)])
+    for name in missing:
+        if cfg.image_source == "build" and name in can_build:
+            ensure_images(store, [name], progress=say)
+            continue
+        try:
+            ensure_available(store, [name], progress=say)
+        except TTError as exc:
+            if name not in can_build:
+                raise
+            say(f"pulling {name} failed ({exc}); building it instead")
+            ensure_images(store, [name], progress=say)
 
 
 def _install_guards(config: pytest.Config) -> None:

@@ -31,6 +31,8 @@ from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.pull import ensure_available, find_checksum, pull, pullable_names
 from pytest_ttenv.errors import NotFound, TTError
 
+from leftovers import leftovers as vm_leftovers
+
 pytestmark = pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-img not installed")
 
 MIB = 1 << 20
@@ -48,6 +50,9 @@ class Served:
 
     def requests_for(self, path: str) -> list[dict[str, Any]]:
         return [r for r in self.log if r["path"] == path]
+
+
+pytest_plugins = ["pytester"]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -473,3 +478,28 @@ def test_builtin_catalog_in_cli(tmp_path: Path) -> None:
     assert res.stdout.startswith(f"catalog {load_catalog(None).version} (built-in catalog)")
     for name in ("ubuntu-24.04", "debian-13", "fedora-44", "alpine-3.24", "freebsd-14.4"):
         assert re.search(rf"^  {re.escape(name)}-(x86_64|aarch64) ", res.stdout, re.MULTILINE), name
+
+
+def test_plugin_pulls_a_missing_catalog_image_on_first_use(
+    server: Server, tmp_path: Path, disks: dict[str, bytes], pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--tt-os=testos`` with the image only in the catalog: the plugin pulls it (progress shown)
+    before the session's ENV is created. The served disk has no boot loader, so its VM cannot
+    answer SSH: the test instance errors after the (short) boot timeout, and nothing is left."""
+    catalog = serve_image(server, tmp_path, disks["qcow2"])
+    images, state = tmp_path / "images", tmp_path / "state"
+    monkeypatch.setenv("TTENV_CATALOG", str(catalog))
+    monkeypatch.setenv("TTENV_IMAGE_DIR", str(images))
+    monkeypatch.setenv("TTENV_STATE_DIR", str(state))
+    pytester.makepyfile("def test_on_vm(tt_vm):\n    pass\n")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--tt-os=testos", "--tt-arch=x86_64", "--tt-boot-timeout=3", "--tt-accel=tcg",
+        timeout=300,
+    )  # fmt: skip
+    out = result.stdout.str()
+    assert "ttenv: " in out and "testos-1.0-x86_64" in out
+    assert ImageStore(images).names() == ["testos-1.0-x86_64"]
+    assert ImageStore(images).get("testos-1.0-x86_64").source == "pull"
+    result.assert_outcomes(errors=1)
+    assert "VM testos-1.0-x86_64 did not answer SSH within 3 s" in out
+    assert vm_leftovers(state) == []

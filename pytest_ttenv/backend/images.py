@@ -75,10 +75,10 @@ class ImageStore:
         shutil.rmtree(self.root / name)
 
     def remove_stale_builds(self) -> list[Path]:
-        """Delete ``.build-*``/``.old-*`` dirs whose building process is gone."""
+        """Delete work dirs (``.build-*``, ``.old-*``, ``.pull-*``, ``.import-*``) whose process is gone."""
         removed = []
         for d in self.root.glob(".*-*"):
-            m = re.match(r"^\.(?:build|old)-.*-(\d+)$", d.name)
+            m = re.match(r"^\.(?:build|old|pull|import)-.*-(\d+)$", d.name)
             if m and d.is_dir() and not Path(f"/proc/{m.group(1)}").exists():
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)

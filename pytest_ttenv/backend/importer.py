@@ -29,7 +29,6 @@ IMPORT_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "vhdx", "vpc")
 BOOTS = ("bios", "uefi", "direct")
 MIB = 1 << 20
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-_WORK_RE = re.compile(r"^\.(?:pull|import)-.*-(\d+)$")
 
 
 def require_qemu_img() -> None:
@@ -69,19 +68,6 @@ def check_qcow2(path: Path, what: str) -> int:
         raise TTError(f"{what} refers to a backing file ({info['backing-filename']}); a template must stand alone")
     size = int(info.get("virtual-size", 0))
     return max(1, -(-size // MIB))
-
-
-def remove_stale_work(store: ImageStore) -> list[Path]:
-    """Delete ``.pull-*``/``.import-*`` work dirs whose process is gone."""
-    removed: list[Path] = []
-    if not store.root.is_dir():
-        return removed
-    for d in store.root.glob(".*-*"):
-        m = _WORK_RE.match(d.name)
-        if m and d.is_dir() and not Path(f"/proc/{m.group(1)}").exists():
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
 
 
 def import_image(
@@ -131,7 +117,7 @@ def import_image(
         raise UsageError(f"{src} is not a disk image (no known format, and not a whole number of 512-byte sectors)")
     try:
         store.root.mkdir(parents=True, exist_ok=True)
-        remove_stale_work(store)
+        store.remove_stale_builds()
         work = store.root / f".import-{name}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         out = work / "image"

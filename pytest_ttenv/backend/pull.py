@@ -38,7 +38,7 @@ import requests
 from pytest_ttenv import __version__
 from pytest_ttenv.backend.catalog import HASHES, Catalog, CatalogImage, load_catalog
 from pytest_ttenv.backend.images import ImageStore
-from pytest_ttenv.backend.importer import check_qcow2, convert_to_qcow2, remove_stale_work, require_qemu_img
+from pytest_ttenv.backend.importer import check_qcow2, convert_to_qcow2, require_qemu_img
 from pytest_ttenv.backend.model import ImageInfo
 from pytest_ttenv.errors import NotFound, TTError, from_os_error
 
@@ -131,7 +131,7 @@ def _guard(store: ImageStore, img: CatalogImage, progress: Progress) -> Iterator
 def _pull_locked(store: ImageStore, img: CatalogImage, cat: Catalog, progress: Progress, timeout: float,
                  on_bytes: ByteProgress | None) -> ImageInfo:  # fmt: skip
     require_qemu_img()
-    remove_stale_work(store)
+    store.remove_stale_builds()
     part = store.root / ".partial" / f"{img.name}.part"
     meta = part.with_suffix(".json")
     started = time.monotonic()
