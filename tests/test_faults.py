@@ -117,9 +117,14 @@ def test_sigint_twice_during_test(tmp_path: Path, debian12: ImageInfo) -> None:
     print(f"SIGINT -> VMs down in {down:.2f} s")
 
 
-def test_sigterm_during_boot(tmp_path: Path, debian12: ImageInfo) -> None:
+@pytest.mark.parametrize("when", ["env-created", "qemu-started"])
+def test_sigterm_during_boot(tmp_path: Path, debian12: ImageInfo, when: str) -> None:
     proc, state, _ = start(tmp_path, LONG_TEST)
-    wait_for("qemu to start", lambda: qemu_started(state), 120)
+    if when == "env-created":  # while create_env is still at work
+        wait_for("the ENV's run dir", lambda: any((state / "envs").glob("*")) if (state / "envs").is_dir() else False,
+                 120)  # fmt: skip
+    else:
+        wait_for("qemu to start", lambda: qemu_started(state), 120)
     proc.send_signal(signal.SIGTERM)
     wait_for("the VM to go down", lambda: not qemu_started(state), 5)
     out, _ = proc.communicate(timeout=60)

@@ -85,10 +85,10 @@ def test_prefix_matching_nothing_is_usage_error_listing_images(
     monkeypatch.setenv("TTENV_IMAGE_DIR", str(pytester.path / "images"))
     monkeypatch.setenv("TTENV_STATE_DIR", str(pytester.path / "state"))
     pytester.makepyfile(VM_TESTS)
-    result = pytester.runpytest("-p", "no:cacheprovider", "--tt-os=fedora")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--tt-os=nosuchos")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     errors = [line for line in result.stderr.lines if line.strip()]
-    assert errors == ["ERROR: ttenv: OS prefix 'fedora' matches no image; available: none (build one: "
+    assert errors == ["ERROR: ttenv: OS prefix 'nosuchos' matches no image; available: none (build one: "
                       "ttenv image build debian-12)"]  # fmt: skip
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
 
@@ -122,3 +122,21 @@ def test_unknown_backend_lists_known_ones(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(VM_TESTS)
     result = pytester.runpytest("-p", "no:cacheprovider", "--tt-os=debian12", "--tt-backend=nonsense")
     result.stderr.fnmatch_lines(["ERROR: ttenv: unknown backend 'nonsense' (use one of local*"])
+
+
+def test_pull_that_cannot_reach_the_vendor_is_one_line(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fedora`` is in the catalog but not in the store: the pull is tried and fails in one line."""
+    monkeypatch.setenv("TTENV_IMAGE_DIR", str(pytester.path / "images"))
+    monkeypatch.setenv("TTENV_STATE_DIR", str(pytester.path / "state"))
+    catalog = pytester.path / "catalog.yaml"
+    catalog.write_text(
+        '{"schema": 1, "version": "t", "extends": "builtin", "mirrors": {"fedora": "http://127.0.0.1:9"}}'
+    )
+    monkeypatch.setenv("TTENV_CATALOG", str(catalog))
+    pytester.makepyfile(VM_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--tt-os=fedora", "--tt-arch=x86_64")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.stderr.lines if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("ERROR: ttenv: ") and "127.0.0.1:9" in errors[0], errors

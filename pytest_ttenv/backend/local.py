@@ -146,23 +146,18 @@ class LocalBackend:
             id=env_id, name=spec.name, owner=spec.owner or _user(), created=now,
             expires=now + spec.ttl if spec.ttl else None, state="booting", rundir=str(rundir),
         )  # fmt: skip
-        rundir.mkdir(parents=True)
         sockets = runtime_dir() / env_id
-        sockets.mkdir(mode=0o700)
-        (sockets / "rundir").write_text(str(rundir))
-        owner_start = start_time(spec.owner_pid) if spec.owner_pid else None
-        (rundir / "owner.json").write_text(json.dumps({"pid": spec.owner_pid, "start": owner_start}))
-        try:
+        try:  # one guard over every step, so an interrupt anywhere (even between steps) cleans up
+            rundir.mkdir(parents=True)
+            sockets.mkdir(mode=0o700)
+            (sockets / "rundir").write_text(str(rundir))
+            owner_start = start_time(spec.owner_pid) if spec.owner_pid else None
+            (rundir / "owner.json").write_text(json.dumps({"pid": spec.owner_pid, "start": owner_start}))
             self.store.add_env(info, spec.owner_pid, owner_start)
-        except BaseException:
-            shutil.rmtree(rundir, ignore_errors=True)
-            shutil.rmtree(sockets, ignore_errors=True)
-            raise
-        try:
             for vm, image in plan:
                 self._start_vm(info, spec, vm, image, accels[image.arch])
         except BaseException:
-            self.delete_env(env_id)
+            self._undo_create(env_id, rundir, sockets)
             raise
         return self.show_env(env_id)
 
@@ -214,6 +209,19 @@ class LocalBackend:
             raise TTError(f"no usable host port for VM {vm.name} after 5 tries")
         self.store.update_vm(env.id, info)
         self.progress(f"{vm.name}: booting ({acc.name}, ssh port {info.port})")
+
+    def _undo_create(self, env_id: str, rundir: Path, sockets: Path) -> None:
+        """Remove whatever a failed or interrupted create_env made, whichever step it reached."""
+        try:
+            self.store.get_env(env_id)
+        except TTError:
+            for pid, vmdir in qemu.ttenv_processes():
+                if vmdir.parent == rundir:
+                    qemu.stop(pid, str(vmdir), sockets / f"{vmdir.name}.qmp")
+        else:
+            self.delete_env(env_id)
+        shutil.rmtree(rundir, ignore_errors=True)
+        shutil.rmtree(sockets, ignore_errors=True)
 
     def _next_port(self, env_id: str, info: VmInfo, ports: Iterator[int]) -> int:
         for port in ports:
