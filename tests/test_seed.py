@@ -11,8 +11,8 @@ import yaml
 from pytest_ttenv.backend.seed import KeyPair, SeedData, seed_files, write_seed_iso
 
 
-def seed(**kw: object) -> SeedData:
-    return SeedData(hostname="debian-12-x86_64", instance_id="e1-vm", user="root",
+def seed(user: str = "root", **kw: object) -> SeedData:
+    return SeedData(hostname="debian-12-x86_64", instance_id="e1-vm", user=user,
                     authorized_key="ssh-ed25519 AAAAclient c", host_key=KeyPair.generate("h"), **kw)  # type: ignore[arg-type]  # fmt: skip
 
 
@@ -64,3 +64,11 @@ def test_private_key_written_0600(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(tmp_path / "id").st_mode) == 0o600
     assert (tmp_path / "id").read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     assert key.public.startswith("ssh-ed25519 ")
+
+
+def test_non_root_user_gets_sudo_and_the_distro_default_shell() -> None:
+    doc = yaml.safe_load(seed_files(seed(user="debian"))["user-data"])
+    user = doc["users"][0]
+    assert user["name"] == "debian" and user["sudo"] == "ALL=(ALL) NOPASSWD:ALL"
+    assert "shell" not in user  # Alpine and FreeBSD have no bash: cloud-init would not create the user
+    assert doc["disable_root"] is True

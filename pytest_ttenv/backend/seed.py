@@ -58,7 +58,7 @@ def user_data(seed: SeedData) -> str:
     doc = {
         "users": [
             {"name": seed.user, "ssh_authorized_keys": [seed.authorized_key], "lock_passwd": True}
-            | ({} if seed.user == "root" else {"sudo": "ALL=(ALL) NOPASSWD:ALL", "shell": "/bin/bash"})
+            | ({} if seed.user == "root" else {"sudo": "ALL=(ALL) NOPASSWD:ALL"})
         ],
         "disable_root": seed.user != "root",
         "ssh_pwauth": False,
