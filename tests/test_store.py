@@ -67,3 +67,15 @@ def test_update_and_delete_cascade(tmp_path: Path) -> None:
 def test_missing_env(tmp_path: Path) -> None:
     with pytest.raises(NotFound, match="no ENV named 'nope'"):
         Store(tmp_path / "s.sqlite").get_env("nope")
+
+
+def test_reserving_again_moves_the_vm_to_another_port(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s.sqlite")
+    s.add_env(env("e1", "A"), None, None)
+    s.add_env(env("e2", "B"), None, None)
+    s.reserve_port("e2", vm("w"), iter([20010]))
+    v = vm("v")
+    assert s.reserve_port("e1", v, iter([20009])) == 20009
+    assert s.reserve_port("e1", v, iter([20010, 20011])) == 20011  # 20010 is B's; 20009 is released
+    assert [x.port for x in s.get_env("A").vms] == [20011]
+    assert s.reserve_port("e2", vm("x"), iter([20009])) == 20009

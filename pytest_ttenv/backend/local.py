@@ -203,8 +203,7 @@ class LocalBackend:
             log = tail_file(vmdir / "qemu.log", 5)
             if "host forwarding" not in log:
                 raise BootError(f"qemu for VM {vm.name} exited at start: {log.splitlines()[-1] if log else ''}")
-            self.store.update_vm(env.id, info)
-            info.port = self._next_port(env.id, info, ports)
+            info.port = self.store.reserve_port(env.id, info, ports)  # its port was taken: move it
         else:
             raise TTError(f"no usable host port for VM {vm.name} after 5 tries")
         self.store.update_vm(env.id, info)
@@ -222,16 +221,6 @@ class LocalBackend:
             self.delete_env(env_id)
         shutil.rmtree(rundir, ignore_errors=True)
         shutil.rmtree(sockets, ignore_errors=True)
-
-    def _next_port(self, env_id: str, info: VmInfo, ports: Iterator[int]) -> int:
-        for port in ports:
-            info.port = port
-            try:
-                self.store.update_vm(env_id, info)
-                return port
-            except Exception:  # noqa: BLE001 - port taken by another VM meanwhile: try the next
-                continue
-        raise UsageError("no free host port left for SSH forwarding")
 
     @staticmethod
     def _wait_monitor(proc: subprocess.Popen[bytes], qmp: Path, timeout: float = 10.0) -> bool:

@@ -82,11 +82,16 @@ class Store:
             ) from None
 
     def reserve_port(self, env_id: str, vm: VmInfo, candidates: Iterator[int]) -> int:
-        """Insert ``vm`` with the first candidate port no other VM holds; returns the port."""
+        """Record ``vm`` (new, or moving to another port) with the first candidate port no other
+        VM holds; returns the port."""
         for port in candidates:
             try:
                 with self._tx() as db:
-                    db.execute("INSERT INTO vms VALUES (?,?,?,?)", (env_id, vm.name, port, json.dumps(vm.to_dict())))
+                    db.execute(
+                        "INSERT INTO vms VALUES (?,?,?,?) ON CONFLICT(env_id, name) "
+                        "DO UPDATE SET port=excluded.port, data=excluded.data",
+                        (env_id, vm.name, port, json.dumps(vm.to_dict())),
+                    )
                 return port
             except sqlite3.IntegrityError as exc:
                 if "vms.port" not in str(exc):
@@ -135,11 +140,11 @@ class Store:
             envs = db.execute(
                 "SELECT id, name, owner, created, expires, state, rundir FROM envs ORDER BY created"
             ).fetchall()
-            vms = db.execute("SELECT env_id, data FROM vms ORDER BY rowid").fetchall()
+            vms = db.execute("SELECT env_id, port, data FROM vms ORDER BY rowid").fetchall()
         result = []
         for id_, name, owner, created, expires, state, rundir in envs:
             info = EnvInfo(id_, name, owner, created, expires, state, rundir=rundir)
-            info.vms = [VmInfo.from_dict(json.loads(d)) for e, d in vms if e == id_]
+            info.vms = [VmInfo.from_dict(json.loads(d) | {"port": port}) for e, port, d in vms if e == id_]
             result.append(info)
         return result
 
