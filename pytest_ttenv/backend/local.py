@@ -216,7 +216,7 @@ class LocalBackend:
         except TTError:
             for pid, vmdir in qemu.ttenv_processes():
                 if vmdir.parent == rundir:
-                    qemu.stop(pid, str(vmdir), sockets / f"{vmdir.name}.qmp")
+                    qemu.stop(pid, str(vmdir), _qmp_path(env_id, vmdir.name))
         else:
             self.delete_env(env_id)
         shutil.rmtree(rundir, ignore_errors=True)
@@ -368,7 +368,7 @@ class LocalBackend:
         was deleted from under it), whichever state dir they belonged to."""
         for pid, vmdir in qemu.ttenv_processes():
             if not vmdir.exists():
-                qemu.stop(pid, str(vmdir), Path("/nonexistent"), grace=1.0)
+                qemu.stop(pid, str(vmdir), _qmp_path(vmdir.parent.name, vmdir.name), grace=1.0)
         for sockets in runtime_dir().iterdir():
             try:
                 owner = Path((sockets / "rundir").read_text())
