@@ -28,13 +28,22 @@ __all__ = ["tt_env", "tt_vm", "tt_vm_fresh"]
 VM_FIXTURES = ("tt_vm", "tt_vm_fresh")
 
 
-class _Holder:
-    """pytest_runtest_logreport gets no config: the session's state is reachable from here."""
+class _OutcomeRecorder:
+    """Registered per session: pytest_runtest_logreport gets no config, so it lives on an object
+    holding this session's state (under xdist the controller sees the workers' reports)."""
 
-    state: PluginState | None = None
+    def __init__(self, state: PluginState) -> None:
+        self.state = state
 
-
-_STATE_HOLDER = _Holder()
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        vms = [str(v) for k, v in report.user_properties if k == "tt_vm"]
+        outcome = outcome_of(report)
+        if not vms or outcome is None:
+            return
+        for vm in vms:
+            key = (test_key(report.nodeid, vm), vm)
+            if self.state.outcomes.get(key) in (None, "passed"):
+                self.state.outcomes[key] = outcome
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -68,7 +77,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"ttenv: {exc}") from None
     state = PluginState(cfg)
     config.stash[STATE] = state
-    _STATE_HOLDER.state = state
+    config.pluginmanager.register(_OutcomeRecorder(state), "ttenv-outcomes")
     if not cfg.os:
         return
     workerinput = getattr(config, "workerinput", None)
@@ -199,18 +208,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.sections.append((f"ttenv last command on {name}", vm.last_command))
     console = vm.console or state.session.console(name, 50)
     report.sections.append((f"ttenv console of {name} (last 50 lines)", console or "(empty)"))
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Record each VM test's outcome (under xdist the controller sees the workers' reports)."""
-    vms = [str(v) for k, v in report.user_properties if k == "tt_vm"]
-    outcome = outcome_of(report)
-    if not vms or outcome is None or _STATE_HOLDER.state is None:
-        return
-    for vm in vms:
-        key = (test_key(report.nodeid, vm), vm)
-        if _STATE_HOLDER.state.outcomes.get(key) in (None, "passed"):
-            _STATE_HOLDER.state.outcomes[key] = outcome
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
