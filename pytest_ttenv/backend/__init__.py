@@ -80,9 +80,10 @@ def get_backend(
     image_dir: str | os.PathLike[str] | None = None,
     state_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    token: str | None = None,
 ) -> Backend:
-    """The backend named by ``spec``: ``local`` (this host), ``http(s)://host:port`` (later),
-    or a registered scheme."""
+    """The backend named by ``spec``: ``local`` (this host), ``http(s)://host:port`` (a ``ttenv
+    serve`` host server; ``token`` or ``$TTENV_TOKEN`` is its bearer token), or a registered scheme."""
     scheme = spec.split("://", 1)[0] if "://" in spec else spec
     factory = _factory(scheme)
     if factory is not None:
