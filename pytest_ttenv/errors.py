@@ -29,6 +29,15 @@ class NotFound(TTError):
     exit_code = 2
 
 
+class QuotaError(TTError):
+    """A request does not fit the host server's free resources; ``free`` says what is free
+    (``cpu``, ``mem_mib``, ``disk_mib``). Nothing was created."""
+
+    def __init__(self, message: str, free: dict[str, int] | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.free = dict(free or {})
+
+
 class BootError(TTError):
     """A VM did not come up: qemu exited or SSH never answered before the timeout."""
 

@@ -5,6 +5,10 @@ Run dir layout: ``<state>/envs/<env id>/owner.json`` and one directory per VM ho
 and ``qemu.pid``. QMP sockets live in ``$TMPDIR/ttenv-<uid>/<env id>/`` (short paths).
 Deleting an ENV stops its qemu processes and removes its run dir, socket dir and rows;
 nothing else on the host refers to it.
+
+Behind the host server (``ttenv serve``) the same backend forwards SSH ports on the server's
+address (``bind_addr``), announces ``public_addr`` to clients, and keeps ENV names unique per
+owner (``names_per_owner``: stored as ``<owner>:<name>``, shown as ``<name>``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pytest_ttenv.backend.owner import is_alive, start_time
 from pytest_ttenv.backend.paths import image_dir, runtime_dir, state_dir
 from pytest_ttenv.backend.seed import KeyPair, SeedData, write_seed_iso
 from pytest_ttenv.backend.store import Store
-from pytest_ttenv.errors import BootError, TTError, UsageError, from_os_error
+from pytest_ttenv.errors import BootError, NotFound, TTError, UsageError, from_os_error
 
 PORT_RANGE = (10022, 32767)  # below Linux's ephemeral range, so outgoing connections never take them
 MAX_CPU = 64
@@ -40,13 +44,13 @@ _SOCKET_PATH_MAX = 107
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
-def _free_ports() -> Iterator[int]:
-    """Random ports in PORT_RANGE that nothing listens on right now (127.0.0.1)."""
+def _free_ports(bind_addr: str = "127.0.0.1") -> Iterator[int]:
+    """Random ports in PORT_RANGE that nothing listens on right now (on ``bind_addr``)."""
     for _ in range(200):
         port = random.randint(*PORT_RANGE)
         with socket.socket() as s:
             try:
-                s.bind(("127.0.0.1", port))
+                s.bind((bind_addr, port))
             except OSError:
                 continue
         yield port
@@ -76,7 +80,13 @@ def tail_file(path: Path, lines: int) -> str:
 
 
 class LocalBackend:
-    """ENVs on this host. ``progress`` receives one human-readable line per step."""
+    """ENVs on this host. ``progress`` receives one human-readable line per step.
+
+    ``bind_addr``: host address VM SSH ports are forwarded on (an IPv4 address; 0.0.0.0 for
+    all). ``public_addr``: the address put into ``VmInfo.address`` (default: ``bind_addr``, or
+    127.0.0.1 when that is 0.0.0.0). ``names_per_owner``: ENV names are unique per owner, not per
+    host (the server's mode).
+    """
 
     name = "local"
 
@@ -85,6 +95,10 @@ class LocalBackend:
         image_root: str | os.PathLike[str] | None = None,
         state_root: str | os.PathLike[str] | None = None,
         progress: Callable[[str], None] | None = None,
+        *,
+        bind_addr: str = "127.0.0.1",
+        public_addr: str | None = None,
+        names_per_owner: bool = False,
     ) -> None:
         self.image_store = ImageStore(image_dir(image_root))
         self.state = state_dir(state_root)
@@ -97,6 +111,10 @@ class LocalBackend:
                           "check permissions and free space, or set TTENV_STATE_DIR") from None  # fmt: skip
         self.progress = progress or (lambda line: None)
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.bind_addr = bind_addr
+        self._probe_addr = "127.0.0.1" if bind_addr == "0.0.0.0" else bind_addr  # where wait_vm looks for sshd
+        self.public_addr = public_addr or self._probe_addr
+        self.names_per_owner = names_per_owner
 
     # -- images -----------------------------------------------------------------------------
     def images(self) -> list[ImageInfo]:
@@ -142,8 +160,10 @@ class LocalBackend:
                 f"{runtime_dir()} is too deep for qemu's monitor socket paths", "set TMPDIR to a shorter path"
             )
         now = time.time()
+        owner = spec.owner or _user()
+        stored = f"{owner}:{spec.name}" if self.names_per_owner else spec.name
         info = EnvInfo(
-            id=env_id, name=spec.name, owner=spec.owner or _user(), created=now,
+            id=env_id, name=stored, owner=owner, created=now,
             expires=now + spec.ttl if spec.ttl else None, state="booting", rundir=str(rundir),
         )  # fmt: skip
         sockets = runtime_dir() / env_id
@@ -174,23 +194,24 @@ class LocalBackend:
         )
         info = VmInfo(
             name=vm.name, image=image.name, os=image.os, version=image.version, arch=image.arch,
-            state="booting", user=image.user, host_key=host_key.public, resources=vm.resources,
-            accel=acc.name, console=str(vmdir / "console.log"),
+            state="booting", address=self.public_addr, user=image.user, host_key=host_key.public,
+            resources=vm.resources, accel=acc.name, console=str(vmdir / "console.log"),
         )  # fmt: skip
         cmdline = f"{image.cmdline} systemd.machine_id={secrets.token_hex(16)}".strip()
         uefi_vars = None
         if image.kernel is None and (image.boot == "uefi" or image.arch == "aarch64"):
             uefi_vars = qemu.uefi_vars_copy(image.arch, vmdir / "uefi-vars.fd")
-        ports = _free_ports()
+        ports = _free_ports(self.bind_addr)
         info.port = self.store.reserve_port(env.id, info, ports)
         for _attempt in range(5):
             cfg = qemu.QemuConfig(
-                name=f"{env.name}/{vm.name}", arch=image.arch, accel=acc.name, resources=vm.resources,
+                name=f"{spec.name}/{vm.name}", arch=image.arch, accel=acc.name, resources=vm.resources,
                 disk=overlay, seed=seed_iso,
                 kernel=image.file(image.kernel) if image.kernel else None,
                 initrd=image.file(image.initrd) if image.initrd else None,
                 cmdline=cmdline, port=info.port, console=vmdir / "console.log", qmp=_qmp_path(env.id, vm.name),
                 pidfile=vmdir / "qemu.pid", tcg_cx16=qemu.tcg_cx16_safe(image.arch), uefi_vars=uefi_vars,
+                bind_addr=self.bind_addr,
             )  # fmt: skip
             proc = qemu.start(
                 cfg, vmdir / "qemu.log", die_with_parent=spec.owner_pid is not None and spec.die_with_owner
@@ -245,8 +266,16 @@ class LocalBackend:
         Raises BootError with the console tail if qemu exits or the timeout passes; a VM
         that timed out is stopped.
         """
+        return self._wait(env_ref, vm_name, timeout, final=True)
+
+    def poll_vm(self, env_ref: str, vm_name: str, timeout: float) -> VmInfo:
+        """Wait at most ``timeout`` s for the VM's sshd without giving up on it: its VmInfo,
+        ``running`` or still ``booting`` (the server's long poll). BootError if it died or failed."""
+        return self._wait(env_ref, vm_name, timeout, final=False)
+
+    def _wait(self, env_ref: str, vm_name: str, timeout: float | None, final: bool) -> VmInfo:
         env = self.store.get_env(env_ref)
-        vm = env.vm(vm_name)
+        vm = _vm(env, vm_name)
         if vm.state == "running":
             return vm
         if vm.state != "booting":
@@ -262,13 +291,15 @@ class LocalBackend:
                 self._reap(vm.pid)
                 detail = tail_file(Path(marker) / "qemu.log", 3)
                 return self._boot_failed(env, vm, f"VM {vm.name} died during boot (qemu exited) {detail}".strip())
-            if ssh_banner(vm.address, vm.port, timeout=min(2.0, max(0.1, deadline - time.monotonic()))):
+            if ssh_banner(self._probe_addr, vm.port, timeout=min(2.0, max(0.1, deadline - time.monotonic()))):
                 vm.state, vm.boot_seconds = "running", time.time() - started
                 self.store.update_vm(env.id, vm)
                 if all(v.state == "running" for v in self.store.get_env(env.id).vms):
                     self.store.set_env_state(env.id, "running")
                 return vm
             if time.monotonic() >= deadline:
+                if not final:
+                    return vm
                 qemu.stop(vm.pid, marker, _qmp_path(env.id, vm.name))
                 self._reap(vm.pid)
                 msg = f"VM {vm.name} did not answer SSH within {timeout:.0f} s ({vm.accel})"
@@ -294,6 +325,7 @@ class LocalBackend:
         return [self._refresh(env) for env in self.store.list_envs()]
 
     def _refresh(self, env: EnvInfo) -> EnvInfo:
+        self._plain_name(env)
         for vm in env.vms:
             if vm.state in ("booting", "running") and not qemu.is_running(vm.pid, str(Path(env.rundir) / vm.name)):
                 vm.state, vm.error = "stopped", "qemu is not running"
@@ -308,6 +340,13 @@ class LocalBackend:
         shutil.rmtree(env.rundir, ignore_errors=True)
         shutil.rmtree(runtime_dir() / env.id, ignore_errors=True)
         self.store.delete_env(env.id)
+        return self._plain_name(env)
+
+    @staticmethod
+    def _plain_name(env: EnvInfo) -> EnvInfo:
+        """Show an owner-qualified stored name (``<owner>:<name>``) as ``<name>``."""
+        if env.name.startswith(f"{env.owner}:"):
+            env.name = env.name[len(env.owner) + 1 :]
         return env
 
     def renew(self, ref: str, ttl: float) -> EnvInfo:
@@ -335,7 +374,7 @@ class LocalBackend:
 
     def _hmp(self, env_ref: str, vm_name: str, command: str) -> None:
         env = self.store.get_env(env_ref)
-        vm = env.vm(vm_name)
+        vm = _vm(env, vm_name)
         if not qemu.is_running(vm.pid, str(Path(env.rundir) / vm.name)):
             raise BootError(f"VM {vm.name} died (qemu is not running)", self.console(env.id, vm.name))
         out = qemu.qmp_command(_qmp_path(env.id, vm.name), "human-monitor-command", timeout=120,
@@ -346,7 +385,7 @@ class LocalBackend:
     def console(self, env_ref: str, vm_name: str, tail: int = 50) -> str:
         """The last ``tail`` lines of the VM's serial console."""
         env = self.store.get_env(env_ref)
-        env.vm(vm_name)
+        _vm(env, vm_name)
         return tail_file(Path(env.rundir) / vm_name / "console.log", tail)
 
     def gc(self) -> list[EnvInfo]:
@@ -358,7 +397,10 @@ class LocalBackend:
             orphaned = pid is not None and not is_alive(pid, started)
             expired = env.expires is not None and env.expires < now
             if orphaned or expired:
-                reaped.append(self.delete_env(env.id))
+                try:
+                    reaped.append(self.delete_env(env.id))
+                except NotFound:  # deleted meanwhile by another process or thread
+                    continue
         self._reap_strays()
         return reaped
 
@@ -376,6 +418,15 @@ class LocalBackend:
                 continue
             if not owner.exists():
                 shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _vm(env: EnvInfo, name: str) -> VmInfo:
+    """The ENV's VM called ``name``, or NotFound listing its VMs."""
+    try:
+        return env.vm(name)
+    except KeyError:
+        raise NotFound(f"no VM named {name!r} in ENV {env.id}",
+                       f"VMs: {', '.join(v.name for v in env.vms) or 'none'}") from None  # fmt: skip
 
 
 def _qmp_path(env_id: str, vm_name: str) -> Path:

@@ -44,11 +44,12 @@ class QemuConfig:
     pidfile: Path
     uefi_vars: Path | None = None  # UEFI boot: this VM's writable copy of the firmware variables
     tcg_cx16: bool = True  # False: hide CMPXCHG16B from x86_64 TCG guests (see tcg_cx16_safe)
+    bind_addr: str = "127.0.0.1"  # host address the SSH port is forwarded on (a server: its listen address)
 
 
 def build_argv(cfg: QemuConfig) -> list[str]:
     """The qemu command line for ``cfg``: direct kernel boot, virtio disk/net/rng, user-mode
-    networking with guest port 22 forwarded from 127.0.0.1:``port``, serial console to a file,
+    networking with guest port 22 forwarded from ``bind_addr``:``port``, serial console to a file,
     QMP on a unix socket. TCG uses multi-threaded translation with a 64 MiB translation cache.
     """
     if cfg.accel == "kvm":
@@ -73,7 +74,7 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         "-pidfile", str(cfg.pidfile),
         "-drive", f"if=none,id=root,file={cfg.disk},format=qcow2,cache=unsafe,discard=unmap",
         "-device", "virtio-blk-pci,drive=root",
-        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{cfg.port}-:22",
+        "-netdev", f"user,id=net0,hostfwd=tcp:{cfg.bind_addr}:{cfg.port}-:22",
         "-device", "virtio-net-pci,netdev=net0",
         "-device", "virtio-rng-pci",
         # A guest kernel panic ends qemu, so a dead guest is seen at once, not after a timeout.
