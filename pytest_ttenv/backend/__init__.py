@@ -1,7 +1,7 @@
 """The Backend contract and how a backend is chosen from its spec (``local`` or a URL).
 
-Both the local backend and (later) the HTTP client implement ``Backend``; one contract
-test suite runs against each.
+The local backend and the HTTP client of the host server implement ``Backend``; one contract
+test suite (tests/test_backend_contract.py) runs against each.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def get_backend(
 
         return LocalBackend(image_dir, state_dir, progress=progress)
     if spec.startswith(("http://", "https://")):
-        raise UsageError(f"backend {spec}: remote host servers are not supported yet", "use --backend local")
+        from pytest_ttenv.backend.http import HttpBackend
+
+        return HttpBackend(spec, token or os.environ.get("TTENV_TOKEN"), progress=progress)
     known = ", ".join(["local", *sorted(_REGISTRY)])
     raise UsageError(f"unknown backend {spec!r}", f"use one of {known}, or an http(s)://host:port URL")

@@ -1,0 +1,175 @@
+"""Running the server: listen address, default quotas, uvicorn, the reaper, graceful shutdown.
+
+``serve()`` binds the socket itself (a taken port is one TTError line), reports the ENVs it
+re-adopts from the state dir, starts the lease reaper, and runs uvicorn until SIGINT/SIGTERM:
+requests in flight finish (long polls answer within a second), ENVs stay up for the next start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pytest_ttenv.backend.paths import image_dir, state_dir
+from pytest_ttenv.errors import TTError, UsageError
+from pytest_ttenv.server.quota import Amounts
+from pytest_ttenv.server.reaper import Reaper
+from pytest_ttenv.server.service import ServerConfig, Service
+
+DEFAULT_PORT = 8730
+GRACEFUL_SECONDS = 10
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too; ``HOST`` alone takes port 8730) -> (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):
+        host, port_text = text, str(DEFAULT_PORT)
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise UsageError(f"--listen {text!r}: bad port", "use HOST:PORT, e.g. 127.0.0.1:8730 or 0.0.0.0:8730")
+    return host, port
+
+
+def forward_addr(host: str) -> str:
+    """The IPv4 address VM ports are forwarded on for API host ``host`` (qemu's user networking
+    forwards IPv4 only): all addresses stay all addresses, a name is resolved."""
+    if host in ("0.0.0.0", "::", ""):
+        return "0.0.0.0"
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            return socket.gethostbyname(host)
+        except OSError as exc:
+            raise UsageError(f"--listen host {host!r} does not resolve: {exc}") from None
+    if addr.version != 4:
+        raise UsageError(f"--listen {host}: VM ports can only be forwarded on IPv4 addresses", "use 0.0.0.0 or ::")
+    return host
+
+
+def default_totals(state: Path) -> Amounts:
+    """Host CPUs, 80 % of RAM, 80 % of the free disk where the state dir is."""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    probe = state
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free // 2**20
+    return Amounts(os.cpu_count() or 1, int(mem * 0.8), int(free * 0.8))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise TTError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "pick another --listen port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def readoption_report(service: Service) -> list[str]:
+    """One line per ENV found in the state dir at start: its VMs running, or why they are stopped."""
+    lines = []
+    for env in service.backend.list_envs():
+        up = [vm for vm in env.vms if vm.state in ("running", "booting")]
+        down = [f"{vm.name} {vm.state}{': ' + vm.error if vm.error else ''}" for vm in env.vms if vm not in up]
+        left = f"{(env.expires - time.time()):.0f} s" if env.expires else "no"
+        line = f"  ENV {env.name} ({env.id}) of {env.owner}: {len(up)}/{len(env.vms)} VM(s) up, lease {left} left"
+        lines.append(line + (f"; {', '.join(down)}" if down else ""))
+    return lines
+
+
+def serve(
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}",
+    *,
+    public_addr: str | None = None,
+    state: str | os.PathLike[str] | None = None,
+    images: str | os.PathLike[str] | None = None,
+    cpu_total: int | None = None,
+    mem_total: int | None = None,
+    disk_total: int | None = None,
+    engine: str = "qemu",
+    default_lease: float = 600.0,
+    max_lease: float = 7 * 24 * 3600.0,
+    log_level: str = "info",
+    out: Callable[[str], None] = print,
+) -> int:
+    """Run the server until SIGINT/SIGTERM; returns the exit code (0 after a graceful stop)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise TTError("ttenv serve needs the server extra", "pip install 'pytest-ttenv[server]'") from None
+    from pytest_ttenv.server.app import create_app
+
+    if engine != "qemu":
+        raise UsageError(f"--engine {engine!r} is not available", "use --engine qemu (libvirt comes later)")
+    for flag, value in (("--default-lease", default_lease), ("--max-lease", max_lease)):
+        if not value > 0:
+            raise UsageError(f"{flag} must be positive, got {value:g}")
+    for flag, total in (("--cpu-total", cpu_total), ("--mem-total", mem_total), ("--disk-total", disk_total)):
+        if total is not None and total < 0:
+            raise UsageError(f"{flag} must not be negative, got {total}")
+    host, port = parse_listen(listen)
+    bind = forward_addr(host)
+    public = public_addr or (socket.gethostname() if bind == "0.0.0.0" else bind)
+    sdir, idir = state_dir(state), image_dir(images)
+    base = default_totals(sdir)
+    totals = Amounts(cpu_total if cpu_total is not None else base.cpu,
+                     mem_total if mem_total is not None else base.mem_mib,
+                     disk_total if disk_total is not None else base.disk_mib)  # fmt: skip
+    cfg = ServerConfig(state_dir=sdir, image_dir=idir, totals=totals, bind_addr=bind, public_addr=public,
+                       engine=engine, default_lease=default_lease, max_lease=max_lease)  # fmt: skip
+    service = Service(cfg)
+    sock = _bind(host, port)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}"
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="ttenv serve: %(message)s")
+    logging.getLogger("qemu").setLevel(logging.WARNING)  # qemu.qmp logs every monitor disconnect
+    reaper = Reaper(service.backend.gc, cfg.reap_interval)
+    server: Any = None
+
+    app = create_app(service, stopping=lambda: bool(server is not None and server.should_exit))
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on",
+                            access_log=log_level in ("debug", "info"))  # fmt: skip
+    server = uvicorn.Server(config)
+
+    out(f"ttenv serve: API on {url}/v1 (OpenAPI: {url}/v1/openapi.json); VM ports on {bind}, announced as {public}")
+    out(f"ttenv serve: state {sdir}, images {idir} ({len(service.images())}), quotas {totals.text()}, "
+        f"{len(service.tokens.list())} token(s)")  # fmt: skip
+    adopted = readoption_report(service)
+    out(f"ttenv serve: re-adopted {len(adopted)} ENV(s) from the state dir" + (":" if adopted else ""))
+    for line in adopted:
+        out(line)
+    sys.stdout.flush()
+
+    # uvicorn re-raises the signal that stopped it once it is done; these handlers absorb it.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    reaper.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        reaper.stop()
+        sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    left = len(service.backend.store.list_envs())
+    out(f"ttenv serve: stopped; {left} ENV(s) left running, re-adopted at the next start")
+    return 0 if server.started else 1

@@ -1,0 +1,189 @@
+"""What the API does, without HTTP: owner scoping, leases, quotas, the long poll (standard library
+and the local backend only; app.py maps it onto routes).
+
+Every ENV belongs to an owner (the token's name); another owner's ENV is NotFound, as if it did
+not exist. Every ENV has a lease: ``default_lease`` when none is asked for, capped at
+``max_lease``. VMs run without PDEATHSIG (no owner pid), so a server that dies leaves them up
+for the next server to re-adopt from the store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_ttenv import __version__
+from pytest_ttenv.backend import accel as accel_mod
+from pytest_ttenv.backend.local import LocalBackend
+from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
+from pytest_ttenv.errors import NotFound, TTError, UsageError
+from pytest_ttenv.server.auth import TokenStore
+from pytest_ttenv.server.quota import Amounts, Quota
+
+LONG_POLL = 30.0  # longest single wait answer; the client asks again until its own deadline
+_POLL_CHUNK = 1.0  # the long poll checks for shutdown this often
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The server's settings (``ttenv serve`` options)."""
+
+    state_dir: Path
+    image_dir: Path
+    totals: Amounts
+    bind_addr: str = "127.0.0.1"
+    public_addr: str = "127.0.0.1"
+    engine: str = "qemu"
+    default_lease: float = 600.0
+    max_lease: float = 7 * 24 * 3600.0
+    reap_interval: float = 1.0
+
+
+class Service:
+    """The server's state: its local backend, tokens and quota."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.backend = LocalBackend(cfg.image_dir, cfg.state_dir, bind_addr=cfg.bind_addr,
+                                    public_addr=cfg.public_addr, names_per_owner=True)  # fmt: skip
+        self.tokens = TokenStore(cfg.state_dir)
+        self.quota = Quota(cfg.totals, self._live)
+        self._image_disk: dict[str, int] = {}
+
+    # -- accounting ---------------------------------------------------------------------------
+    def _disk_of(self, image: str, disk_mib: int) -> int:
+        """A VM's disk charge: its overlay size, or its image's when it asked for none."""
+        if disk_mib:
+            return disk_mib
+        if image not in self._image_disk:
+            try:
+                self._image_disk[image] = self.backend.image_store.get(image).disk_mib
+            except NotFound:
+                return 0  # an image removed under a live VM: nothing to charge it by
+        return self._image_disk[image]
+
+    def _demand(self, vms: list[tuple[str, Resources]]) -> Amounts:
+        total = Amounts()
+        for image, res in vms:
+            total += Amounts(res.cpu, res.mem_mib, self._disk_of(image, res.disk_mib))
+        return total
+
+    def _live(self) -> dict[str, Amounts]:
+        """Stored ENV name (``<owner>:<name>``) -> what its VMs hold, for every ENV in the store."""
+        return {env.name: self._demand([(vm.image, vm.resources) for vm in env.vms])
+                for env in self.backend.store.list_envs()}  # fmt: skip
+
+    def status(self) -> dict[str, object]:
+        envs = self.backend.store.list_envs()
+        used = self.quota.used()
+        running = sum(vm.state == "running" for env in envs for vm in env.vms)
+        return {
+            "version": __version__, "engine": self.cfg.engine, "public_addr": self.cfg.public_addr,
+            "totals": self.cfg.totals.as_dict(), "used": used.as_dict(), "free": (self.cfg.totals - used).as_dict(),
+            "envs": len(envs), "vms": sum(len(env.vms) for env in envs), "vms_running": running,
+            "owners": len({env.owner for env in envs}),
+        }  # fmt: skip
+
+    # -- ENVs ---------------------------------------------------------------------------------
+    def images(self) -> list[ImageInfo]:
+        return self.backend.images()
+
+    def lease(self, ttl: float | None) -> float:
+        return min(ttl if ttl is not None else self.cfg.default_lease, self.cfg.max_lease)
+
+    def create(self, owner: str, spec: EnvSpec) -> EnvInfo:
+        """Create ``owner``'s ENV within the quota; returns at once (VMs booting)."""
+        for vm in spec.vms:
+            self.backend.image_store.get(vm.image)  # NotFound before anything is reserved
+        demand = self._demand([(vm.image, vm.resources) for vm in spec.vms])
+        spec = EnvSpec(name=spec.name, vms=spec.vms, client_pubkey=spec.client_pubkey, owner=owner,
+                       ttl=self.lease(spec.ttl), accel=spec.accel, owner_pid=None, die_with_owner=False)  # fmt: skip
+        with self.quota.reserve(f"{owner}:{spec.name}", demand, spec.name):
+            return self.backend.create_env(spec)
+
+    def find(self, owner: str, ref: str) -> EnvInfo:
+        """``owner``'s ENV whose name or id is ``ref`` (NotFound for any other, another owner's too)."""
+        stored = f"{owner}:{ref}"
+        for env in self.backend.store.list_envs():
+            if env.owner == owner and (env.name == stored or env.id == ref):
+                return self.backend.show_env(env.id)
+        raise NotFound(f"no ENV named {ref!r}", "see: ttenv env list")
+
+    def list(self, owner: str) -> list[EnvInfo]:
+        return [env for env in self.backend.list_envs() if env.owner == owner]
+
+    def delete(self, owner: str, ref: str) -> EnvInfo:
+        return self.backend.delete_env(self.find(owner, ref).id)
+
+    def renew(self, owner: str, ref: str, ttl: float) -> EnvInfo:
+        return self.backend.renew(self.find(owner, ref).id, self.lease(ttl))
+
+    def keep(self, owner: str, ref: str, ttl: float) -> EnvInfo:
+        return self.backend.keep(self.find(owner, ref).id, self.lease(ttl))
+
+    def vm(self, owner: str, ref: str, vm_name: str) -> tuple[EnvInfo, VmInfo]:
+        env = self.find(owner, ref)
+        for vm in env.vms:
+            if vm.name == vm_name:
+                return env, vm
+        raise NotFound(f"no VM named {vm_name!r} in ENV {ref}", f"VMs: {', '.join(v.name for v in env.vms)}")
+
+    def wait(self, owner: str, ref: str, vm_name: str, timeout: float | None, stopping: Callable[[], bool]) -> VmInfo:
+        """The long poll: the VM once ``running``, or still ``booting`` after min(timeout, LONG_POLL) s.
+
+        ``timeout`` is the client's time left (None: the server's boot timeout for the VM, counted
+        from its start). When it ends within this answer, this is the last wait and behaves as
+        LocalBackend.wait_vm: a VM not up by then is stopped and BootError raised. Returns early
+        (still ``booting``) when ``stopping()`` turns true: the server is shutting down.
+        """
+        env, vm = self.vm(owner, ref, vm_name)
+        if vm.state != "booting":
+            return self.backend.wait_vm(env.id, vm_name, 0.1)  # running: at once; else BootError
+        if timeout is None:
+            booting = sum(v.state == "booting" for e in self.backend.store.list_envs() for v in e.vms)
+            timeout = vm.boot_seconds + accel_mod.boot_timeout(vm.accel, vm.arch, booting) - time.time()
+        final = timeout <= LONG_POLL
+        end = time.monotonic() + min(timeout, LONG_POLL)
+        while True:
+            left = end - time.monotonic()
+            if final and left <= _POLL_CHUNK and not stopping():
+                return self.backend.wait_vm(env.id, vm_name, max(left, 0.05))
+            vm = self.backend.poll_vm(env.id, vm_name, min(_POLL_CHUNK, max(left, 0.05)))
+            if vm.state != "booting" or time.monotonic() >= end or stopping():
+                return vm
+
+    def snapshot(self, owner: str, ref: str, vm_name: str, name: str) -> None:
+        env, _ = self.vm(owner, ref, vm_name)
+        with _monitor_refusal():
+            self.backend.snapshot(env.id, vm_name, name)
+
+    def revert(self, owner: str, ref: str, vm_name: str, name: str) -> None:
+        env, _ = self.vm(owner, ref, vm_name)
+        with _monitor_refusal():
+            self.backend.revert(env.id, vm_name, name)
+
+    def console(self, owner: str, ref: str, vm_name: str, tail: int) -> str:
+        env, _ = self.vm(owner, ref, vm_name)
+        return self.backend.console(env.id, vm_name, tail)
+
+
+@contextmanager
+def _monitor_refusal() -> Iterator[None]:
+    """qemu refusing a savevm/loadvm (no such snapshot, a VM state that cannot be saved) is the
+    request's fault: UsageError (400), not a server error."""
+    try:
+        yield
+    except TTError as exc:
+        if type(exc) is not TTError:
+            raise
+        raise UsageError(exc.message, exc.hint) from None
+
+
+def spec_of(name: str, vms: list[tuple[str, str, Resources]], client_pubkey: str, ttl: float | None,
+            accel: str) -> EnvSpec:  # fmt: skip
+    """An EnvSpec from a create request's fields (``vms``: name, image, resources)."""
+    return EnvSpec(name=name, vms=tuple(VmSpec(n, i, r) for n, i, r in vms), client_pubkey=client_pubkey, ttl=ttl,
+                   accel=accel)  # fmt: skip
