@@ -93,9 +93,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.hook.pytest_ttenv_register_backends(register=register_backend)
     _install_guards(config)  # before the first VM starts: a SIGTERM during boot cleans up too
     try:
-        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, progress=_progress(config))
+        say = _progress(config)
+        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, progress=say)
         state.vms = _matrix(config, cfg, backend)
-        state.session = EnvSession.create(cfg, state.vms, backend)
+        state.session = EnvSession.create(cfg, state.vms, backend, warn=say)
     except TTError as exc:
         raise pytest.UsageError(f"ttenv: {exc}") from None
 

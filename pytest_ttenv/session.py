@@ -31,6 +31,7 @@ from pytest_ttenv.backend.paths import state_dir
 from pytest_ttenv.backend.seed import KeyPair
 from pytest_ttenv.config import TTConfig
 from pytest_ttenv.errors import BootError, TTError, VmDied
+from pytest_ttenv.lease import SESSION_LEASE, LeaseKeeper
 from pytest_ttenv.matrix import MatrixVm
 from pytest_ttenv.ssh import Connection
 
@@ -58,13 +59,22 @@ def sessions_dir() -> Path:
     return path
 
 
-def reap_session_dirs(backend: Backend) -> int:
-    """Remove session dirs whose ENV no longer exists (their session was killed); returns how many."""
+def reap_session_dirs(backend: Backend, spec: str = "local") -> int:
+    """Remove session dirs of backend ``spec`` whose ENV no longer exists (their session was
+    killed); returns how many. Dirs of other backends are left alone."""
     live = {env.id for env in backend.list_envs()}
-    stale = [d for d in sessions_dir().iterdir() if d.is_dir() and d.name not in live]
+    stale = [d for d in sessions_dir().iterdir()
+             if d.is_dir() and d.name not in live and _backend_of(d) == spec]  # fmt: skip
     for d in stale:
         shutil.rmtree(d, ignore_errors=True)
     return len(stale)
+
+
+def _backend_of(workdir: Path) -> str:
+    try:
+        return (workdir / "backend").read_text().strip()
+    except OSError:
+        return "local"  # written before the backend file existed
 
 
 class EnvSession:
@@ -79,19 +89,25 @@ class EnvSession:
         self.vms = {vm.name: VmState() for vm in env.vms}
         self.snapshots = False  # set when some collected test uses tt_vm_fresh
         self._held: dict[str, tuple[int, bool, int]] = {}  # VM -> (fd, exclusive, depth)
+        self.lease: LeaseKeeper | None = None  # renews a server ENV's lease (controller only)
 
     @property
     def key_file(self) -> Path:
         return self.workdir / "id_ed25519"
 
     @classmethod
-    def create(cls, cfg: TTConfig, vms: Sequence[MatrixVm], backend: Backend) -> EnvSession:
+    def create(
+        cls, cfg: TTConfig, vms: Sequence[MatrixVm], backend: Backend, warn: Callable[[str], None] = print
+    ) -> EnvSession:
         """Create the ENV (VMs start booting) owned by this process; returns at once.
 
         The session dir ``<state>/sessions/<env id>`` holds the private key (0600) and the
         per-VM records; a dir whose ENV is gone is removed by the next session or ``ttenv gc``.
+        A local ENV dies with this process; a server's ENV gets a lease of SESSION_LEASE
+        seconds that a LeaseKeeper renews until teardown (``warn`` hears about failures).
         """
-        reap_session_dirs(backend)
+        remote = backend.name != "local"
+        reap_session_dirs(backend, cfg.backend)
         key = KeyPair.generate(f"ttenv-pytest-{os.getpid()}")
         res = Resources(cpu=cfg.cpu, mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib)
         spec = EnvSpec(
@@ -99,18 +115,23 @@ class EnvSession:
             vms=tuple(VmSpec(vm.name, vm.name, res) for vm in vms),
             client_pubkey=key.public,
             accel=cfg.accel,
-            owner_pid=os.getpid(),
+            ttl=SESSION_LEASE if remote else None,
+            owner_pid=None if remote else os.getpid(),
             die_with_owner=cfg.keep == "never",
         )
         env = backend.create_env(spec)
         try:
             workdir = sessions_dir() / env.id
             workdir.mkdir(mode=0o700)
+            (workdir / "backend").write_text(cfg.backend)
             key.write_private(workdir / "id_ed25519")
+            session = cls(cfg, backend, env, workdir, controller=True)
+            if remote:
+                session.lease = LeaseKeeper(backend, env.id, SESSION_LEASE, warn).start()
         except BaseException:
             backend.delete_env(env.id)
             raise
-        return cls(cfg, backend, env, workdir, controller=True)
+        return session
 
     def to_workerinput(self) -> dict[str, Any]:
         return {"env": self.env.to_dict(), "workdir": str(self.workdir)}
@@ -118,7 +139,7 @@ class EnvSession:
     @classmethod
     def attach(cls, cfg: TTConfig, data: dict[str, Any]) -> EnvSession:
         """The ENV the controller created, in an xdist worker."""
-        backend = get_backend(cfg.backend, image_dir=cfg.image_dir)
+        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token)
         return cls(cfg, backend, EnvInfo.from_dict(data["env"]), Path(data["workdir"]), controller=False)
 
     # -- per VM --------------------------------------------------------------------------------
@@ -276,12 +297,16 @@ class EnvSession:
             self.close_connection(name)
         if not self.controller:
             return ""
+        if self.lease is not None:
+            self.lease.stop()
         try:
             if keep:
                 env = self.backend.keep(self.env.id, KEEP_TTL)
                 key = save_key(env.id, KeyPair(self.key_file.read_text(), ""))
                 shutil.rmtree(self.workdir, ignore_errors=True)
-                lines = [f"ttenv: kept ENV {env.name} for 24 h; delete it with: ttenv env del {env.name}"]
+                where = "" if self.cfg.backend == "local" else f" --backend {self.cfg.backend}"
+                hours = (env.expires - time.time()) / 3600 if env.expires else KEEP_TTL / 3600
+                lines = [f"ttenv: kept ENV {env.name} for {hours:.0f} h; delete it with: ttenv env del{where} {env.name}"]
                 lines += [f"  {vm.name}: ssh -i {key} -p {vm.port} {vm.user}@{vm.address}"
                           for vm in env.vms if vm.name in keep]  # fmt: skip
                 return "\n".join(lines)
