@@ -1,4 +1,5 @@
-"""``ttenv``: doctor, image list|pull|import|build|rm, env add|list|show|run|console|del, gc.
+"""``ttenv``: doctor, image list|pull|import|build|rm, env add|list|show|run|console|del, gc,
+serve, token, status.
 
 Every failure the user can act on prints one line ``ttenv: error: ...`` and exits 1
 (runtime) or 2 (usage); Ctrl-C exits 130 after cleaning up what the command created.
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from pytest_ttenv import __version__
+from pytest_ttenv.backend import Backend, get_backend
 from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmSpec
@@ -31,6 +33,14 @@ def _out(line: str) -> None:
 
 def _backend(args: argparse.Namespace, progress: bool = True) -> LocalBackend:
     return LocalBackend(args.image_dir, args.state_dir, progress=_out if progress else None)
+
+
+def _env_backend(args: argparse.Namespace, progress: bool = True) -> Backend:
+    """The backend of the env commands: ``--backend`` (local or a server URL, default
+    ``$TTENV_BACKEND`` or local) with ``--token`` (default ``$TTENV_TOKEN``)."""
+    spec = args.backend or os.environ.get("TTENV_BACKEND") or "local"
+    return get_backend(spec, image_dir=args.image_dir, state_dir=args.state_dir,
+                       progress=_out if progress else None, token=args.token)  # fmt: skip
 
 
 # -- doctor -------------------------------------------------------------------------------------
@@ -201,7 +211,7 @@ def cmd_env_add(args: argparse.Namespace) -> int:
     from pytest_ttenv.backend.seed import KeyPair
     from pytest_ttenv.ssh import Connection
 
-    backend = _backend(args)
+    backend = _env_backend(args)
     check_env_name(args.name)
     prefixes = split_prefixes(args.os_prefix)
     if not prefixes:
@@ -261,7 +271,7 @@ def cmd_env_add(args: argparse.Namespace) -> int:
 
 
 def cmd_env_list(args: argparse.Namespace) -> int:
-    envs = _backend(args, progress=False).list_envs()
+    envs = _env_backend(args, progress=False).list_envs()
     if not envs:
         _out("no ENVs")
         return 0
@@ -280,14 +290,14 @@ def _print_env(env: EnvInfo) -> None:
     _out(f"  {'VM':<22} {'STATE':<8} {'ACCEL':<5} {'CPU':>3} {'MEM':>6} {'SSH':<16} CONSOLE")
     for vm in env.vms:
         _out(f"  {vm.name:<22} {vm.state:<8} {vm.accel:<5} {vm.resources.cpu:>3} {vm.resources.mem_mib:>4}Mi "
-             f"{vm.address}:{vm.port:<6} {vm.console}")  # fmt: skip
+             f"{vm.address}:{vm.port:<6} {vm.console or '(ttenv env console)'}")  # fmt: skip
     if env.vms:
         vm = env.vms[0]
         _out(f"  login: ssh -i {key_path(env)} -p {vm.port} {vm.user}@{vm.address}")
 
 
 def cmd_env_show(args: argparse.Namespace) -> int:
-    _print_env(_backend(args, progress=False).show_env(args.name))
+    _print_env(_env_backend(args, progress=False).show_env(args.name))
     return 0
 
 
@@ -295,7 +305,7 @@ def cmd_env_run(args: argparse.Namespace) -> int:
     from pytest_ttenv.access import key_path, target
     from pytest_ttenv.ssh import Connection, SshError, fan_out
 
-    backend = _backend(args, progress=False)
+    backend = _env_backend(args, progress=False)
     env = backend.show_env(args.name)
     vms = [vm for vm in env.vms if not args.vm or vm.name in args.vm]
     if not vms:
@@ -331,14 +341,14 @@ def cmd_env_run(args: argparse.Namespace) -> int:
 
 
 def cmd_env_console(args: argparse.Namespace) -> int:
-    _out(_backend(args, progress=False).console(args.name, args.vm, args.lines))
+    _out(_env_backend(args, progress=False).console(args.name, args.vm, args.lines))
     return 0
 
 
 def cmd_env_del(args: argparse.Namespace) -> int:
     from pytest_ttenv.access import forget_key
 
-    backend = _backend(args, progress=False)
+    backend = _env_backend(args, progress=False)
     for name in args.names:
         env = backend.delete_env(name)
         forget_key(env, args.state_dir)
@@ -358,11 +368,96 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the host server ----------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pytest_ttenv.server.serve import serve
+
+    return serve(
+        args.listen, public_addr=args.public_addr, state=args.state_dir, images=args.image_dir,
+        cpu_total=args.cpu_total,
+        mem_total=parse_mib(args.mem_total, "--mem-total") if args.mem_total else None,
+        disk_total=parse_mib(args.disk_total, "--disk-total") if args.disk_total else None,
+        engine=args.engine, default_lease=args.default_lease, max_lease=args.max_lease, log_level=args.log_level,
+        out=_out,
+    )  # fmt: skip
+
+
+def _tokens(args: argparse.Namespace) -> Any:
+    from pytest_ttenv.backend.paths import state_dir
+    from pytest_ttenv.server.auth import TokenStore
+
+    return TokenStore(state_dir(args.state_dir))
+
+
+def cmd_token_add(args: argparse.Namespace) -> int:
+    token = _tokens(args).add(args.name)
+    print(f"ttenv: token of {args.name} (shown once; the server keeps only its hash):", file=sys.stderr)
+    _out(token)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    tokens = _tokens(args).list()
+    if not tokens:
+        _out("no tokens - add one: ttenv token add NAME")
+    for name, created in tokens:
+        _out(f"{name:<32} created {time.strftime('%Y-%m-%d %H:%M', time.localtime(created))}")
+    return 0
+
+
+def cmd_token_rm(args: argparse.Namespace) -> int:
+    _tokens(args).remove(args.name)
+    _out(f"removed token {args.name}; its ENVs stay until deleted or their lease expires")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """This host's ENVs and what they hold; with a server URL, the server's totals/used/free."""
+    spec = args.backend or os.environ.get("TTENV_BACKEND") or "local"
+    if spec == "local":
+        if args.server:
+            raise UsageError(
+                "status --server needs the server's URL", "give --backend http://host:8730 or set TTENV_BACKEND"
+            )
+        return _local_status(args)
+    backend = get_backend(spec, token=args.token)
+    status = getattr(backend, "status", None)
+    if status is None:
+        raise UsageError(f"backend {spec} has no server status")
+    data = status()
+    _out(f"ttenv server {spec}: version {data['version']}, engine {data['engine']}, VM ports on {data['public_addr']}")
+    _out(f"  {'':<9} {'TOTAL':>9} {'USED':>9} {'FREE':>9}")
+    for key, label in (("cpu", "CPU"), ("mem_mib", "MEM MiB"), ("disk_mib", "DISK MiB")):
+        _out(f"  {label:<9} {data['totals'][key]:>9} {data['used'][key]:>9} {data['free'][key]:>9}")
+    _out(f"  {data['envs']} ENV(s) of {data['owners']} owner(s), {data['vms']} VM(s), {data['vms_running']} running")
+    return 0
+
+
+def _local_status(args: argparse.Namespace) -> int:
+    backend = _backend(args, progress=False)
+    envs = backend.list_envs()
+    vms = [vm for env in envs for vm in env.vms]
+    live = [vm for vm in vms if vm.state in ("booting", "running")]
+    host_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    disk = sum(f.stat().st_size for f in backend.state.glob("envs/*/*/overlay.qcow2") if f.exists()) // 2**20
+    states = ", ".join(f"{sum(vm.state == s for vm in vms)} {s}" for s in ("running", "booting", "failed", "stopped")
+                       if any(vm.state == s for vm in vms))  # fmt: skip
+    _out(f"local backend ({backend.state}): {len(envs)} ENV(s), {len(vms)} VM(s)" + (f" ({states})" if vms else ""))
+    _out(f"  CPU  {sum(vm.resources.cpu for vm in live)} vCPU(s) of live VMs on {os.cpu_count()} host CPU(s)")
+    _out(f"  MEM  {sum(vm.resources.mem_mib for vm in live)} MiB of live VMs of {host_mem} MiB host memory")
+    _out(f"  DISK {disk} MiB in overlays")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--image-dir", help="image store (default: $TTENV_IMAGE_DIR or ~/.cache/ttenv/images)")
     common.add_argument("--state-dir", help="local state (default: $TTENV_STATE_DIR or ~/.local/state/ttenv)")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--backend", help="local, or a ttenv server URL http(s)://host:port "
+                        "(default: $TTENV_BACKEND or local)")  # fmt: skip
+    remote.add_argument("--token", help="bearer token for a server backend (default: $TTENV_TOKEN)")
     parser = argparse.ArgumentParser(prog="ttenv", description="Real VMs across an OS x arch matrix.")
     parser.add_argument("--version", action="version", version=f"ttenv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -405,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="create, inspect, use and delete ENVs").add_subparsers(
         dest="env_command", required=True, metavar="ACTION")  # fmt: skip
-    p = env.add_parser("add", parents=[common], help="create an ENV: one VM per image matching the prefixes")
+    p = env.add_parser("add", parents=[common, remote], help="create an ENV: one VM per image matching the prefixes")
     p.add_argument("name")
     p.add_argument("--os-prefix", action="append", required=True, help="e.g. debian12,debian11 (TTStack prefixes)")
     p.add_argument("--arch", action="append", help="restrict to arches, e.g. x86_64,aarch64")
@@ -416,28 +511,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-timeout", type=float, help="seconds to wait for SSH (default: scaled by accel/arch)")
     p.add_argument("--ttl", type=float, help="lease in seconds; expired ENVs are reaped by ttenv gc")
     p.set_defaults(func=cmd_env_add)
-    p = env.add_parser("list", parents=[common], help="all ENVs")
+    p = env.add_parser("list", parents=[common, remote], help="all ENVs")
     p.set_defaults(func=cmd_env_list)
-    p = env.add_parser("show", parents=[common], help="one ENV: VMs, state, ports, resources, console")
+    p = env.add_parser("show", parents=[common, remote], help="one ENV: VMs, state, ports, resources, console")
     p.add_argument("name")
     p.set_defaults(func=cmd_env_show)
-    p = env.add_parser("run", parents=[common], help="run a command on every VM concurrently")
+    p = env.add_parser("run", parents=[common, remote], help="run a command on every VM concurrently")
     p.add_argument("name")
     p.add_argument("--cmd", required=True)
     p.add_argument("--vm", action="append", help="only these VMs")
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=cmd_env_run)
-    p = env.add_parser("console", parents=[common], help="the tail of a VM's serial console")
+    p = env.add_parser("console", parents=[common, remote], help="the tail of a VM's serial console")
     p.add_argument("name")
     p.add_argument("vm")
     p.add_argument("--lines", type=int, default=50)
     p.set_defaults(func=cmd_env_console)
-    p = env.add_parser("del", parents=[common], help="delete ENVs: VMs stopped, everything released")
+    p = env.add_parser("del", parents=[common, remote], help="delete ENVs: VMs stopped, everything released")
     p.add_argument("names", nargs="+")
     p.set_defaults(func=cmd_env_del)
 
     p = sub.add_parser("gc", parents=[common], help="reap ENVs whose owner died or whose lease expired")
     p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("serve", parents=[common], help="run the host server: this host's VMs behind a REST API")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8730",
+        metavar="HOST:PORT",
+        help="where the API listens; VM ports are forwarded on HOST too (default 127.0.0.1:8730)",
+    )
+    p.add_argument(
+        "--public-addr",
+        metavar="ADDR",
+        help="address clients reach VM ports on (default: the "
+        "listen host, or this host's name when listening on all addresses)",
+    )
+    p.add_argument("--cpu-total", type=int, metavar="N", help="vCPUs all ENVs may hold (default: host CPUs)")
+    p.add_argument("--mem-total", metavar="MiB", help="memory all ENVs may hold, MiB or 32G (default: 80%% of RAM)")
+    p.add_argument(
+        "--disk-total",
+        metavar="MiB",
+        help="overlay disk all ENVs may hold, MiB or 200G (default: 80%% of the free disk of the state dir)",
+    )
+    p.add_argument("--engine", default="qemu", help="how VMs run: qemu (libvirt comes later)")
+    p.add_argument(
+        "--default-lease",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="lease of an ENV created without one (default 600 s)",
+    )
+    p.add_argument(
+        "--max-lease", type=float, default=7 * 24 * 3600.0, metavar="S", help="longest lease granted (default 7 days)"
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="info logs every request (default); warning only problems",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="bearer tokens of the host server (in its --state-dir)").add_subparsers(
+        dest="token_command", required=True, metavar="ACTION"
+    )
+    p = token.add_parser("add", parents=[common], help="create a token for owner NAME; prints it once")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_token_add)
+    p = token.add_parser("list", parents=[common], help="token names and when they were created")
+    p.set_defaults(func=cmd_token_list)
+    p = token.add_parser("rm", parents=[common], help="revoke NAME's token")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_token_rm)
+
+    p = sub.add_parser("status", parents=[common, remote], help="resources held by this host's ENVs, or a "
+                       "server's totals/used/free (--backend URL)")  # fmt: skip
+    p.add_argument("--server", action="store_true", help="the server's status (needs --backend URL or $TTENV_BACKEND)")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

@@ -118,8 +118,10 @@ class HttpBackend:
         hint = body.get("hint") or None
         console = body.get("console") or ""
         if status == 401:
-            return UsageError(f"token rejected by the ttenv server at {self.url}: {message}",
-                              "check --tt-token / TTENV_TOKEN (--token for ttenv)")  # fmt: skip
+            what = "no token given for" if not self.token else "token rejected by"
+            return UsageError(
+                f"{what} the ttenv server at {self.url}", "check --tt-token / TTENV_TOKEN (ttenv: --token)"
+            )
         if status == 404:
             return NotFound(message, hint)
         if status == 409 and kind == "quota":
