@@ -1,5 +1,5 @@
 """``ttenv``: doctor, image list|pull|import|build|rm, env add|list|show|run|console|del, gc,
-serve, token, status.
+serve, token, status, report.
 
 Every failure the user can act on prints one line ``ttenv: error: ...`` and exits 1
 (runtime) or 2 (usage); Ctrl-C exits 130 after cleaning up what the command created.
@@ -368,6 +368,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report -------------------------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from pytest_ttenv.report.command import run
+
+    return run(args, _out)
+
+
 # -- the host server ----------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from pytest_ttenv.server.serve import serve
@@ -589,6 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "server's totals/used/free (--backend URL)")  # fmt: skip
     p.add_argument("--server", action="store_true", help="the server's status (needs --backend URL or $TTENV_BACKEND)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="merge JUnit files into the tests x VMs matrix: Markdown, HTML, JSON")
+    from pytest_ttenv.report.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -20,7 +20,7 @@ from pytest_ttenv.config import SETTINGS, TTConfig, raw_values, resolve
 from pytest_ttenv.errors import TTError
 from pytest_ttenv.fixtures import tt_env, tt_vm, tt_vm_fresh
 from pytest_ttenv.matrix import MatrixVm, buildable, missing_images, select, session_vms
-from pytest_ttenv.report import outcome_of, summary_lines, test_key, write_matrix
+from pytest_ttenv.report import outcome_of, summary_lines, test_key, vm_properties, write_matrix
 from pytest_ttenv.session import EnvSession
 from pytest_ttenv.state import STATE, PluginState
 
@@ -186,11 +186,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if state.session is None:
         return
     state.session.snapshots = any("tt_vm_fresh" in getattr(i, "fixturenames", ()) for i in items)
-    if state.cfg.dist == "vm":
-        for item in items:
-            name = getattr(item, "callspec", None) and item.callspec.params.get("_tt_vm_name")  # type: ignore[attr-defined]
-            if name:
-                item.add_marker(pytest.mark.xdist_group(name=name))
+    for item in items:
+        name = getattr(item, "callspec", None) and item.callspec.params.get("_tt_vm_name")  # type: ignore[attr-defined]
+        if not name:
+            continue
+        # JUnit properties from the start: a test skipped before its fixtures run carries them too
+        item.user_properties.extend(p for p in vm_properties(name) if p not in item.user_properties)
+        if state.cfg.dist == "vm":
+            item.add_marker(pytest.mark.xdist_group(name=name))
 
 
 @pytest.hookimpl(hookwrapper=True)
