@@ -43,6 +43,8 @@ SETTINGS = (
             metavar="ARCHES"),
     Setting("backend", "where ENVs live: local, or a ttenv server URL http(s)://host:port", "local", metavar="URL"),
     Setting("token", "bearer token for a ttenv server backend", "", metavar="TOKEN"),
+    Setting("lease", "seconds a server keeps the session's ENV after its last renewal (renewed every quarter "
+            "of it while pytest runs; a killed session's VMs are reaped after it)", "180", metavar="SECONDS"),
     Setting("engine", "how VMs run on the host", "qemu", ("qemu",)),
     Setting("accel", "accelerator: auto probes KVM and falls back to TCG", "auto", ("auto", "kvm", "tcg")),
     Setting("cpu", "vCPUs per VM", "2", metavar="N"),
@@ -69,6 +71,7 @@ class TTConfig:
     arch: tuple[str, ...]
     backend: str
     token: str
+    lease: float
     engine: str
     accel: str
     cpu: int
@@ -116,11 +119,18 @@ def resolve(values: dict[str, str]) -> TTConfig:
             raise UsageError(f"--tt-boot-timeout={values['boot_timeout']!r} is not a number of seconds") from None
         if timeout <= 0:
             raise UsageError("--tt-boot-timeout must be positive")
+    try:
+        lease = float(values["lease"])
+    except ValueError:
+        raise UsageError(f"--tt-lease={values['lease']!r} is not a number of seconds") from None
+    if lease < 2:
+        raise UsageError(f"--tt-lease={values['lease']} is too short", "give at least 2 seconds (default 180)")
     return TTConfig(
         os=tuple(split_prefixes([values["os"]])),
         arch=tuple(canonical_arch(a) for a in split_prefixes([values["arch"]])),
         backend=values["backend"],
         token=values["token"],
+        lease=lease,
         engine=values["engine"],
         accel=values["accel"],
         cpu=cpu,

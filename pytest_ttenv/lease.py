@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pytest_ttenv.backend import Backend
 from pytest_ttenv.errors import NotFound, TTError
 
-SESSION_LEASE = 180.0  # seconds a server keeps a session's ENV after the last renewal
-
 
 class LeaseKeeper:
     """A daemon thread renewing ENV ``env_id``'s lease of ``ttl`` seconds until ``stop()``.

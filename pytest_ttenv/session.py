@@ -31,7 +31,7 @@ from pytest_ttenv.backend.paths import state_dir
 from pytest_ttenv.backend.seed import KeyPair
 from pytest_ttenv.config import TTConfig
 from pytest_ttenv.errors import BootError, TTError, VmDied
-from pytest_ttenv.lease import SESSION_LEASE, LeaseKeeper
+from pytest_ttenv.lease import LeaseKeeper
 from pytest_ttenv.matrix import MatrixVm
 from pytest_ttenv.ssh import Connection
 
@@ -103,7 +103,7 @@ class EnvSession:
 
         The session dir ``<state>/sessions/<env id>`` holds the private key (0600) and the
         per-VM records; a dir whose ENV is gone is removed by the next session or ``ttenv gc``.
-        A local ENV dies with this process; a server's ENV gets a lease of SESSION_LEASE
+        A local ENV dies with this process; a server's ENV gets a lease of ``cfg.lease``
         seconds that a LeaseKeeper renews until teardown (``warn`` hears about failures).
         """
         remote = backend.name != "local"
@@ -115,7 +115,7 @@ class EnvSession:
             vms=tuple(VmSpec(vm.name, vm.name, res) for vm in vms),
             client_pubkey=key.public,
             accel=cfg.accel,
-            ttl=SESSION_LEASE if remote else None,
+            ttl=cfg.lease if remote else None,
             owner_pid=None if remote else os.getpid(),
             die_with_owner=cfg.keep == "never",
         )
@@ -127,7 +127,7 @@ class EnvSession:
             key.write_private(workdir / "id_ed25519")
             session = cls(cfg, backend, env, workdir, controller=True)
             if remote:
-                session.lease = LeaseKeeper(backend, env.id, SESSION_LEASE, warn).start()
+                session.lease = LeaseKeeper(backend, env.id, cfg.lease, warn).start()
         except BaseException:
             backend.delete_env(env.id)
             raise
@@ -306,7 +306,9 @@ class EnvSession:
                 shutil.rmtree(self.workdir, ignore_errors=True)
                 where = "" if self.cfg.backend == "local" else f" --backend {self.cfg.backend}"
                 hours = (env.expires - time.time()) / 3600 if env.expires else KEEP_TTL / 3600
-                lines = [f"ttenv: kept ENV {env.name} for {hours:.0f} h; delete it with: ttenv env del{where} {env.name}"]
+                lines = [
+                    f"ttenv: kept ENV {env.name} for {hours:.0f} h; delete it with: ttenv env del{where} {env.name}"
+                ]
                 lines += [f"  {vm.name}: ssh -i {key} -p {vm.port} {vm.user}@{vm.address}"
                           for vm in env.vms if vm.name in keep]  # fmt: skip
                 return "\n".join(lines)
