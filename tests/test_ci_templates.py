@@ -434,6 +434,30 @@ def test_report_job_without_any_junit_is_one_line(tmp_path: Path) -> None:
     assert job.step("Upload the report").status == "success"  # if: !cancelled(), nothing to upload
 
 
+def test_server_variant_installs_nothing_and_reaches_for_the_server(tmp_path: Path) -> None:
+    """backend = a server URL: no KVM, apt or cache work; pytest talks to the server (none listens
+    here, so the job fails with the plugin's one line) and the token never shows in a log."""
+    url, token = "http://127.0.0.1:9", "s3cret-token"
+    project = make_project(tmp_path / "project")
+    gh = Actions(tmp_path / "gh", {"os": "debian12", "backend": url, "pytest-args": "examples -p no:cacheprovider"},
+                 {"TTENV_STATE_DIR": str(tmp_path / "state")}, secrets={"ttenv-token": token})  # fmt: skip
+    job = gh.run("test", {"os": "debian12"}, project)
+    assert "or a remote backend" in job.step("Enable KVM").output
+    assert "nothing to install" in job.step("Install qemu and the image tools").output
+    assert job.step("Cache the image store").status == "skipped" and job.cache_keys == []
+    tests = job.step("Tests on debian12")
+    assert tests.status == "failure" and f"cannot reach the ttenv server at {url}" in tests.output, tests.output
+    assert job.step("Upload the JUnit file").status == "success"
+    assert all(token not in s.output for s in job.steps)
+
+    gl = GitLab(
+        tmp_path / "gl", {"TTENV_BACKEND": url, "TTENV_TOKEN": token, "TTENV_STATE_DIR": str(tmp_path / "s2")}, {}
+    )
+    test = gl.run("ttenv-test", {"TTENV_OS": "debian12", "TTENV_PYTEST_ARGS": "examples -p no:cacheprovider"}, project)
+    assert test.rc != 0 and f"backend {url}: the VMs run there" in test.output
+    assert f"cannot reach the ttenv server at {url}" in test.output and token not in test.output
+
+
 # -- the real runs ---------------------------------------------------------------------------------------------
 def make_project(where: Path) -> Path:
     shutil.copytree(REPO / "examples", where / "examples")
