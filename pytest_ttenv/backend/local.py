@@ -369,8 +369,19 @@ class LocalBackend:
         self._hmp(env_ref, vm_name, f"savevm {name}")
 
     def revert(self, env_ref: str, vm_name: str, name: str) -> None:
-        """Restore the VM to snapshot ``name``; open SSH connections to it are dead afterwards."""
-        self._hmp(env_ref, vm_name, f"loadvm {name}")
+        """Restore the VM to snapshot ``name``; open SSH connections to it are dead afterwards.
+
+        No snapshot of that name is NotFound, and the VM keeps running (qemu's ``loadvm`` pauses
+        the VM before it looks for the snapshot and leaves it paused when there is none).
+        """
+        try:
+            self._hmp(env_ref, vm_name, f"loadvm {name}")
+        except TTError as exc:
+            if type(exc) is not TTError or "does not exist" not in exc.message:
+                raise
+            env = self.store.get_env(env_ref)
+            qemu.qmp_command(_qmp_path(env.id, vm_name), "cont", timeout=10)
+            raise NotFound(f"VM {vm_name} has no snapshot named {name!r}", "snapshot it first") from None
 
     def _hmp(self, env_ref: str, vm_name: str, command: str) -> None:
         env = self.store.get_env(env_ref)

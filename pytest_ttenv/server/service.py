@@ -10,8 +10,7 @@ for the next server to re-adopt from the store.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from pytest_ttenv import __version__
 from pytest_ttenv.backend import accel as accel_mod
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
-from pytest_ttenv.errors import NotFound, TTError, UsageError
+from pytest_ttenv.errors import NotFound, UsageError
 from pytest_ttenv.server.auth import TokenStore
 from pytest_ttenv.server.quota import Amounts, Quota
 
@@ -96,6 +95,9 @@ class Service:
 
     def create(self, owner: str, spec: EnvSpec) -> EnvInfo:
         """Create ``owner``'s ENV within the quota; returns at once (VMs booting)."""
+        names = [vm.name for vm in spec.vms]
+        if len(set(names)) != len(names):  # the request's own fault comes before the quota's verdict
+            raise UsageError(f"VM names in an ENV must be unique: {', '.join(names)}")
         for vm in spec.vms:
             self.backend.image_store.get(vm.image)  # NotFound before anything is reserved
         demand = self._demand([(vm.image, vm.resources) for vm in spec.vms])
@@ -157,29 +159,15 @@ class Service:
 
     def snapshot(self, owner: str, ref: str, vm_name: str, name: str) -> None:
         env, _ = self.vm(owner, ref, vm_name)
-        with _monitor_refusal():
-            self.backend.snapshot(env.id, vm_name, name)
+        self.backend.snapshot(env.id, vm_name, name)
 
     def revert(self, owner: str, ref: str, vm_name: str, name: str) -> None:
         env, _ = self.vm(owner, ref, vm_name)
-        with _monitor_refusal():
-            self.backend.revert(env.id, vm_name, name)
+        self.backend.revert(env.id, vm_name, name)
 
     def console(self, owner: str, ref: str, vm_name: str, tail: int) -> str:
         env, _ = self.vm(owner, ref, vm_name)
         return self.backend.console(env.id, vm_name, tail)
-
-
-@contextmanager
-def _monitor_refusal() -> Iterator[None]:
-    """qemu refusing a savevm/loadvm (no such snapshot, a VM state that cannot be saved) is the
-    request's fault: UsageError (400), not a server error."""
-    try:
-        yield
-    except TTError as exc:
-        if type(exc) is not TTError:
-            raise
-        raise UsageError(exc.message, exc.hint) from None
 
 
 def spec_of(name: str, vms: list[tuple[str, str, Resources]], client_pubkey: str, ttl: float | None,
