@@ -124,6 +124,17 @@ class LocalBackend:
         """Image names matching the OS prefixes (and arches); UsageError lists what exists."""
         return match_prefixes(prefixes, self.image_store.names(), arches)
 
+    def _access(self, image: str) -> str:
+        """How the image's VMs are reached (``ttenv`` or ``cloud-init``); cloud-init if it is gone."""
+        try:
+            return self.image_store.get(image).access
+        except TTError:
+            return "cloud-init"
+
+    def _probe_image(self, arch: str) -> ImageInfo | None:
+        """An image of ``arch`` with a kernel and initramfs: what the KVM probe boots."""
+        return next((i for i in self.image_store.all() if i.arch == arch and i.kernel and i.initrd), None)
+
     # -- ENVs -------------------------------------------------------------------------------
     def create_env(self, spec: EnvSpec) -> EnvInfo:
         """Create the ENV and start every VM; returns at once while the VMs boot.
@@ -150,7 +161,8 @@ class LocalBackend:
         accels = {}
         for _, image in plan:
             if image.arch not in accels:
-                accels[image.arch] = accel_mod.choose(spec.accel, image)
+                probe = self._probe_image(image.arch) if image.kernel is None else None
+                accels[image.arch] = accel_mod.choose(spec.accel, image, probe)
         self.gc()
         env_id = secrets.token_hex(6)
         rundir = self.state / "envs" / env_id
@@ -282,7 +294,7 @@ class LocalBackend:
             raise BootError(f"VM {vm.name} is {vm.state}: {vm.error}", self.console(env.id, vm.name))
         if timeout is None:
             booting = sum(v.state == "booting" for e in self.store.list_envs() for v in e.vms)
-            timeout = accel_mod.boot_timeout(vm.accel, vm.arch, booting)
+            timeout = accel_mod.boot_timeout(vm.accel, vm.arch, booting, self._access(vm.image))
         started = vm.boot_seconds
         deadline = time.monotonic() + timeout
         marker = str(Path(env.rundir) / vm.name)
