@@ -187,9 +187,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from pytest_ttenv.backend.build import ImageBuilder, parse_target
 
     arch = canonical_arch(args.arch)
-    req = replace(
-        parse_target(args.target, arch), mirror=args.mirror, disk_mib=parse_mib(args.disk, "disk"), tuned=not args.plain
-    )
+    variant = "plain" if args.plain else args.variant or ""
+    req = replace(parse_target(args.target, arch, variant), mirror=args.mirror, disk_mib=parse_mib(args.disk, "disk"))
     started = time.monotonic()
 
     def progress(line: str) -> None:
@@ -536,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", default="3G", help="root file system size (default 3G)")
     p.add_argument("-v", "--verbose", action="store_true", help="show every line of the bootstrap")
     p.add_argument("--plain", action="store_true", help="untuned reference image (Debian defaults), for benchmarks")
+    p.add_argument("--variant", choices=("tuned", "plain", "cloud"),
+                   help="cloud: vendor-style (GRUB, cloud-init), named debiancloud-<version>-<arch>")  # fmt: skip
     p.set_defaults(func=cmd_image_build)
     p = image.add_parser("rm", parents=[common], help="remove images")
     p.add_argument("names", nargs="+")
