@@ -280,12 +280,17 @@ class LocalBackend:
         """
         return self._wait(env_ref, vm_name, timeout, final=True)
 
-    def poll_vm(self, env_ref: str, vm_name: str, timeout: float) -> VmInfo:
+    def poll_vm(self, env_ref: str, vm_name: str, timeout: float, stop: Callable[[], bool] | None = None) -> VmInfo:
         """Wait at most ``timeout`` s for the VM's sshd without giving up on it: its VmInfo,
-        ``running`` or still ``booting`` (the server's long poll). BootError if it died or failed."""
-        return self._wait(env_ref, vm_name, timeout, final=False)
+        ``running`` or still ``booting`` (the server's long poll; also as soon as ``stop()`` is
+        true). BootError if it died or failed. Probes as often as wait_vm: each probe is a TCP
+        connection that qemu's user networking keeps retrying until the guest answers, so
+        probing a slow guest more often only slows its boot down further."""
+        return self._wait(env_ref, vm_name, timeout, final=False, stop=stop)
 
-    def _wait(self, env_ref: str, vm_name: str, timeout: float | None, final: bool) -> VmInfo:
+    def _wait(
+        self, env_ref: str, vm_name: str, timeout: float | None, final: bool, stop: Callable[[], bool] | None = None
+    ) -> VmInfo:
         env = self.store.get_env(env_ref)
         vm = _vm(env, vm_name)
         if vm.state == "running":
@@ -309,7 +314,7 @@ class LocalBackend:
                 if all(v.state == "running" for v in self.store.get_env(env.id).vms):
                     self.store.set_env_state(env.id, "running")
                 return vm
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (stop is not None and stop()):
                 if not final:
                     return vm
                 qemu.stop(vm.pid, marker, _qmp_path(env.id, vm.name))

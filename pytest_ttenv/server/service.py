@@ -23,7 +23,7 @@ from pytest_ttenv.server.auth import TokenStore
 from pytest_ttenv.server.quota import Amounts, Quota
 
 LONG_POLL = 30.0  # longest single wait answer; the client asks again until its own deadline
-_POLL_CHUNK = 1.0  # the long poll checks for shutdown this often
+_LAST_PROBE = 2.0  # the last wait: its final seconds are LocalBackend.wait_vm's (which stops a VM not up)
 
 
 @dataclass(frozen=True)
@@ -147,15 +147,14 @@ class Service:
         if timeout is None:
             booting = sum(v.state == "booting" for e in self.backend.store.list_envs() for v in e.vms)
             timeout = vm.boot_seconds + accel_mod.boot_timeout(vm.accel, vm.arch, booting) - time.time()
-        final = timeout <= LONG_POLL
-        end = time.monotonic() + min(timeout, LONG_POLL)
-        while True:
-            left = end - time.monotonic()
-            if final and left <= _POLL_CHUNK and not stopping():
-                return self.backend.wait_vm(env.id, vm_name, max(left, 0.05))
-            vm = self.backend.poll_vm(env.id, vm_name, min(_POLL_CHUNK, max(left, 0.05)))
-            if vm.state != "booting" or time.monotonic() >= end or stopping():
-                return vm
+        window = min(timeout, LONG_POLL)
+        end = time.monotonic() + window
+        if timeout > LONG_POLL:  # not the last wait: never gives up on the VM
+            return self.backend.poll_vm(env.id, vm_name, window, stop=stopping)
+        vm = self.backend.poll_vm(env.id, vm_name, max(0.0, window - _LAST_PROBE), stop=stopping)
+        if vm.state != "booting" or stopping():
+            return vm
+        return self.backend.wait_vm(env.id, vm_name, max(0.05, end - time.monotonic()))
 
     def snapshot(self, owner: str, ref: str, vm_name: str, name: str) -> None:
         env, _ = self.vm(owner, ref, vm_name)
