@@ -84,3 +84,13 @@ def test_firmware_boot_starts_from_the_root_disk_and_nic_has_the_seeds_mac() -> 
     assert not any("drive=seed" in a and "bootindex" in a for a in bios)
     for argv in (direct, bios):
         assert f"virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile=" in argv  # no iPXE option ROM
+
+
+def test_riscv64_tcg_direct_boot_through_opensbi() -> None:
+    argv = build_argv(cfg(arch="riscv64"))
+    joined = " ".join(argv)
+    assert argv[0] == "qemu-system-riscv64"
+    assert "-machine virt" in joined and "-cpu rv64" in joined and "-accel tcg,thread=multi,tb-size=64" in joined
+    assert "-bios" not in argv  # qemu's default firmware for virt (OpenSBI) hands over to -kernel
+    assert ("-kernel", "/img/vmlinuz") in itertools.pairwise(argv)
+    assert "pvpanic-pci" in argv and "virtio-blk-pci,drive=root" in argv

@@ -40,7 +40,10 @@ BASE_PACKAGES = (
     "python3-minimal", "sudo", "procps", "busybox-static", "e2fsprogs",
 )  # fmt: skip
 # Modules the initramfs loads (with their dependencies) when the kernel does not have them built in.
-INITRAMFS_MODULES = ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "ext4", "isofs")
+# crc32c_generic: ext4 asks the crypto API for crc32c at mount time (a module in the riscv64 kernel).
+INITRAMFS_MODULES = (
+    "virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "crc32c_generic", "ext4", "isofs",
+)  # fmt: skip
 MASKED_UNITS = (
     "systemd-networkd-wait-online.service", "getty.target", "serial-getty@.service", "console-getty.service",
     "getty@.service", "systemd-journal-flush.service", "modprobe@.service", "systemd-logind.service",
@@ -254,7 +257,7 @@ class ImageBuilder:
         shutil.rmtree(rootfs)
         _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")], p, "qemu-img convert")
         raw.unlink()
-        console = "ttyS0" if req.arch == "x86_64" else "ttyAMA0"
+        console = "ttyAMA0" if req.arch == "aarch64" else "ttyS0"  # riscv64 virt: a 16550 UART
         return ImageInfo(
             name=req.name, os=req.os, version=req.version, arch=req.arch, disk_mib=req.disk_mib,
             cmdline=f"root=/dev/vda rw console={console} quiet loglevel=3 net.ifnames=0",
@@ -391,10 +394,11 @@ class ImageBuilder:
             cache.unlink()
 
     def _install_kernel(self, root: Path, out: Path, tuned: bool) -> str:
-        kernels = sorted((root / "boot").glob("vmlinuz-*"))
+        # vmlinuz-* (x86_64, arm64); riscv64 kernels are installed as an uncompressed vmlinux-*
+        kernels = sorted((root / "boot").glob("vmlinu[xz]-*"))
         if not kernels:
             raise TTError("the bootstrapped root has no kernel in /boot")
-        kver = kernels[-1].name.removeprefix("vmlinuz-")
+        kver = kernels[-1].name[len("vmlinuz-") :]
         shutil.copyfile(kernels[-1], out / "vmlinuz")
         if tuned:
             build_initramfs(root, kver, out / "initrd.img")
