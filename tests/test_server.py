@@ -417,6 +417,24 @@ def test_expired_lease_is_reaped_within_seconds(srv: Server) -> None:
     assert not rundir.exists() and qemu_of(rundir) == [] and port_free(env.vms[0].port)
 
 
+@pytest.mark.vm
+def test_public_addr_is_what_clients_are_told(tmp_path: Path, image: ImageInfo) -> None:
+    options = ["--public-addr", "tt.example", "--default-lease", "120", "--max-lease", "600"]
+    server = start_server(tmp_path, image_dir_with(tmp_path / "images", [image]), options=options)
+    try:
+        alice = server.backend("alice")
+        assert alice.status()["public_addr"] == "tt.example"
+        env = alice.create_env(EnvSpec("PUB", (VmSpec("vm1", IMAGE, Resources(1, 256)),), PUB, accel="tcg"))
+        assert env.vms[0].address == "tt.example" and env.vms[0].port > 0  # forwarded on 127.0.0.1, announced so
+        assert env.expires is not None and 100 < env.expires - time.time() <= 120  # --default-lease
+        renewed = alice.renew("PUB", 10_000).expires
+        assert renewed is not None and renewed - time.time() <= 600  # --max-lease
+        assert env.vms[0].console == "" and env.vms[0].pid == 0 and env.rundir == ""  # server-side details
+        alice.delete_env("PUB")
+    finally:
+        server.cleanup()
+
+
 # -- many clients ----------------------------------------------------------------------------------------
 @pytest.mark.vm
 def test_twenty_concurrent_clients_never_breach_the_quota_and_leak_nothing(tmp_path: Path, image: ImageInfo) -> None:
