@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from pytest_ttenv.errors import TTError
 QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64", "riscv64": "qemu-system-riscv64"}
 QEMU_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm", "riscv64": "qemu-system-misc"}
 GUEST_MAC = "52:54:00:12:34:56"  # qemu's default for a first NIC, set explicitly: the seed matches on it
+IDENTITY_PORT = "org.ttenv.identity"  # the virtio-serial port name the guest's identity agent serves
 _PR_SET_PDEATHSIG = 1
 
 
@@ -46,6 +48,9 @@ class QemuConfig:
     uefi_vars: Path | None = None  # UEFI boot: this VM's writable copy of the firmware variables
     tcg_cx16: bool = True  # False: hide CMPXCHG16B from x86_64 TCG guests (see tcg_cx16_safe)
     bind_addr: str = "127.0.0.1"  # host address the SSH port is forwarded on (a server: its listen address)
+    identity: Path | None = None  # warm boot: unix socket of the virtio-serial port the identity agent serves
+    vmgenid: str | None = None  # warm boot (x86_64): the VM generation ID, a GUID new for every VM
+    incoming: str | None = None  # warm boot: the migration stream to start from (``exec:...``)
 
 
 def build_argv(cfg: QemuConfig) -> list[str]:
@@ -55,6 +60,8 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     Without a kernel the image's own boot loader runs under the firmware (SeaBIOS, or UEFI when
     ``uefi_vars`` is given), booting from the root disk first. No NIC option ROM is loaded
     (iPXE: nothing network-boots, and it costs firmware time under emulation).
+    Warm boot adds the identity agent's virtio-serial port, a VM generation ID (x86_64) and, for a
+    VM started from a saved state, ``-incoming`` (its console log is then appended to, not truncated).
     """
     if cfg.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], "host"
@@ -73,7 +80,8 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         "-nodefaults", "-no-user-config", "-display", "none",
         *machine, *accel, "-cpu", cpu,
         "-smp", str(cfg.resources.cpu), "-m", str(cfg.resources.mem_mib),
-        "-chardev", f"file,id=console,path={cfg.console}", "-serial", "chardev:console",
+        "-chardev", f"file,id=console,path={cfg.console}{',append=on' if cfg.incoming else ''}",
+        "-serial", "chardev:console",
         "-qmp", f"unix:{cfg.qmp},server=on,wait=off",
         "-pidfile", str(cfg.pidfile),
         "-drive", f"if=none,id=root,file={cfg.disk},format=qcow2,cache=unsafe,discard=unmap",
@@ -84,6 +92,12 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         # A guest kernel panic ends qemu, so a dead guest is seen at once, not after a timeout.
         "-device", "pvpanic" if cfg.arch == "x86_64" else "pvpanic-pci", "-action", "panic=exit-failure",
     ]  # fmt: skip
+    if cfg.identity is not None:
+        argv += ["-device", "virtio-serial-pci,id=vser"]
+        argv += ["-chardev", f"socket,id=identity,path={cfg.identity},server=on,wait=off"]
+        argv += ["-device", f"virtserialport,chardev=identity,name={IDENTITY_PORT}"]
+    if cfg.vmgenid is not None and cfg.arch == "x86_64":
+        argv += ["-device", f"vmgenid,id=vmgenid0,guid={cfg.vmgenid}"]
     if cfg.seed is not None:
         argv += ["-drive", f"if=none,id=seed,file={cfg.seed},format=raw,readonly=on"]
         argv += ["-device", "virtio-blk-pci,drive=seed"]
@@ -96,6 +110,8 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}"]
         argv += ["-drive", f"if=pflash,format=raw,unit=1,file={cfg.uefi_vars}"]
     # else: the image's own boot loader under the default BIOS (SeaBIOS boots virtio-blk)
+    if cfg.incoming is not None:
+        argv += ["-incoming", cfg.incoming]
     return argv
 
 
@@ -188,6 +204,34 @@ def qmp_command(qmp: Path, command: str, timeout: float = 3.0, **args: object) -
         mon.close()
 
 
+def save_state(qmp: Path, dest: Path, timeout: float) -> None:
+    """Migrate the running VM's state (devices and RAM) into the file ``dest``; the VM is left
+    paused (``postmigrate``). TTError if the migration fails or is not done within ``timeout`` s."""
+    qmp_command(qmp, "migrate", uri=f"exec:cat > {shlex.quote(str(dest))}")
+    deadline = time.monotonic() + timeout
+    while True:
+        info = qmp_command(qmp, "query-migrate")
+        info = info if isinstance(info, dict) else {}
+        status = str(info.get("status", ""))
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise TTError(f"saving the VM state to {dest} failed: {info.get('error-desc', status)}")
+        if time.monotonic() >= deadline:
+            raise TTError(f"saving the VM state to {dest} did not finish within {timeout:.0f} s ({status})")
+        time.sleep(0.05)
+
+
+def run_state(qmp: Path) -> str:
+    """The VM's run state from QMP ``query-status``: ``inmigrate`` while it loads a saved state,
+    then ``running`` (``postmigrate``, ``paused``, ...); '' if the monitor does not answer."""
+    try:
+        info = qmp_command(qmp, "query-status", timeout=2.0)
+    except Exception:  # noqa: BLE001 - not up yet, or gone: the caller checks the process
+        return ""
+    return str(info.get("status", "")) if isinstance(info, dict) else ""
+
+
 def stop(pid: int, marker: str, qmp: Path, grace: float = 2.0) -> None:
     """Stop the VM's qemu: QMP ``quit``, then SIGTERM, then SIGKILL; returns once it is gone."""
     if not is_running(pid, marker):
@@ -214,19 +258,35 @@ def stop(pid: int, marker: str, qmp: Path, grace: float = 2.0) -> None:
 
 def _reap(pid: int) -> None:
     """Collect ``pid`` if it is our exited child (no zombie left behind); ignore otherwise."""
+    if pid <= 0:  # never waitpid(0) or (-1): that would collect some other child
+        return
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
 
 
+_versions: dict[tuple[str, int], str] = {}  # (binary, mtime) -> version line: asked once per process
+
+
 def version(arch: str = "x86_64") -> str:
     """qemu's version string (``QEMU emulator version 7.2.x``), or '' if qemu is missing."""
+    binary = shutil.which(QEMU_BINARY[arch])
     try:
-        out = subprocess.run([QEMU_BINARY[arch], "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
+        memo = (str(binary), os.stat(binary).st_mtime_ns) if binary else None
+    except OSError:
+        memo = None
+    if memo is None:
         return ""
-    return out.splitlines()[0].strip() if out else ""
+    if memo not in _versions:
+        try:
+            out = subprocess.run([memo[0], "--version"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        if not out:
+            return ""
+        _versions[memo] = out.splitlines()[0].strip()
+    return _versions[memo]
 
 
 def ttenv_processes() -> list[tuple[int, Path]]:
