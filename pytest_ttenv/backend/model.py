@@ -78,6 +78,9 @@ class EnvSpec:
     ``ttl`` seconds until the lease expires (None: no expiry). ``owner_pid`` ties the ENV's
     life to a process (the pytest session) where given: when it dies, the ENV is reaped by the
     next gc, and with ``die_with_owner`` its VMs are killed by the kernel at once (PDEATHSIG).
+    ``boot``: ``warm`` starts VMs from a saved post-boot state of their image where one exists or
+    can be made (else cold, with a progress line saying why); ``cold`` boots each VM. The plugin
+    and the CLI ask for warm by default; an API caller that says nothing gets cold.
     """
 
     name: str
@@ -88,6 +91,10 @@ class EnvSpec:
     accel: str = "auto"  # auto | kvm | tcg
     owner_pid: int | None = None
     die_with_owner: bool = True
+    boot: str = "cold"  # warm | cold
+
+
+BOOT_MODES = ("warm", "cold")
 
 
 VM_STATES = ("creating", "booting", "running", "failed", "stopped")
@@ -113,6 +120,7 @@ class VmInfo:
     pid: int = 0
     error: str = ""
     boot_seconds: float = 0.0
+    boot: str = ""  # how it started: warm (from a saved state) | cold
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
