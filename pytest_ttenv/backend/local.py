@@ -13,8 +13,10 @@ owner (``names_per_owner``: stored as ``<owner>:<name>``, shown as ``<name>``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import queue
 import random
 import re
 import secrets
@@ -22,12 +24,14 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from pytest_ttenv.backend import accel as accel_mod
-from pytest_ttenv.backend import qemu
+from pytest_ttenv.backend import qemu, warm
 from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.backend.naming import check_env_name, match_prefixes
@@ -115,6 +119,8 @@ class LocalBackend:
         self._probe_addr = "127.0.0.1" if bind_addr == "0.0.0.0" else bind_addr  # where wait_vm looks for sshd
         self.public_addr = public_addr or self._probe_addr
         self.names_per_owner = names_per_owner
+        self._lock = threading.RLock()  # starting a VM vs deleting its ENV, within this process
+        self._starter: _Starter | None = None
 
     # -- images -----------------------------------------------------------------------------
     def images(self) -> list[ImageInfo]:
@@ -163,6 +169,8 @@ class LocalBackend:
             if image.arch not in accels:
                 probe = self._probe_image(image.arch) if image.kernel is None else None
                 accels[image.arch] = accel_mod.choose(spec.accel, image, probe)
+        owner = spec.owner or _user()
+        warm_keys = {vm.name: self._warm_key(spec, vm, image, accels[image.arch].name, owner) for vm, image in plan}
         self.gc()
         env_id = secrets.token_hex(6)
         rundir = self.state / "envs" / env_id
@@ -172,7 +180,6 @@ class LocalBackend:
                 f"{runtime_dir()} is too deep for qemu's monitor socket paths", "set TMPDIR to a shorter path"
             )
         now = time.time()
-        owner = spec.owner or _user()
         stored = f"{owner}:{spec.name}" if self.names_per_owner else spec.name
         info = EnvInfo(
             id=env_id, name=stored, owner=owner, created=now,
@@ -186,35 +193,176 @@ class LocalBackend:
             owner_start = start_time(spec.owner_pid) if spec.owner_pid else None
             (rundir / "owner.json").write_text(json.dumps({"pid": spec.owner_pid, "start": owner_start}))
             self.store.add_env(info, spec.owner_pid, owner_start)
+            pending: dict[str, list[tuple[VmSpec, ImageInfo, accel_mod.Accel]]] = {}
             for vm, image in plan:
-                self._start_vm(info, spec, vm, image, accels[image.arch])
+                acc, keyed = accels[image.arch], warm_keys[vm.name]
+                template = self._template(image, keyed[0]) if keyed else None
+                self._start_vm(info, spec, vm, image, acc, warm_start=keyed is not None, template=template)
+                if keyed and template is None:
+                    pending.setdefault(keyed[0], []).append((vm, image, acc))
         except BaseException:
             self._undo_create(env_id, rundir, sockets)
             raise
+        for key, vms in pending.items():  # made (or waited for) in the background; the VMs start then
+            inputs = warm_keys[vms[0][0].name]
+            assert inputs is not None
+            threading.Thread(target=self._make_then_start, args=(env_id, spec, key, inputs[1], vms),
+                             name=f"ttenv-template-{key}", daemon=True).start()  # fmt: skip
         return self.show_env(env_id)
 
-    def _start_vm(self, env: EnvInfo, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel) -> None:
+    # -- warm boot --------------------------------------------------------------------------------
+    def _warm_key(
+        self, spec: EnvSpec, vm: VmSpec, image: ImageInfo, accel: str, owner: str
+    ) -> tuple[str, dict[str, object]] | None:
+        """The key and inputs of the template ``vm`` starts from, or None: a cold boot (with a
+        progress line saying why, unless cold was asked for)."""
+        if spec.boot != "warm":
+            return None
+        why = warm.ineligible(image, vm.resources)
+        if not why:
+            try:
+                inputs = warm.template_inputs(image, accel, vm.resources, owner)
+                return warm.template_key(inputs), inputs
+            except (OSError, TTError) as exc:
+                why = f"{image.name}'s warm template cannot be keyed: {exc}"
+        self.progress(f"{vm.name}: cold boot ({why})")
+        return None
+
+    def _template(self, image: ImageInfo, key: str) -> warm.Template | None:
+        """The complete, verified template ``key`` of ``image``, or None (made in the background
+        then). A template that fails its checksums is removed, saying so."""
+        store = warm.TemplateStore(image)
+        template = store.find(key)
+        if template is None:
+            return None
+        try:
+            store.verify(template)
+        except TTError as exc:
+            self.progress(f"{exc}: removing it, a new one is made")
+            store.remove(key)
+            return None
+        return template
+
+    def _make_then_start(
+        self, env_id: str, spec: EnvSpec, key: str, inputs: dict[str, object],
+        vms: list[tuple[VmSpec, ImageInfo, accel_mod.Accel]],
+    ) -> None:  # fmt: skip
+        """Make template ``key`` (or wait while another process makes it), then start ``vms``
+        from it - or cold, saying why, if that failed."""
+        _, image, acc = vms[0]
+        res = vms[0][0].resources
+        booting = sum(v.state == "booting" for e in self.store.list_envs() for v in e.vms)
+        limit = accel_mod.boot_timeout(acc.name, image.arch, booting)
+        template, why = None, ""
+        try:
+            store = warm.TemplateStore(image)
+            with store.lock(key, 2 * limit + warm.SAVE_TIMEOUT):
+                template = self._template(image, key)
+                if template is None:
+                    template = warm.make_template(store, key, inputs, res, limit, self.progress)
+        except Exception as exc:  # noqa: BLE001 - any failure: the VMs boot cold, saying why
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        for vm, image, acc in vms:
+            self._starter_thread().submit(functools.partial(self._start_pending, env_id, spec, vm, image, acc,
+                                                            template, why))  # fmt: skip
+
+    def _start_pending(
+        self, env_id: str, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel,
+        template: warm.Template | None, why: str,
+    ) -> None:  # fmt: skip
+        """Start a VM that waited for its template (on the starter thread); a failure marks it failed."""
+        with self._lock:
+            try:
+                env = self.store.get_env(env_id)
+                info = env.vm(vm.name)
+            except (NotFound, KeyError):
+                return  # deleted meanwhile
+            try:
+                if template is None:
+                    self.progress(f"{vm.name}: cold boot (no warm template: {why})")
+                    info.boot = "cold"
+                self._launch(env, spec, vm, image, acc, info, template)
+            except Exception as exc:  # noqa: BLE001 - reported through the VM's state and wait_vm
+                info.state, info.error = "failed", f"VM {vm.name} could not be started: {exc}"
+                self.store.update_vm(env.id, info)
+                self.store.set_env_state(env.id, "failed")
+
+    def _starter_thread(self) -> _Starter:
+        with self._lock:
+            if self._starter is None:
+                self._starter = _Starter()
+            return self._starter
+
+    def _apply_identity(self, env: EnvInfo, vm: VmInfo) -> None:
+        """Send a warm VM its identity once (whichever process gets here first); TTError on failure."""
+        vmdir = Path(env.rundir) / vm.name
+        pending = vmdir / "identity.json"
+        if not pending.exists():
+            return
+        what = f"VM {vm.name}"
+        with warm.flock(vmdir / "identity.lock", warm.AGENT_TIMEOUT + 10, f"the identity lock of VM {vm.name}"):
+            if not pending.exists():
+                return
+            ident = warm.Identity.from_dict(json.loads(pending.read_text()))
+            warm.apply_identity(_identity_path(env.id, vm.name), ident, warm.AGENT_TIMEOUT, what)
+            pending.unlink()
+
+    def _start_vm(
+        self, env: EnvInfo, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel, *,
+        warm_start: bool = False, template: warm.Template | None = None,
+    ) -> None:  # fmt: skip
+        """Prepare the VM (run dir, host key, seed, port) and start it: cold, or (``warm_start``) from
+        ``template`` - or, with none yet, leave it ``booting`` with pid 0 until its template is made."""
         vmdir = Path(env.rundir) / vm.name
         vmdir.mkdir()
-        overlay, seed_iso = vmdir / "overlay.qcow2", vmdir / "seed.iso"
-        qemu.create_overlay(image.file(image.disk), overlay, vm.resources.disk_mib)
         host_key = KeyPair.generate(f"ttenv-{vm.name}")
         resize = vm.resources.disk_mib > image.disk_mib
+        machine_id = secrets.token_hex(16)
         write_seed_iso(
             SeedData(vm.name, f"{env.id}-{vm.name}", image.user, spec.client_pubkey, host_key, resize=resize),
-            seed_iso,
+            vmdir / "seed.iso",
         )
         info = VmInfo(
             name=vm.name, image=image.name, os=image.os, version=image.version, arch=image.arch,
             state="booting", address=self.public_addr, user=image.user, host_key=host_key.public,
             resources=vm.resources, accel=acc.name, console=str(vmdir / "console.log"),
+            boot="warm" if warm_start else "cold", boot_seconds=time.time(),
         )  # fmt: skip
-        cmdline = f"{image.cmdline} systemd.machine_id={secrets.token_hex(16)}".strip()
+        ident = warm.Identity(vm.name, machine_id, image.user, spec.client_pubkey, host_key)
+        (vmdir / "machine-id").write_text(machine_id)
+        if warm_start:
+            with open(os.open(vmdir / "identity.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                json.dump(ident.to_dict(), f)
+        info.port = self.store.reserve_port(env.id, info, _free_ports(self.bind_addr))
+        if warm_start and template is None:
+            self.store.update_vm(env.id, info)
+            self.progress(f"{vm.name}: waiting for the warm template of {image.name}")
+            return
+        self._launch(env, spec, vm, image, acc, info, template)
+
+    def _launch(
+        self, env: EnvInfo, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel, info: VmInfo,
+        template: warm.Template | None,
+    ) -> None:  # fmt: skip
+        """Start the prepared VM's qemu: from ``template``'s state on a clone of its disk, or cold."""
+        vmdir = Path(env.rundir) / vm.name
+        overlay, seed_iso = vmdir / "overlay.qcow2", vmdir / "seed.iso"
+        machine_id = (vmdir / "machine-id").read_text()
+        if template is not None:
+            qemu.create_overlay(template.disk, overlay)
+            (vmdir / "template").write_text(str(template.path))
+            (vmdir / "console.log").write_text(
+                f"ttenv: warm start from the saved state of {image.name} (template {template.key}, made "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(template.meta.get('created', 0)))}; "
+                f"its boot log: {template.path / 'console.log'})\n"
+            )
+        else:
+            qemu.create_overlay(image.file(image.disk), overlay, vm.resources.disk_mib)
+        cmdline = f"{image.cmdline} systemd.machine_id={machine_id}".strip()
         uefi_vars = None
         if image.kernel is None and (image.boot == "uefi" or image.arch == "aarch64"):
             uefi_vars = qemu.uefi_vars_copy(image.arch, vmdir / "uefi-vars.fd")
         ports = _free_ports(self.bind_addr)
-        info.port = self.store.reserve_port(env.id, info, ports)
         for _attempt in range(5):
             cfg = qemu.QemuConfig(
                 name=f"{spec.name}/{vm.name}", arch=image.arch, accel=acc.name, resources=vm.resources,
@@ -225,11 +373,17 @@ class LocalBackend:
                 pidfile=vmdir / "qemu.pid", tcg_cx16=qemu.tcg_cx16_safe(image.arch), uefi_vars=uefi_vars,
                 bind_addr=self.bind_addr,
             )  # fmt: skip
+            if template is not None:
+                cfg = warm.qemu_config(
+                    image, acc.name, vm.resources, name=cfg.name, disk=overlay, seed=seed_iso, port=info.port,
+                    rundir=vmdir, qmp=cfg.qmp, identity=_identity_path(env.id, vm.name), machine_id=machine_id,
+                    vmgenid=str(uuid.uuid4()), bind_addr=self.bind_addr,
+                    incoming=template.incoming(),
+                )  # fmt: skip
             proc = qemu.start(
                 cfg, vmdir / "qemu.log", die_with_parent=spec.owner_pid is not None and spec.die_with_owner
             )
             info.pid = proc.pid
-            info.boot_seconds = time.time()  # start time until wait_vm turns it into the boot duration
             self._procs[proc.pid] = proc
             if self._wait_monitor(proc, cfg.qmp):
                 break
@@ -240,7 +394,8 @@ class LocalBackend:
         else:
             raise TTError(f"no usable host port for VM {vm.name} after 5 tries")
         self.store.update_vm(env.id, info)
-        self.progress(f"{vm.name}: booting ({acc.name}, ssh port {info.port})")
+        how = f"warm start from template {template.key}" if template is not None else "booting"
+        self.progress(f"{vm.name}: {how} ({acc.name}, ssh port {info.port})")
 
     def _undo_create(self, env_id: str, rundir: Path, sockets: Path) -> None:
         """Remove whatever a failed or interrupted create_env made, whichever step it reached."""
@@ -273,7 +428,9 @@ class LocalBackend:
         return proc.poll() is None
 
     def wait_vm(self, env_ref: str, vm_name: str, timeout: float | None = None) -> VmInfo:
-        """Wait until the VM's sshd answers; return its VmInfo (state ``running``).
+        """Wait until the VM's sshd answers; return its VmInfo (state ``running``). A warm VM is
+        first given its identity (so sshd then presents its own host key and only the client's key
+        logs in); one still waiting for its template counts twice the boot timeout by default.
 
         Raises BootError with the console tail if qemu exits or the timeout passes; a VM
         that timed out is stopped.
@@ -300,28 +457,77 @@ class LocalBackend:
         if timeout is None:
             booting = sum(v.state == "booting" for e in self.store.list_envs() for v in e.vms)
             timeout = accel_mod.boot_timeout(vm.accel, vm.arch, booting, self._access(vm.image))
+            timeout *= 2 if vm.pid == 0 else 1  # waiting for its warm template: a cold boot, then its own start
         started = vm.boot_seconds
         deadline = time.monotonic() + timeout
         marker = str(Path(env.rundir) / vm.name)
+        identified = vm.boot != "warm"
         while True:
+            if vm.pid == 0:  # waiting for its warm template: started by the process making it
+                if time.monotonic() >= deadline or (stop is not None and stop()):
+                    if not final:
+                        return vm
+                    msg = f"VM {vm.name} was not started within {timeout:.0f} s: its warm template was not ready"
+                    return self._boot_failed(env, vm, msg)
+                time.sleep(0.2)
+                vm = _vm(self.store.get_env(env.id), vm_name)
+                if vm.state != "booting":
+                    raise BootError(f"VM {vm.name} is {vm.state}: {vm.error}", self.console(env.id, vm.name))
+                identified = vm.boot != "warm"
+                continue
             if not qemu.is_running(vm.pid, marker):
                 self._reap(vm.pid)
                 detail = tail_file(Path(marker) / "qemu.log", 3)
+                if not identified:
+                    dropped = self._drop_bad_template(Path(marker), detail)
+                    msg = f"VM {vm.name} died during its warm start (qemu exited) {detail}".strip()
+                    return self._boot_failed(env, vm, msg + ("; its template was removed" if dropped else ""))
                 return self._boot_failed(env, vm, f"VM {vm.name} died during boot (qemu exited) {detail}".strip())
-            if ssh_banner(self._probe_addr, vm.port, timeout=min(2.0, max(0.1, deadline - time.monotonic()))):
-                vm.state, vm.boot_seconds = "running", time.time() - started
-                self.store.update_vm(env.id, vm)
-                if all(v.state == "running" for v in self.store.get_env(env.id).vms):
-                    self.store.set_env_state(env.id, "running")
-                return vm
+            if not identified:  # a warm VM: its identity first, once it runs (it loads its state before)
+                if qemu.run_state(_qmp_path(env.id, vm.name)) == "running":
+                    try:
+                        self._apply_identity(env, vm)
+                    except TTError as exc:
+                        qemu.stop(vm.pid, marker, _qmp_path(env.id, vm.name))
+                        self._reap(vm.pid)
+                        return self._boot_failed(env, vm, str(exc))
+                    return self._running(env, vm, started)  # its sshd was listening when it was saved
+                if time.monotonic() < deadline and not (stop is not None and stop()):
+                    time.sleep(0.05)
+                    continue
+            elif ssh_banner(self._probe_addr, vm.port, timeout=min(2.0, max(0.1, deadline - time.monotonic()))):
+                return self._running(env, vm, started)
             if time.monotonic() >= deadline or (stop is not None and stop()):
                 if not final:
                     return vm
                 qemu.stop(vm.pid, marker, _qmp_path(env.id, vm.name))
                 self._reap(vm.pid)
-                msg = f"VM {vm.name} did not answer SSH within {timeout:.0f} s ({vm.accel})"
+                what = "answer SSH" if identified else "load its saved state (warm start)"
+                msg = f"VM {vm.name} did not {what} within {timeout:.0f} s ({vm.accel})"
                 return self._boot_failed(env, vm, msg)
             time.sleep(0.1)
+
+    def _running(self, env: EnvInfo, vm: VmInfo, started: float) -> VmInfo:
+        vm.state, vm.boot_seconds = "running", time.time() - started
+        self.store.update_vm(env.id, vm)
+        if all(v.state == "running" for v in self.store.get_env(env.id).vms):
+            self.store.set_env_state(env.id, "running")
+        return vm
+
+    @staticmethod
+    def _drop_bad_template(vmdir: Path, qemu_log: str) -> bool:
+        """If a warm VM's qemu could not load its template's state, remove the template (the next
+        ENV makes a new one) and return True."""
+        if "load of migration failed" not in qemu_log:
+            return False  # died for another reason (killed, out of memory): the template is not suspect
+        try:
+            template = Path((vmdir / "template").read_text())
+        except OSError:
+            return False
+        if template.parent.name != "warm" or not (template / warm.META).exists():
+            return False
+        warm.remove_dir(template)
+        return True
 
     def _boot_failed(self, env: EnvInfo, vm: VmInfo, message: str) -> VmInfo:
         vm.state, vm.error = "failed", message
@@ -344,19 +550,22 @@ class LocalBackend:
     def _refresh(self, env: EnvInfo) -> EnvInfo:
         self._plain_name(env)
         for vm in env.vms:
+            if vm.state == "booting" and vm.pid == 0:
+                continue  # waiting for its warm template
             if vm.state in ("booting", "running") and not qemu.is_running(vm.pid, str(Path(env.rundir) / vm.name)):
                 vm.state, vm.error = "stopped", "qemu is not running"
         return env
 
     def delete_env(self, ref: str) -> EnvInfo:
         """Stop every VM of the ENV and remove its run dir and rows; returns what was deleted."""
-        env = self.store.get_env(ref)
-        for vm in env.vms:
-            qemu.stop(vm.pid, str(Path(env.rundir) / vm.name), _qmp_path(env.id, vm.name))
-            self._reap(vm.pid)
-        shutil.rmtree(env.rundir, ignore_errors=True)
-        shutil.rmtree(runtime_dir() / env.id, ignore_errors=True)
-        self.store.delete_env(env.id)
+        with self._lock:  # no VM of it starts meanwhile (one waiting for its warm template)
+            env = self.store.get_env(ref)
+            for vm in env.vms:
+                qemu.stop(vm.pid, str(Path(env.rundir) / vm.name), _qmp_path(env.id, vm.name))
+                self._reap(vm.pid)
+            shutil.rmtree(env.rundir, ignore_errors=True)
+            shutil.rmtree(runtime_dir() / env.id, ignore_errors=True)
+            self.store.delete_env(env.id)
         return self._plain_name(env)
 
     @staticmethod
@@ -387,6 +596,7 @@ class LocalBackend:
 
     def revert(self, env_ref: str, vm_name: str, name: str) -> None:
         """Restore the VM to snapshot ``name``; open SSH connections to it are dead afterwards.
+        A warm-started VM's clock is then set to now and its RNG reseeded (its identity agent).
 
         No snapshot of that name is NotFound, and the VM keeps running (qemu's ``loadvm`` pauses
         the VM before it looks for the snapshot and leaves it paused when there is none).
@@ -399,6 +609,13 @@ class LocalBackend:
             env = self.store.get_env(env_ref)
             qemu.qmp_command(_qmp_path(env.id, vm_name), "cont", timeout=10)
             raise NotFound(f"VM {vm_name} has no snapshot named {name!r}", "snapshot it first") from None
+        self._refresh_warm(env_ref, vm_name)
+
+    def _refresh_warm(self, env_ref: str, vm_name: str) -> None:
+        env = self.store.get_env(env_ref)
+        vm = _vm(env, vm_name)
+        if vm.boot == "warm":
+            warm.refresh(_identity_path(env.id, vm.name), warm.AGENT_TIMEOUT, f"VM {vm.name}")
 
     def _hmp(self, env_ref: str, vm_name: str, command: str) -> None:
         env = self.store.get_env(env_ref)
@@ -417,7 +634,8 @@ class LocalBackend:
         return tail_file(Path(env.rundir) / vm_name / "console.log", tail)
 
     def gc(self) -> list[EnvInfo]:
-        """Delete ENVs whose owner process is gone or whose lease expired; returns them."""
+        """Delete ENVs whose owner process is gone or whose lease expired; returns them. Also
+        deletes stray qemu processes, and warm templates of images that changed since."""
         reaped = []
         now = time.time()
         for env in self.store.list_envs():
@@ -430,6 +648,11 @@ class LocalBackend:
                 except NotFound:  # deleted meanwhile by another process or thread
                     continue
         self._reap_strays()
+        for image in self.image_store.all():  # templates of images that changed, dead work dirs
+            try:
+                warm.TemplateStore(image).reap()
+            except (OSError, TTError):
+                continue
         return reaped
 
     @staticmethod
@@ -460,6 +683,31 @@ def _vm(env: EnvInfo, name: str) -> VmInfo:
 def _qmp_path(env_id: str, vm_name: str) -> Path:
     """The VM's QMP socket: in the short private runtime dir, not the (possibly deep) run dir."""
     return runtime_dir() / env_id / f"{vm_name}.qmp"
+
+
+def _identity_path(env_id: str, vm_name: str) -> Path:
+    """A warm VM's identity agent channel (its virtio-serial port's host end), beside its QMP socket."""
+    return runtime_dir() / env_id / f"{vm_name}.id"
+
+
+class _Starter:
+    """One long-lived thread per backend that starts VMs which waited for a warm template.
+
+    VMs started to die with their owner get PDEATHSIG, which follows the thread that forked them:
+    so they are started from this thread, which lives as long as the process, never from the
+    short-lived thread that made the template.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+        threading.Thread(target=self._run, name="ttenv-starter", daemon=True).start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            self._jobs.get()()  # jobs report their own failures (the VM's state)
 
 
 def _check_resources(res: Resources, image: ImageInfo) -> None:
