@@ -224,7 +224,7 @@ def cmd_env_add(args: argparse.Namespace) -> int:
     names = backend.resolve(prefixes, arches)
     key = KeyPair.generate(f"ttenv-client-{args.name}")
     spec = EnvSpec(name=args.name, vms=tuple(VmSpec(n, n, res) for n in names), client_pubkey=key.public,
-                   accel=args.accel, ttl=args.ttl)  # fmt: skip
+                   accel=args.accel, ttl=args.ttl, boot=args.boot)  # fmt: skip
     started = time.monotonic()
     env: EnvInfo | None = None
     try:
@@ -552,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem", default="512", help="memory per VM, MiB or 1G (default 512)")
     p.add_argument("--disk", help="overlay disk size per VM (default: the image's size)")
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    p.add_argument("--boot", default="warm", choices=("warm", "cold"),
+                   help="warm: start from a saved post-boot state of the image, made once (default); cold: boot")
     p.add_argument("--boot-timeout", type=float, help="seconds to wait for SSH (default: scaled by accel/arch)")
     p.add_argument("--ttl", type=float, help="lease in seconds; expired ENVs are reaped by ttenv gc")
     p.set_defaults(func=cmd_env_add)

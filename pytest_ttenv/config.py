@@ -50,6 +50,8 @@ SETTINGS = (
     Setting("cpu", "vCPUs per VM", "2", metavar="N"),
     Setting("mem", "memory per VM (MiB, or 1G)", "512", metavar="SIZE"),
     Setting("disk", "overlay disk size per VM (default: the image's)", "", metavar="SIZE"),
+    Setting("boot", "how VMs start: warm (from a saved post-boot state of their image, made once) or cold",
+            "warm", ("warm", "cold")),
     Setting("boot_timeout", "seconds to wait for a VM's SSH (default: scaled by accelerator and arch)", "",
             metavar="SECONDS"),
     Setting("keep", "keep VMs after the session: never, failed (VMs with failed tests), always", "never",
@@ -77,6 +79,7 @@ class TTConfig:
     cpu: int
     mem_mib: int
     disk_mib: int
+    boot: str
     boot_timeout: float | None
     keep: str
     image_dir: str | None
@@ -136,6 +139,7 @@ def resolve(values: dict[str, str]) -> TTConfig:
         cpu=cpu,
         mem_mib=parse_mib(values["mem"], "--tt-mem"),
         disk_mib=parse_mib(values["disk"], "--tt-disk") if values["disk"] else 0,
+        boot=values["boot"],
         boot_timeout=timeout,
         keep=values["keep"],
         image_dir=values["image_dir"] or None,

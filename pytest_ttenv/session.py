@@ -119,6 +119,7 @@ class EnvSession:
             ttl=cfg.lease if remote else None,
             owner_pid=None if remote else os.getpid(),
             die_with_owner=cfg.keep == "never",
+            boot=cfg.boot,
         )
         env = backend.create_env(spec)
         try:
@@ -250,16 +251,19 @@ class EnvSession:
             state.conn = None
 
     def revert(self, name: str) -> None:
-        """Restore the VM's post-boot snapshot (memory and disk), then fix the guest clock.
+        """Restore the VM's post-boot snapshot (memory and disk), then fix the guest clock (a
+        warm-started VM's backend did that already, through its identity agent).
 
         Hold the VM exclusively (``use``) around this: other processes' connections die with it.
         """
         self.close_connection(name)
         self.backend.revert(self.env.id, name, BOOT_SNAPSHOT)
         self._new_generation(name)
-        conn = self.connection(name)
-        conn.run("true", timeout=30)  # connect first: under TCG that takes seconds, which the clock would lag by
-        conn.run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
+        info = self.vms[name].info
+        if info is None or info.boot != "warm":  # a warm VM's backend set its clock (identity agent)
+            conn = self.connection(name)
+            conn.run("true", timeout=30)  # connect first: under TCG that takes seconds, which the clock would lag by
+            conn.run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
 
     def reboot(self, name: str, timeout: float | None = None) -> None:
         """Reboot the guest; return once SSH answers in its new boot (within ``timeout``, default
