@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", help="overlay disk size per VM (default: the image's size)")
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     p.add_argument("--boot", default="warm", choices=("warm", "cold"),
-                   help="warm: start from a saved post-boot state of the image, made once (default); cold: boot")
+                   help="warm (default): start from a saved post-boot state of the image; cold: boot")  # fmt: skip
     p.add_argument("--boot-timeout", type=float, help="seconds to wait for SSH (default: scaled by accel/arch)")
     p.add_argument("--ttl", type=float, help="lease in seconds; expired ENVs are reaped by ttenv gc")
     p.set_defaults(func=cmd_env_add)

@@ -364,11 +364,13 @@ def refresh(sock: Path, timeout: float, what: str) -> None:
 # -- making a template -------------------------------------------------------------------------------
 def make_template(
     store: TemplateStore, key: str, inputs: dict[str, Any], res: Resources, boot_timeout: float,
-    progress: Callable[[str], None],
+    progress: Callable[[str], None], login: KeyPair | None = None,
 ) -> Template:  # fmt: skip
     """Boot a template VM cold, start the identity agent in it, seal it, save its state; call it
     with the template's lock held. A failure or a kill at any point leaves only a work dir that
     ``reap`` removes (the template appears by one rename, when complete). TTError on failure.
+    ``login``: the provisioning key (default: a new one, forgotten afterwards; tests pass theirs
+    to prove it no longer logs in).
     """
     image, accel = store.image, str(inputs["accel"])
     started = time.time()
@@ -383,7 +385,8 @@ def make_template(
     progress(f"{image.name}: making a warm template (one cold boot; {res.cpu} vCPU, {res.mem_mib} MiB, {accel})")
     try:
         qemu.create_overlay(image.file(image.disk), work / "disk.qcow2")
-        host_key, login = KeyPair.generate("ttenv-template"), KeyPair.generate("ttenv-template-provisioning")
+        host_key = KeyPair.generate("ttenv-template")
+        login = login or KeyPair.generate("ttenv-template-provisioning")
         write_seed_iso(SeedData("ttenv-template", f"template-{key}", image.user, login.public, host_key),
                        work / "seed.iso")  # fmt: skip
         qmp, ident = sockets / "qmp", sockets / "identity"
