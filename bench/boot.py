@@ -5,6 +5,12 @@ defaults) image of the same release, for ENVs of 1 and of 2 VMs:
 
     python3 bench/boot.py --runs 3 [--release debian-12] [--plain-dir /var/tmp/ttenv-plain]
 
+With ``--warm``, compares instead a cold boot and a warm start (from the image's saved post-boot
+state, made once before the runs) of the tuned image, for ENVs of 1 and 2 VMs, and times a
+``tt_vm_fresh`` reset (snapshot revert, reconnect, first command) of a warm and a cold VM:
+
+    python3 bench/boot.py --warm --runs 3
+
 Both images are built on first use. Prints medians with min/max; nothing here is asserted.
 """
 
@@ -42,7 +48,9 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def one_run(images_root: Path, image: str, count: int, idle: float, mem_mib: int = 512) -> dict[str, list[float]]:
+def one_run(
+    images_root: Path, image: str, count: int, idle: float, mem_mib: int = 512, boot: str = "cold"
+) -> dict[str, list[float]]:
     """Create an ENV of ``count`` VMs of ``image``; time to each VM's first command, disk, RSS."""
     with tempfile.TemporaryDirectory(prefix="ttenv-bench-") as state:
         backend = LocalBackend(images_root, state)
@@ -51,7 +59,7 @@ def one_run(images_root: Path, image: str, count: int, idle: float, mem_mib: int
         key.write_private(key_file)
         vms = tuple(VmSpec(f"vm{i}", image, Resources(cpu=2, mem_mib=mem_mib)) for i in range(count))
         started = time.monotonic()
-        env = backend.create_env(EnvSpec("BENCH", vms, key.public))
+        env = backend.create_env(EnvSpec("BENCH", vms, key.public, boot=boot))
         try:
 
             def first_command(name: str) -> float:
@@ -74,6 +82,62 @@ def one_run(images_root: Path, image: str, count: int, idle: float, mem_mib: int
     return {"first": [max(firsts)], "disk": disk, "rss": rss}
 
 
+def resets(images_root: Path, image: str, boot: str, count: int) -> list[float]:
+    """Seconds per ``tt_vm_fresh`` reset of one VM: revert to the post-boot snapshot (plus the clock
+    fix the session makes over SSH for a cold VM), reconnect, first command."""
+    with tempfile.TemporaryDirectory(prefix="ttenv-bench-") as state:
+        backend = LocalBackend(images_root, state)
+        key = KeyPair.generate("bench")
+        key_file = Path(state) / "id"
+        key.write_private(key_file)
+        env = backend.create_env(EnvSpec("RESET", (VmSpec("vm0", image, Resources(cpu=2, mem_mib=512)),), key.public,
+                                         boot=boot))  # fmt: skip
+        try:
+            vm = backend.wait_vm(env.id, "vm0")
+            Connection(target(vm, key_file), use_agent=False).close()
+            backend.snapshot(env.id, "vm0", "bench")
+            took = []
+            for _ in range(count):
+                conn = Connection(target(vm, key_file), use_agent=False)
+                conn.run("touch /root/dirty", timeout=60, check=True)
+                conn.close()
+                started = time.monotonic()
+                backend.revert(env.id, "vm0", "bench")
+                conn = Connection(target(vm, key_file), use_agent=False)
+                if vm.boot != "warm":
+                    conn.run(f"date -s @{time.time():.3f} >/dev/null", timeout=60, check=True)
+                conn.run("test ! -e /root/dirty", timeout=60, check=True)
+                took.append(time.monotonic() - started)
+                conn.close()
+        finally:
+            backend.delete_env(env.id)
+    return took
+
+
+def main_warm(args: argparse.Namespace) -> None:
+    root = image_dir()
+    img = ensure(ImageStore(root), args.release, True)
+    started = time.monotonic()
+    one_run(root, img, 1, 0, boot="warm")  # makes the template if there is none yet
+    print(f"first warm ENV (makes the template if missing): {time.monotonic() - started:.1f} s", flush=True)
+    results: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for run in range(args.runs):
+        for count in (1, 2):
+            for boot in ("cold", "warm"):  # interleaved: same conditions for both
+                got = one_run(root, img, count, args.idle, boot=boot)
+                print(f"run {run + 1} {boot} x{count}: first command after {got['first'][0]:.1f} s", flush=True)
+                slot = results.setdefault((boot, count), {"first": [], "disk": [], "rss": []})
+                for k, v in got.items():
+                    slot[k] += v
+    reset = {boot: resets(root, img, boot, args.runs) for boot in ("warm", "cold")}
+    print(f"\n{img}, {args.runs} runs, TCG/KVM as detected; median [min-max]")
+    print(f"{'boot':<5} {'VMs':>3} {'env add -> first command':>28} {'disk/VM (MiB)':>22} {'RSS/VM':>22}")
+    for (boot, count), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"{boot:<5} {count:>3} {fmt(r['first'], 's'):>28} {fmt(r['disk'], ''):>22} {fmt(r['rss'], 'Mi'):>22}")
+    for boot, took in reset.items():
+        print(f"tt_vm_fresh reset of a {boot} VM (revert -> first command): {fmt(took, 's')}")
+
+
 def fmt(values: list[float], unit: str) -> str:
     return f"{statistics.median(values):7.1f}{unit} [{min(values):.1f}-{max(values):.1f}]"
 
@@ -84,7 +148,11 @@ def main() -> None:
     parser.add_argument("--release", default="debian-12")
     parser.add_argument("--plain-dir", default="/var/tmp/ttenv-plain", help="image store for the plain image")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds idle before reading RSS")
+    parser.add_argument("--warm", action="store_true", help="cold boot vs warm start, and tt_vm_fresh resets")
     args = parser.parse_args()
+    if args.warm:
+        main_warm(args)
+        return
 
     variants = {
         "tuned": (image_dir(), ensure(ImageStore(image_dir()), args.release, True)),

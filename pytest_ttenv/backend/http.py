@@ -155,7 +155,7 @@ class HttpBackend:
             "name": spec.name,
             "vms": [{"name": vm.name, "image": vm.image, "resources": dataclasses.asdict(vm.resources)}
                     for vm in spec.vms],
-            "client_pubkey": spec.client_pubkey, "accel": spec.accel,
+            "client_pubkey": spec.client_pubkey, "accel": spec.accel, "boot": spec.boot,
         }  # fmt: skip
         if spec.ttl:
             body["ttl"] = spec.ttl

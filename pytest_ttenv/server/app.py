@@ -190,7 +190,7 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
     def create_env(body: m.EnvCreate, who: Owner) -> m.Env:
         """Create an ENV; answers at once with its VMs ``booting``."""
         vms = [(vm.name, vm.image, Resources(**vm.resources.model_dump())) for vm in body.vms]
-        spec = spec_of(body.name, vms, body.client_pubkey, body.ttl, body.accel)
+        spec = spec_of(body.name, vms, body.client_pubkey, body.ttl, body.accel, body.boot)
         return m.Env.of(service.create(who, spec))
 
     @app.get("/v1/envs", response_model=list[m.Env], responses=_errors(401), tags=["envs"])

@@ -49,6 +49,7 @@ class EnvCreate(_Strict):
     client_pubkey: Annotated[str, Field(max_length=16384, pattern=PUBKEY_PATTERN)]
     ttl: Seconds | None = None
     accel: Literal["auto", "kvm", "tcg"] = "auto"
+    boot: Literal["warm", "cold"] = Field("cold", description="warm: from a saved post-boot state of the image")
 
 
 class Lease(_Strict):
@@ -84,6 +85,7 @@ class Vm(BaseModel):
     pid: int = Field(description="always 0 (a server-side detail)")
     error: str
     boot_seconds: float = Field(description="seconds from start to SSH once running; the start time while booting")
+    boot: str = Field("", description="how it started: warm (from a saved post-boot state) or cold")
 
     @classmethod
     def of(cls, vm: VmInfo) -> Vm:

@@ -102,7 +102,8 @@ class Service:
             self.backend.image_store.get(vm.image)  # NotFound before anything is reserved
         demand = self._demand([(vm.image, vm.resources) for vm in spec.vms])
         spec = EnvSpec(name=spec.name, vms=spec.vms, client_pubkey=spec.client_pubkey, owner=owner,
-                       ttl=self.lease(spec.ttl), accel=spec.accel, owner_pid=None, die_with_owner=False)  # fmt: skip
+                       ttl=self.lease(spec.ttl), accel=spec.accel, owner_pid=None, die_with_owner=False,
+                       boot=spec.boot)  # fmt: skip
         with self.quota.reserve(f"{owner}:{spec.name}", demand, spec.name):
             return self.backend.create_env(spec)
 
@@ -170,7 +171,7 @@ class Service:
 
 
 def spec_of(name: str, vms: list[tuple[str, str, Resources]], client_pubkey: str, ttl: float | None,
-            accel: str) -> EnvSpec:  # fmt: skip
+            accel: str, boot: str = "cold") -> EnvSpec:  # fmt: skip
     """An EnvSpec from a create request's fields (``vms``: name, image, resources)."""
     return EnvSpec(name=name, vms=tuple(VmSpec(n, i, r) for n, i, r in vms), client_pubkey=client_pubkey, ttl=ttl,
-                   accel=accel)  # fmt: skip
+                   accel=accel, boot=boot)  # fmt: skip
