@@ -291,8 +291,9 @@ def _print_env(env: EnvInfo) -> None:
     _out(f"ENV {env.name} (id {env.id}, owner {env.owner}, state {env.state}, expires {expires})")
     _out(f"  {'VM':<22} {'STATE':<8} {'ACCEL':<5} {'BOOT':<4} {'CPU':>3} {'MEM':>6} {'SSH':<16} CONSOLE")
     for vm in env.vms:
+        console = vm.console or "(ttenv env console)"
         _out(f"  {vm.name:<22} {vm.state:<8} {vm.accel:<5} {vm.boot or '-':<4} {vm.resources.cpu:>3} "
-             f"{vm.resources.mem_mib:>4}Mi {vm.address}:{vm.port:<6} {vm.console or '(ttenv env console)'}")  # fmt: skip
+             f"{vm.resources.mem_mib:>4}Mi {vm.address}:{vm.port:<6} {console}")  # fmt: skip
     if env.vms:
         vm = env.vms[0]
         _out(f"  login: ssh -i {key_path(env)} -p {vm.port} {vm.user}@{vm.address}")
