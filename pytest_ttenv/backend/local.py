@@ -256,10 +256,10 @@ class LocalBackend:
         template, why = None, ""
         try:
             store = warm.TemplateStore(image)
-            with store.lock(key, 2 * limit + warm.SAVE_TIMEOUT):
+            with store.lock(key, warm.template_budget(limit)):
                 template = self._template(image, key)
                 if template is None:
-                    template = warm.make_template(store, key, inputs, res, limit, self.progress)
+                    template = warm.make_template(store, key, inputs, res, 2 * limit, self.progress)
         except Exception as exc:  # noqa: BLE001 - any failure: the VMs boot cold, saying why
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         for vm, image, acc in vms:
@@ -457,7 +457,8 @@ class LocalBackend:
         if timeout is None:
             booting = sum(v.state == "booting" for e in self.store.list_envs() for v in e.vms)
             timeout = accel_mod.boot_timeout(vm.accel, vm.arch, booting, self._access(vm.image))
-            timeout *= 2 if vm.pid == 0 else 1  # waiting for its warm template: a cold boot, then its own start
+            if vm.pid == 0:  # waiting for its warm template: that is made first, then the VM starts
+                timeout += warm.template_budget(timeout)
         started = vm.boot_seconds
         deadline = time.monotonic() + timeout
         marker = str(Path(env.rundir) / vm.name)

@@ -64,6 +64,13 @@ AGENT_TIMEOUT = 60.0
 _verified: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256 seen this process
 
 
+def template_budget(boot_limit: float) -> float:
+    """Seconds allowed for making a template whose VM would have ``boot_limit`` s to boot: twice
+    that for its cold boot (a busy host; a failure costs a cold boot of every waiting VM anyway),
+    plus saving its state."""
+    return 2 * boot_limit + 60
+
+
 def agent_source() -> str:
     """The guest identity agent (a python3 script)."""
     text: str = resources.files("pytest_ttenv.backend").joinpath("guest").joinpath("ttenv-identity").read_text()
