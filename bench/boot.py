@@ -63,7 +63,7 @@ def one_run(
         try:
 
             def first_command(name: str) -> float:
-                vm = backend.wait_vm(env.id, name)
+                vm = backend.wait_vm(env.id, name, 900)  # a busy host: slow, not failed
                 conn = Connection(target(vm, key_file), use_agent=False)
                 try:
                     conn.run("true", timeout=60, check=True)
@@ -93,7 +93,7 @@ def resets(images_root: Path, image: str, boot: str, count: int) -> list[float]:
         env = backend.create_env(EnvSpec("RESET", (VmSpec("vm0", image, Resources(cpu=2, mem_mib=512)),), key.public,
                                          boot=boot))  # fmt: skip
         try:
-            vm = backend.wait_vm(env.id, "vm0")
+            vm = backend.wait_vm(env.id, "vm0", 900)
             Connection(target(vm, key_file), use_agent=False).close()
             backend.snapshot(env.id, "vm0", "bench")
             took = []
