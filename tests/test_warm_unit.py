@@ -104,6 +104,13 @@ def test_store_installs_finds_verifies_and_reaps(tmp_path: Path) -> None:
     assert sorted(p.name for p in store.reap()) == sorted([f".tmp-k2-{dead.pid}", "k4"])
     assert store.find("k1") is not None and (store.root / f".tmp-k3-{os.getpid()}").exists()
 
+    old = _installed(store, "k5")
+    store.mark_used(template)
+    past = time.time() - 8 * 86400
+    for f in (old.path / warm.META, template.path / warm.META):
+        os.utime(f, (past, past))
+    assert [p.name for p in store.reap()] == ["k5"]  # unused for 8 days; k1 was used just now
+
     meta = image.file("image.json")
     meta.write_text(meta.read_text().replace('"created": 1.0', '"created": 2.0'))  # the image changed
     assert [p.name for p in store.reap()] == ["k1"] and store.find("k1") is None

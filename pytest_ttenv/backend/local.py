@@ -241,6 +241,7 @@ class LocalBackend:
             self.progress(f"{exc}: removing it, a new one is made")
             store.remove(key)
             return None
+        store.mark_used(template)
         return template
 
     def _make_then_start(

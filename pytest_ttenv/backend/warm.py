@@ -61,6 +61,7 @@ AGENT_PATH = "/run/ttenv-identity"  # in the guest: tmpfs, so the template's dis
 META = "meta.json"
 SAVE_TIMEOUT = 300.0
 AGENT_TIMEOUT = 60.0
+UNUSED_DAYS = 7.0  # a template no VM started from for this long is deleted
 _verified: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256 seen this process
 
 
@@ -220,12 +221,18 @@ class TemplateStore:
         what = f"the lock of warm template {key} of {self.image.name} (another process is making it)"
         return flock(self.root / f".lock-{key}", timeout, what)
 
-    def reap(self) -> list[Path]:
-        """Delete work dirs whose process is gone and templates of another image identity (the
-        image changed since); returns what was deleted."""
+    def mark_used(self, template: Template) -> None:
+        """Note that a VM starts from ``template`` now (``reap`` keeps templates in use)."""
+        (template.path / "used").touch()
+
+    def reap(self, unused_days: float = UNUSED_DAYS) -> list[Path]:
+        """Delete work dirs whose process is gone, templates of another image identity (the image
+        changed since) and templates unused for ``unused_days`` (made by an older ttenv or qemu,
+        or for resources nobody asks for any more); returns what was deleted."""
         if not self.root.is_dir():
             return []
         current = image_identity(self.image)
+        stale = time.time() - unused_days * 86400
         removed = []
         for d in self.root.iterdir():
             m = re.match(r"^\.(?:tmp|old)-\w+-(\d+)(?:-\w+)?$", d.name)
@@ -235,7 +242,8 @@ class TemplateStore:
                     removed.append(d)
                 elif not d.name.startswith(".") and d.is_dir():
                     template = self.find(d.name)
-                    if template is None or template.meta.get("inputs", {}).get("image_id") != current:
+                    used = max((f.stat().st_mtime for f in (d / "used", d / META) if f.exists()), default=0.0)
+                    if template is None or template.meta.get("inputs", {}).get("image_id") != current or used < stale:
                         self.remove(d.name)
                         removed.append(d)
                         (self.root / f".lock-{d.name}").unlink(missing_ok=True)
