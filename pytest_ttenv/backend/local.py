@@ -282,6 +282,7 @@ class LocalBackend:
                 if template is None:
                     self.progress(f"{vm.name}: cold boot (no warm template: {why})")
                     info.boot = "cold"
+                info.boot_seconds = time.time()  # its boot is timed from here
                 self._launch(env, spec, vm, image, acc, info, template)
             except Exception as exc:  # noqa: BLE001 - reported through the VM's state and wait_vm
                 info.state, info.error = "failed", f"VM {vm.name} could not be started: {exc}"
@@ -329,9 +330,9 @@ class LocalBackend:
             resources=vm.resources, accel=acc.name, console=str(vmdir / "console.log"),
             boot="warm" if warm_start else "cold", boot_seconds=time.time(),
         )  # fmt: skip
-        ident = warm.Identity(vm.name, machine_id, image.user, spec.client_pubkey, host_key)
         (vmdir / "machine-id").write_text(machine_id)
-        if warm_start:
+        if warm_start:  # what makes it its own machine once it runs (wait_vm sends it, then deletes this)
+            ident = warm.Identity(vm.name, machine_id, image.user, spec.client_pubkey, host_key)
             with open(os.open(vmdir / "identity.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
                 json.dump(ident.to_dict(), f)
         info.port = self.store.reserve_port(env.id, info, _free_ports(self.bind_addr))
@@ -475,7 +476,7 @@ class LocalBackend:
                 vm = _vm(self.store.get_env(env.id), vm_name)
                 if vm.state != "booting":
                     raise BootError(f"VM {vm.name} is {vm.state}: {vm.error}", self.console(env.id, vm.name))
-                identified = vm.boot != "warm"
+                identified, started = vm.boot != "warm", vm.boot_seconds
                 continue
             if not qemu.is_running(vm.pid, marker):
                 self._reap(vm.pid)
