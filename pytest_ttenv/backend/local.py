@@ -282,6 +282,7 @@ class LocalBackend:
                 if template is None:
                     self.progress(f"{vm.name}: cold boot (no warm template: {why})")
                     info.boot = "cold"
+                    (Path(env.rundir) / vm.name / "identity.json").unlink(missing_ok=True)
                 info.boot_seconds = time.time()  # its boot is timed from here
                 self._launch(env, spec, vm, image, acc, info, template)
             except Exception as exc:  # noqa: BLE001 - reported through the VM's state and wait_vm
@@ -432,7 +433,7 @@ class LocalBackend:
     def wait_vm(self, env_ref: str, vm_name: str, timeout: float | None = None) -> VmInfo:
         """Wait until the VM's sshd answers; return its VmInfo (state ``running``). A warm VM is
         first given its identity (so sshd then presents its own host key and only the client's key
-        logs in); one still waiting for its template counts twice the boot timeout by default.
+        logs in); by default one still waiting for its template also gets the time to make that.
 
         Raises BootError with the console tail if qemu exits or the timeout passes; a VM
         that timed out is stopped.
