@@ -227,3 +227,15 @@ def test_argv_of_a_warm_vm(tmp_path: Path) -> None:
     assert "systemd.machine_id=" + "ab" * 16 in argv and ",append=on" in argv
     arm = qemu.build_argv(replace(cfg, arch="aarch64"))
     assert not any("vmgenid" in a for a in arm)  # x86 ACPI only
+
+
+def test_the_server_passes_the_boot_mode_through() -> None:
+    from pytest_ttenv.backend.model import VmInfo
+    from pytest_ttenv.server import models as m
+    from pytest_ttenv.server.service import spec_of
+
+    body = {"name": "e", "vms": [{"name": "vm1", "image": "debian-12-x86_64"}], "client_pubkey": "ssh-ed25519 AAAA"}
+    assert m.EnvCreate.model_validate(body).boot == "cold"  # an API caller that says nothing
+    create = m.EnvCreate.model_validate(body | {"boot": "warm"})
+    assert spec_of("e", [], "k", None, "auto", create.boot).boot == "warm"
+    assert m.Vm.of(VmInfo("vm1", "i", "debian", "12", "x86_64", boot="warm")).boot == "warm"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pytest_ttenv import __version__
 from pytest_ttenv.backend import accel as accel_mod
+from pytest_ttenv.backend import warm
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.errors import NotFound, UsageError
@@ -147,7 +148,10 @@ class Service:
             return self.backend.wait_vm(env.id, vm_name, 0.1)  # running: at once; else BootError
         if timeout is None:
             booting = sum(v.state == "booting" for e in self.backend.store.list_envs() for v in e.vms)
-            timeout = vm.boot_seconds + accel_mod.boot_timeout(vm.accel, vm.arch, booting) - time.time()
+            limit = accel_mod.boot_timeout(vm.accel, vm.arch, booting)
+            timeout = vm.boot_seconds + limit - time.time()
+            if vm.pid == 0:  # a warm VM waiting for its template: that is made first, then it starts
+                timeout += warm.template_budget(limit)
         window = min(timeout, LONG_POLL)
         end = time.monotonic() + window
         if timeout > LONG_POLL:  # not the last wait: never gives up on the VM
