@@ -122,16 +122,17 @@ class EnvSession:
             boot=cfg.boot,
         )
         env = backend.create_env(spec)
+        workdir = sessions_dir() / env.id
         try:
-            workdir = sessions_dir() / env.id
             workdir.mkdir(mode=0o700)
             (workdir / "backend").write_text(cfg.backend)
             key.write_private(workdir / "id_ed25519")
             session = cls(cfg, backend, env, workdir, controller=True)
             if remote:
                 session.lease = LeaseKeeper(backend, env.id, cfg.lease, warn).start()
-        except BaseException:
+        except BaseException:  # an interrupt too (SIGTERM): nothing of this session stays behind
             backend.delete_env(env.id)
+            shutil.rmtree(workdir, ignore_errors=True)
             raise
         return session
 

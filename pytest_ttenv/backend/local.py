@@ -13,6 +13,7 @@ owner (``names_per_owner``: stored as ``<owner>:<name>``, shown as ``<name>``).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -143,7 +144,8 @@ class LocalBackend:
 
     # -- ENVs -------------------------------------------------------------------------------
     def create_env(self, spec: EnvSpec) -> EnvInfo:
-        """Create the ENV and start every VM; returns at once while the VMs boot.
+        """Create the ENV and start every VM; returns at once while the VMs boot (warm VMs whose
+        template does not exist yet wait, ``booting``, while this process makes it).
 
         Any failure before all VMs are started removes everything created so far; a failing
         file operation (disk full, no permission) becomes one TTError line.
@@ -152,6 +154,11 @@ class LocalBackend:
             return self._create_env(spec)
         except OSError as exc:
             raise from_os_error(exc, f"create ENV {spec.name}") from None
+        except sqlite3.OperationalError as exc:  # SQLITE_FULL: the state dir's disk is full
+            if "full" not in str(exc):
+                raise
+            full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.state))
+            raise from_os_error(full, f"create ENV {spec.name}") from None
 
     def _create_env(self, spec: EnvSpec) -> EnvInfo:
         check_env_name(spec.name)
@@ -220,6 +227,7 @@ class LocalBackend:
             return None
         why = warm.ineligible(image, vm.resources)
         if not why:
+            qemu.require(image.arch)  # said now, not by a background template maker
             try:
                 inputs = warm.template_inputs(image, accel, vm.resources, owner)
                 return warm.template_key(inputs), inputs

@@ -161,6 +161,12 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def require(arch: str) -> None:
+    """TTError, one line with the apt command, if qemu for ``arch`` guests is not installed."""
+    if shutil.which(QEMU_BINARY[arch]) is None:
+        raise TTError(f"{QEMU_BINARY[arch]} not found", f"apt-get install -y {QEMU_PACKAGE[arch]}")
+
+
 def start(cfg: QemuConfig, log: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
     """Start qemu for ``cfg`` in its own session; stdout/stderr go to ``log``.
 
