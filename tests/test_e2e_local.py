@@ -67,8 +67,9 @@ def _env_cycle(state: Path, imgs: list[ImageInfo]) -> None:
         image = next(i for i in imgs if i.name == vm.image)
         backing = info["backing-filename"]
         if vm.boot == "warm":  # the CLI's default: a clone of the image's template disk, itself a clone
-            backing = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", backing], capture_output=True,
-                                                text=True, check=True).stdout)["backing-filename"]  # fmt: skip
+            out = subprocess.run(["qemu-img", "info", "-U", "--output=json", backing], capture_output=True, text=True,
+                                 check=True).stdout  # fmt: skip
+            backing = json.loads(out)["backing-filename"]
         assert backing == str(image.file(image.disk))  # a linked clone, never a copy
         assert info["actual-size"] < 0.05 * image.file(image.disk).stat().st_size
         assert vm.resources.mem_mib == 384 and vm.state == "running" and vm.host_key.startswith("ssh-ed25519 ")
