@@ -16,7 +16,6 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 from pytest_ttenv.access import target
@@ -30,7 +29,7 @@ from pytest_ttenv.ssh import Connection
 
 
 def ensure(store: ImageStore, release: str, tuned: bool) -> str:
-    req = replace(parse_target(release, platform.machine()), tuned=tuned)
+    req = parse_target(release, platform.machine(), "tuned" if tuned else "plain")
     if req.name not in store.names():
         ImageBuilder(store, progress=lambda line: print(line, flush=True)).build(req)
     return req.name
@@ -43,14 +42,14 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def one_run(images_root: Path, image: str, count: int, idle: float) -> dict[str, list[float]]:
+def one_run(images_root: Path, image: str, count: int, idle: float, mem_mib: int = 512) -> dict[str, list[float]]:
     """Create an ENV of ``count`` VMs of ``image``; time to each VM's first command, disk, RSS."""
     with tempfile.TemporaryDirectory(prefix="ttenv-bench-") as state:
         backend = LocalBackend(images_root, state)
         key = KeyPair.generate("bench")
         key_file = Path(state) / "id"
         key.write_private(key_file)
-        vms = tuple(VmSpec(f"vm{i}", image, Resources(cpu=2, mem_mib=512)) for i in range(count))
+        vms = tuple(VmSpec(f"vm{i}", image, Resources(cpu=2, mem_mib=mem_mib)) for i in range(count))
         started = time.monotonic()
         env = backend.create_env(EnvSpec("BENCH", vms, key.public))
         try:

@@ -15,16 +15,19 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_ttenv import __version__
 from pytest_ttenv.backend import Backend, get_backend
 from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.local import LocalBackend
-from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmSpec
+from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
 from pytest_ttenv.backend.naming import canonical_arch, check_env_name, parse_mib, split_prefixes
 from pytest_ttenv.backend.paths import image_dir
 from pytest_ttenv.errors import BootError, TTError, UsageError
+
+if TYPE_CHECKING:
+    from pytest_ttenv.ssh import Connection
 
 
 def _out(line: str) -> None:
@@ -211,9 +214,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from pytest_ttenv.backend.build import ImageBuilder, parse_target
 
     arch = canonical_arch(args.arch)
-    req = replace(
-        parse_target(args.target, arch), mirror=args.mirror, disk_mib=parse_mib(args.disk, "disk"), tuned=not args.plain
-    )
+    variant = "plain" if args.plain else args.variant or ""
+    req = replace(parse_target(args.target, arch, variant), mirror=args.mirror, disk_mib=parse_mib(args.disk, "disk"))
     started = time.monotonic()
 
     def progress(line: str) -> None:
@@ -332,11 +334,15 @@ def cmd_env_run(args: argparse.Namespace) -> int:
     from pytest_ttenv.access import key_path, target
     from pytest_ttenv.ssh import Connection, SshError, fan_out
 
+    if args.cmd is None and not args.reboot:
+        raise UsageError("env run needs --cmd, --reboot or both", "e.g. ttenv env run NAME --cmd 'uname -a'")
     backend = _env_backend(args, progress=False)
     env = backend.show_env(args.name)
-    vms = [vm for vm in env.vms if not args.vm or vm.name in args.vm]
-    if not vms:
-        raise UsageError(f"no VM named {', '.join(args.vm)} in ENV {env.name}",
+    wanted = [*(args.vm or []), *args.vms]
+    vms = [vm for vm in env.vms if not wanted or vm.name in wanted]
+    unknown = [name for name in wanted if name not in {vm.name for vm in env.vms}]
+    if unknown or not vms:
+        raise UsageError(f"no VM named {', '.join(unknown or wanted)} in ENV {env.name}",
                          f"VMs: {', '.join(v.name for v in env.vms)}")  # fmt: skip
     down = [vm.name for vm in vms if vm.state != "running"]
     if down:
@@ -346,11 +352,12 @@ def cmd_env_run(args: argparse.Namespace) -> int:
         raise TTError(f"no client key for ENV {env.name} at {key}", "it was created by another user or host")
     conns = [Connection(target(vm, key)) for vm in vms]
     try:
-        results = fan_out(conns, args.cmd, timeout=args.timeout)
+        up = _reboot_all(conns, vms, args.boot_timeout) if args.reboot else conns
+        failed = len(conns) - len(up)
+        results = fan_out(up, args.cmd, timeout=args.timeout) if args.cmd is not None and up else {}
     finally:
         for conn in conns:
             conn.close()
-    failed = 0
     for name in sorted(results):
         res = results[name]
         if isinstance(res, SshError):
@@ -365,6 +372,34 @@ def cmd_env_run(args: argparse.Namespace) -> int:
             sys.stdout.write("".join(f"stderr: {ln}\n" for ln in res.stderr.splitlines()))
     sys.stdout.flush()
     return 1 if failed else 0
+
+
+def _reboot_all(conns: list[Connection], vms: list[VmInfo], timeout: float | None) -> list[Connection]:
+    """Reboot the VMs at once, each waiting for SSH in its new boot (default: the boot timeout for
+    that many VMs booting); one line per VM; returns the connections of those that came back."""
+    from pytest_ttenv.backend.accel import boot_timeout
+    from pytest_ttenv.ssh import SshError
+
+    def reboot(conn: Connection, vm: VmInfo) -> str:
+        started = time.monotonic()
+        conn.reboot(timeout or boot_timeout(vm.accel or "tcg", vm.arch, len(vms)))
+        return f"== {vm.name}: rebooted, ssh up after {time.monotonic() - started:.1f} s"
+
+    pool = ThreadPoolExecutor(max_workers=len(conns))
+    try:
+        futures = [pool.submit(reboot, conn, vm) for conn, vm in zip(conns, vms, strict=True)]
+        while wait(futures, timeout=0.2).not_done:  # short waits keep Ctrl-C responsive
+            pass
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    up = []
+    for fut, conn, vm in zip(futures, conns, vms, strict=True):
+        try:
+            _out(fut.result())
+            up.append(conn)
+        except SshError as exc:
+            _out(f"== {vm.name}: error: reboot failed: {exc}")
+    return up
 
 
 def cmd_env_console(args: argparse.Namespace) -> int:
@@ -529,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", default="3G", help="root file system size (default 3G)")
     p.add_argument("-v", "--verbose", action="store_true", help="show every line of the bootstrap")
     p.add_argument("--plain", action="store_true", help="untuned reference image (Debian defaults), for benchmarks")
+    p.add_argument("--variant", choices=("tuned", "plain", "cloud"),
+                   help="cloud: vendor-style (GRUB, cloud-init), named debiancloud-<version>-<arch>")  # fmt: skip
     p.set_defaults(func=cmd_image_build)
     p = image.add_parser("rm", parents=[common], help="remove images")
     p.add_argument("names", nargs="+")
@@ -553,11 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = env.add_parser("show", parents=[common, remote], help="one ENV: VMs, state, ports, resources, console")
     p.add_argument("name")
     p.set_defaults(func=cmd_env_show)
-    p = env.add_parser("run", parents=[common, remote], help="run a command on every VM concurrently")
+    p = env.add_parser("run", parents=[common, remote], help="run a command (or reboot) on every VM concurrently")
     p.add_argument("name")
-    p.add_argument("--cmd", required=True)
-    p.add_argument("--vm", action="append", help="only these VMs")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("vms", nargs="*", metavar="VM", help="only these VMs (default: all)")
+    p.add_argument("--cmd", help="the command, run by /bin/sh")
+    p.add_argument("--reboot", action="store_true", help="reboot first and wait for SSH in the new boot")
+    p.add_argument("--vm", action="append", help="only these VMs (as the VM arguments)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds the command may take (default 600)")
+    p.add_argument("--boot-timeout", type=float, help="seconds a reboot may take (default: scaled by accel/arch)")
     p.set_defaults(func=cmd_env_run)
     p = env.add_parser("console", parents=[common, remote], help="the tail of a VM's serial console")
     p.add_argument("name")

@@ -19,6 +19,7 @@ from pytest_ttenv.backend.pull import ensure_available, pullable_names
 from pytest_ttenv.config import SETTINGS, TTConfig, raw_values, resolve
 from pytest_ttenv.errors import TTError
 from pytest_ttenv.fixtures import tt_env, tt_vm, tt_vm_fresh
+from pytest_ttenv.fixtures.handles import register_testinfra
 from pytest_ttenv.matrix import MatrixVm, buildable, missing_images, select, session_vms
 from pytest_ttenv.report import outcome_of, summary_lines, test_key, vm_properties, write_matrix
 from pytest_ttenv.session import EnvSession
@@ -78,6 +79,7 @@ def pytest_configure(config: pytest.Config) -> None:
     state = PluginState(cfg)
     config.stash[STATE] = state
     config.pluginmanager.register(_OutcomeRecorder(state), "ttenv-outcomes")
+    register_testinfra()  # testinfra.get_host("ttenv://<vm>"), if pytest-testinfra is installed
     if not cfg.os:
         return
     workerinput = getattr(config, "workerinput", None)

@@ -26,6 +26,7 @@ from typing import Any
 
 from pytest_ttenv.access import save_key, target
 from pytest_ttenv.backend import Backend, get_backend
+from pytest_ttenv.backend.accel import boot_timeout
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
 from pytest_ttenv.backend.paths import state_dir
 from pytest_ttenv.backend.seed import KeyPair
@@ -256,8 +257,31 @@ class EnvSession:
         """
         self.close_connection(name)
         self.backend.revert(self.env.id, name, BOOT_SNAPSHOT)
-        (self.workdir / f"{name}.generation").write_text(str(self._generation(name) + 1))
+        self._new_generation(name)
         self.connection(name).run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
+
+    def reboot(self, name: str, timeout: float | None = None) -> None:
+        """Reboot the guest; return once SSH answers in its new boot (within ``timeout``, default
+        the boot timeout). The VM is held exclusively meanwhile, so no other test's command dies
+        with the old boot; every process reconnects afterwards. The post-boot snapshot stays as it
+        was: a later revert goes back to the boot it was taken in.
+        """
+        info = self.vms[name].info
+        if info is None:
+            raise TTError(f"VM {name} is not ready")
+        limit = timeout or self.cfg.boot_timeout or boot_timeout(info.accel or "tcg", info.arch)
+        with self.use([name], exclusive=True):
+            conn = self.connection(name)
+            try:
+                conn.reboot(limit)
+            finally:
+                self.vms[name].generation = self._new_generation(name)  # this process's connection is new
+
+    def _new_generation(self, name: str) -> int:
+        """Tell every process that its connection to ``name`` is stale (the guest's TCP state is gone)."""
+        generation = self._generation(name) + 1
+        (self.workdir / f"{name}.generation").write_text(str(generation))
+        return generation
 
     def check_alive(self, name: str, grace: float = DEATH_GRACE) -> None:
         """Raise VmDied (and remember it for every process) if the VM is gone; else return.

@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-PKGS=(qemu-system-x86 qemu-system-arm qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client openssh-server
+PKGS=(qemu-system-x86 qemu-system-arm qemu-system-misc qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client openssh-server
       ca-certificates qemu-user-static binfmt-support arch-test)
+TEST_PKGS=(chromium)  # the test suite opens the HTML report in it; the CI templates install PKGS only
 missing=()
-for p in "${PKGS[@]}"; do
+for p in "${PKGS[@]}" "${TEST_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -2,11 +2,12 @@
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
 
-from pytest_ttenv.backend.build import host_mirror, parse_target
+from pytest_ttenv.backend.build import CLOUD_PART_START, host_mirror, mbr, parse_target
 from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.model import ImageInfo
 from pytest_ttenv.errors import NotFound, UsageError
@@ -79,6 +80,39 @@ def test_missing_image_says_how_to_build(tmp_path: Path) -> None:
 def test_parse_build_target(target: str, version: str) -> None:
     req = parse_target(target, "x86_64")
     assert (req.os, req.version, req.name) == ("debian", version, f"debian-{version}-x86_64")
+
+
+@pytest.mark.parametrize(
+    ("target", "variant"), [("debiancloud-12", ""), ("debian-12", "cloud"), ("debiancloud12", "cloud")]
+)
+def test_cloud_variant_has_its_own_name(target: str, variant: str) -> None:
+    req = parse_target(target, "x86_64", variant)
+    assert (req.variant, req.name, req.os) == ("cloud", "debiancloud-12-x86_64", "debian")
+    assert not req.name.replace("-", "").startswith("debian12")  # --tt-os=debian12 never selects it
+
+
+@pytest.mark.parametrize(
+    ("target", "arch", "variant", "error"),
+    [
+        ("debiancloud-12", "x86_64", "plain", "is the cloud variant"),
+        ("debian-12", "aarch64", "cloud", "x86_64 only"),
+        ("debian-12", "x86_64", "shiny", "unknown variant 'shiny'"),
+    ],
+)
+def test_bad_variant(target: str, arch: str, variant: str, error: str) -> None:
+    with pytest.raises(UsageError, match=error):
+        parse_target(target, arch, variant)
+
+
+def test_mbr_has_grub_code_and_one_bootable_linux_partition() -> None:
+    boot_img = bytes(range(256)) * 2
+    record = mbr(boot_img, 3072 * 2**20)
+    assert len(record) == 512 and record[510:] == b"\x55\xaa"
+    assert record[:0x66] == boot_img[:0x66] and record[0x66:0x68] == b"\x90\x90"  # drive check off
+    status, ptype, first, count = struct.unpack("<B3xB3xII", record[446:462])
+    assert (status, ptype) == (0x80, 0x83)
+    assert first * 512 == CLOUD_PART_START and (first + count) * 512 == 3072 * 2**20
+    assert record[462:510] == bytes(48)  # no other partition
 
 
 def test_unbuildable_target() -> None:

@@ -98,7 +98,12 @@ def test_domain_xml_matches_the_qemu_engine_and_libvirts_schema(tmp_path: Path) 
     assert dom.find("devices/serial/source").attrib == {"path": "/p/c.log", "append": "on"}  # type: ignore[union-attr]
     args = [a.get("value") for a in dom.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
     assert args[1] == "user,id=ttnet0,hostfwd=tcp:127.0.0.1:20022-:22"
-    assert json.loads(args[3] or "") == {"driver": "virtio-net-pci", "netdev": "ttnet0", "mac": "52:54:00:12:34:56"}
+    assert json.loads(args[3] or "") == {
+        "driver": "virtio-net-pci",
+        "netdev": "ttnet0",
+        "mac": "52:54:00:12:34:56",
+        "romfile": "",
+    }
     firmware = ET.fromstring(domain_xml(_config(kernel=None, initrd=None, uefi=True, accel="kvm")))
     assert firmware.get("type") == "kvm" and firmware.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
     assert firmware.find("os/nvram").get("template", "").endswith("VARS_4M.fd")  # type: ignore[union-attr]

@@ -1,5 +1,6 @@
-"""The OS x arch matrix for real: Debian 11/12/13 on x86_64 and Debian 12 on emulated aarch64,
-one pytest session, one test each; the guest's own ``uname -m`` must match the VM's arch."""
+"""The OS x arch matrix for real: Debian 11/12/13 on x86_64 and Debian 12 on emulated aarch64 in
+one pytest session, Debian 13 on emulated riscv64 in another; one test each, and the guest's own
+``uname -m`` must match the VM's arch."""
 
 from __future__ import annotations
 
@@ -44,4 +45,22 @@ def test_debian_matrix_with_aarch64(
     names = sorted(c.get("name", "") for c in ET.parse(junit).getroot().iter("testcase"))
     assert names == [f"test_arch_and_release[{n}]" for n in
                      ("debian-11-x86_64", "debian-12-aarch64", "debian-12-x86_64", "debian-13-x86_64")]  # fmt: skip
+    assert leftovers(state) == []
+
+
+@pytest.mark.skipif(platform.machine() == "riscv64", reason="tests an emulated riscv64 guest")
+def test_debian13_riscv64(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, images: Callable[..., list[ImageInfo]]
+) -> None:
+    """Debian 13 (the first release with an official riscv64 port) under qemu-system-riscv64
+    -machine virt: OpenSBI, then the image's kernel and our initramfs (direct boot)."""
+    images("debian-13", arch="riscv64")
+    state = tmp_path / "state"
+    monkeypatch.setenv("TTENV_IMAGE_DIR", str(IMAGE_ROOT))
+    monkeypatch.setenv("TTENV_STATE_DIR", str(state))
+    pytester.makepyfile(SUITE)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--tt-os=debian13", "--tt-arch=riscv64", "--tt-mem=512", timeout=1800
+    )  # fmt: skip
+    result.assert_outcomes(passed=1)
     assert leftovers(state) == []

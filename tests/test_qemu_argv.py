@@ -71,3 +71,26 @@ def test_firmware_boot_without_kernel() -> None:
     uefi = " ".join(build_argv(replace(cfg(arch="aarch64"), kernel=None, initrd=None, uefi_vars=Path("/v/vars.fd"))))
     assert "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd" in uefi
     assert "if=pflash,format=raw,unit=1,file=/v/vars.fd" in uefi
+
+
+def test_firmware_boot_starts_from_the_root_disk_and_nic_has_the_seeds_mac() -> None:
+    from dataclasses import replace
+
+    from pytest_ttenv.backend.qemu import GUEST_MAC
+
+    direct, bios = build_argv(cfg()), build_argv(replace(cfg(), kernel=None, initrd=None))
+    assert "virtio-blk-pci,drive=root" in direct  # the kernel is given: no boot order needed
+    assert "virtio-blk-pci,drive=root,bootindex=0" in bios  # SeaBIOS/OVMF must not try the seed disk
+    assert not any("drive=seed" in a and "bootindex" in a for a in bios)
+    for argv in (direct, bios):
+        assert f"virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile=" in argv  # no iPXE option ROM
+
+
+def test_riscv64_tcg_direct_boot_through_opensbi() -> None:
+    argv = build_argv(cfg(arch="riscv64"))
+    joined = " ".join(argv)
+    assert argv[0] == "qemu-system-riscv64"
+    assert "-machine virt" in joined and "-cpu rv64" in joined and "-accel tcg,thread=multi,tb-size=64" in joined
+    assert "-bios" not in argv  # qemu's default firmware for virt (OpenSBI) hands over to -kernel
+    assert ("-kernel", "/img/vmlinuz") in itertools.pairwise(argv)
+    assert "pvpanic-pci" in argv and "virtio-blk-pci,drive=root" in argv

@@ -8,6 +8,7 @@ from pathlib import Path
 import pycdlib
 import yaml
 
+from pytest_ttenv.backend.qemu import GUEST_MAC
 from pytest_ttenv.backend.seed import KeyPair, SeedData, seed_files, write_seed_iso
 
 
@@ -55,7 +56,7 @@ def test_dhcp_and_resize_flags() -> None:
     files = seed_files(seed(address=None, resize=True))
     assert files["ttenv/network"] == "dhcp=1\n"
     assert files["ttenv/resize"] == "1\n"
-    assert yaml.safe_load(files["network-config"])["ethernets"]["eth0"]["dhcp4"] is True
+    assert yaml.safe_load(files["network-config"])["config"][0]["subnets"] == [{"type": "dhcp"}]
 
 
 def test_private_key_written_0600(tmp_path: Path) -> None:
@@ -72,3 +73,16 @@ def test_non_root_user_gets_sudo_and_the_distro_default_shell() -> None:
     assert user["name"] == "debian" and user["sudo"] == "ALL=(ALL) NOPASSWD:ALL"
     assert "shell" not in user  # Alpine and FreeBSD have no bash: cloud-init would not create the user
     assert doc["disable_root"] is True
+
+
+def test_cloud_init_gets_a_valid_hostname_and_finds_the_nic_by_mac() -> None:
+    files = seed_files(seed())
+    doc = yaml.safe_load(files["user-data"])
+    assert doc["hostname"] == "debian-12-x86-64"  # hostname(1) refuses '_'
+    assert "local-hostname: debian-12-x86_64\n" in files["meta-data"]  # the ttenv unit keeps the VM's name
+    assert doc["ssh_genkeytypes"] == ["ed25519"]  # the injected key exists already: nothing generated
+    (nic,) = yaml.safe_load(files["network-config"])["config"]
+    assert nic["mac_address"] == GUEST_MAC and nic["name"] == "eth0"
+    assert nic["subnets"] == [
+        {"type": "static", "address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns_nameservers": ["10.0.2.3"]}
+    ]

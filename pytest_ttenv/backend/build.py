@@ -2,6 +2,8 @@
 
 Result: ``<image_dir>/<name>/`` with ``disk.qcow2`` (ext4 root, no partition table),
 ``vmlinuz`` and ``initrd.img`` for direct kernel boot, and ``image.json`` written last.
+The ``cloud`` variant is a stand-in for a vendor cloud image instead: a partitioned disk with
+its own boot loader (GRUB for BIOS), Debian's initramfs, cloud-init and no ttenv unit.
 The work happens in ``<image_dir>/.build-<name>-<pid>/`` and is renamed into place only
 when complete, so a build that fails or is interrupted never shows up in the store.
 """
@@ -13,8 +15,10 @@ import os
 import platform
 import re
 import shutil
+import struct
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -36,7 +40,10 @@ BASE_PACKAGES = (
     "python3-minimal", "sudo", "procps", "busybox-static", "e2fsprogs",
 )  # fmt: skip
 # Modules the initramfs loads (with their dependencies) when the kernel does not have them built in.
-INITRAMFS_MODULES = ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "ext4", "isofs")
+# crc32c_generic: ext4 asks the crypto API for crc32c at mount time (a module in the riscv64 kernel).
+INITRAMFS_MODULES = (
+    "virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "crc32c_generic", "ext4", "isofs",
+)  # fmt: skip
 MASKED_UNITS = (
     "systemd-networkd-wait-online.service", "getty.target", "serial-getty@.service", "console-getty.service",
     "getty@.service", "systemd-journal-flush.service", "modprobe@.service", "systemd-logind.service",
@@ -46,6 +53,14 @@ MASKED_UNITS = (
     "systemd-tmpfiles-clean.timer", "ssh.socket", "systemd-pstore.service", "systemd-binfmt.service",
 )  # fmt: skip
 MASKED_GENERATORS = ("systemd-gpt-auto-generator", "systemd-getty-generator", "systemd-hibernate-resume-generator")
+# The cloud variant (a stand-in for a vendor cloud image): cloud-init reads the NoCloud seed, GRUB
+# boots the disk under SeaBIOS, ifupdown applies the network cloud-init renders (its eni renderer);
+# dbus for hostnamectl, locales for cloud-init's locale module.
+CLOUD_OS = "debiancloud"
+CLOUD_USER = "debian"
+CLOUD_PACKAGES = ("cloud-init", "cloud-guest-utils", "ifupdown", "dbus", "locales", "grub-pc-bin", "grub2-common")
+CLOUD_PART_START = 1024 * 1024  # the first partition starts at 1 MiB; GRUB's core image fits before it
+VARIANTS = ("tuned", "plain", "cloud")
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*", "/usr/share/doc/*")
 
 Progress = Callable[[str], None]
@@ -53,30 +68,53 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BuildRequest:
-    """What to build: ``os``/``version``/``arch``, from which mirror, how large the root disk."""
+    """What to build: ``os``/``version``/``arch``, which variant, from which mirror, how large the disk.
+
+    Variants: ``tuned`` (the default: direct kernel boot, our initramfs and seed unit), ``plain``
+    (Debian's defaults plus the seed unit: the benchmark anchor) and ``cloud`` (a vendor-style
+    cloud image: boot loader, cloud-init; named ``debiancloud-<version>-<arch>``).
+    """
 
     os: str
     version: str
     arch: str
     mirror: str | None = None
     disk_mib: int = 3072
-    tuned: bool = True  # False: a plain systemd image with Debian's initramfs (the benchmark anchor)
+    variant: str = "tuned"
+
+    @property
+    def tuned(self) -> bool:
+        return self.variant == "tuned"
+
+    @property
+    def image_os(self) -> str:
+        """The OS part of the image name: the cloud variant must not shadow ``debian-<version>``."""
+        return CLOUD_OS if self.variant == "cloud" else self.os
 
     @property
     def name(self) -> str:
-        return image_name(self.os, self.version, self.arch)
+        return image_name(self.image_os, self.version, self.arch)
 
 
-def parse_target(target: str, arch: str) -> BuildRequest:
-    """``debian-12`` (or ``debian12``, ``debian-bookworm``) + arch -> BuildRequest, else UsageError."""
-    m = re.match(r"^debian-?(\d+|[a-z]+)$", target.strip().lower())
-    version = m.group(1) if m else None
+def parse_target(target: str, arch: str, variant: str = "") -> BuildRequest:
+    """``debian-12`` (or ``debian12``, ``debian-bookworm``; ``debiancloud-12`` for the cloud variant)
+    + arch (+ variant) -> BuildRequest, else UsageError."""
+    m = re.match(rf"^(debian|{CLOUD_OS})-?(\d+|[a-z]+)$", target.strip().lower())
+    version = m.group(2) if m else None
     if version in DEBIAN_SUITES.values():
         version = next(v for v, s in DEBIAN_SUITES.items() if s == version)
-    if version not in DEBIAN_SUITES:
+    if m is None or version not in DEBIAN_SUITES:
         buildable = ", ".join(f"debian-{v}" for v in DEBIAN_SUITES)
-        raise UsageError(f"cannot build {target!r}", f"buildable here: {buildable}")
-    return BuildRequest("debian", version, arch)
+        raise UsageError(f"cannot build {target!r}", f"buildable here: {buildable} (and {CLOUD_OS}-<version>)")
+    named = "cloud" if m.group(1) == CLOUD_OS else ""
+    if variant and named and variant != named:
+        raise UsageError(f"{target!r} is the cloud variant; --variant {variant} contradicts it")
+    variant = variant or named or "tuned"
+    if variant not in VARIANTS:
+        raise UsageError(f"unknown variant {variant!r}", f"use one of {', '.join(VARIANTS)}")
+    if variant == "cloud" and arch != "x86_64":
+        raise UsageError(f"the cloud variant boots through BIOS GRUB: x86_64 only, not {arch}")
+    return BuildRequest("debian", version, arch, variant=variant)
 
 
 def host_mirror() -> str:
@@ -185,16 +223,19 @@ class ImageBuilder:
         out = work / "image"
         out.mkdir()
         p = self.progress
-        p(f"[1/4] bootstrapping Debian {req.version} ({suite}, {req.arch}) from {mirror}")
+        p(f"[1/4] bootstrapping Debian {req.version} ({suite}, {req.arch}, {req.variant}) from {mirror}")
         initramfs_conf = "MODULES=list\\n"
         # A small initramfs-tools config before the kernel's postinst runs (minutes saved under emulation).
         hook = (
             '--essential-hook=mkdir -p "$1/etc/initramfs-tools/conf.d" && '
             f"printf '{initramfs_conf}' > \"$1/etc/initramfs-tools/conf.d/ttenv.conf\""
         )
+        packages = [*BASE_PACKAGES, KERNEL_PACKAGE[req.arch]]
+        if req.variant == "cloud":  # our initramfs is not used: no busybox; Debian's own initramfs
+            packages = [*(x for x in packages if x != "busybox-static"), *CLOUD_PACKAGES]
         argv = [
             "mmdebstrap", "--mode=root", "--variant=minbase", f"--architectures={DEBIAN_ARCH[req.arch]}",
-            f"--include={','.join((*BASE_PACKAGES, KERNEL_PACKAGE[req.arch]))}",
+            f"--include={','.join(packages)}",
             "--skip=cleanup/apt/lists",
             *(f"--dpkgopt=path-exclude={x}" for x in DPKG_EXCLUDES),
             "--dpkgopt=path-include=/usr/share/doc/*/copyright",
@@ -202,6 +243,8 @@ class ImageBuilder:
             suite, str(rootfs), mirror,
         ]  # fmt: skip
         _run(argv, p, "mmdebstrap")
+        if req.variant == "cloud":
+            return self._finish_cloud(work, req, rootfs, out, {"suite": suite, "mirror": mirror})
         p("[2/4] tuning the guest for a fast boot to SSH" if req.tuned else "[2/4] adding seed access (untuned)")
         self._customize(rootfs, req.tuned)
         p("[3/4] extracting the kernel and building a minimal initramfs")
@@ -214,14 +257,87 @@ class ImageBuilder:
         shutil.rmtree(rootfs)
         _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")], p, "qemu-img convert")
         raw.unlink()
-        console = "ttyS0" if req.arch == "x86_64" else "ttyAMA0"
+        console = "ttyAMA0" if req.arch == "aarch64" else "ttyS0"  # riscv64 virt: a 16550 UART
         return ImageInfo(
             name=req.name, os=req.os, version=req.version, arch=req.arch, disk_mib=req.disk_mib,
             cmdline=f"root=/dev/vda rw console={console} quiet loglevel=3 net.ifnames=0",
             source="build", created=time.time(),
             details={"suite": suite, "mirror": mirror, "kernel": kver, "builder": "mmdebstrap",
-                     "variant": "tuned" if req.tuned else "plain"},
+                     "variant": req.variant},
         )  # fmt: skip
+
+    def _finish_cloud(self, work: Path, req: BuildRequest, root: Path, out: Path, details: dict[str, str]) -> ImageInfo:
+        """The cloud variant after bootstrap: cloud-init access, GRUB on an MBR-partitioned disk."""
+        p = self.progress
+        kernels = sorted((root / "boot").glob("vmlinuz-*"))
+        if not kernels or not (root / "boot" / f"initrd.img-{kernels[-1].name[8:]}").exists():
+            raise TTError("the bootstrapped root has no kernel and initramfs in /boot")
+        kver = kernels[-1].name.removeprefix("vmlinuz-")
+        fs_uuid = str(uuid.uuid4())
+        p("[2/4] preparing cloud-init access (no ttenv unit, Debian's own initramfs and services)")
+        self._customize_cloud(root, kver, fs_uuid)
+        p("[3/4] installing GRUB for BIOS boot (core image in the MBR gap)")
+        grub_dir = root / "usr" / "lib" / "grub" / "i386-pc"
+        # Embedded: what it takes to read /boot/grub of partition 1; the rest loads from there.
+        _run(["chroot", str(root), "grub-mkimage", "-O", "i386-pc", "-o", "/core.img",
+              "-p", "(hd0,msdos1)/boot/grub", "biosdisk", "part_msdos", "ext2"], p, "grub-mkimage")  # fmt: skip
+        core = (root / "core.img").read_bytes()
+        (root / "core.img").unlink()
+        if len(core) > CLOUD_PART_START - 512:
+            raise TTError(f"GRUB core image of {len(core)} bytes does not fit before the first partition")
+        shutil.copytree(grub_dir, root / "boot" / "grub" / "i386-pc")
+        p(f"[4/4] writing the {req.disk_mib} MiB partitioned disk and converting it to qcow2")
+        raw = work / "disk.raw"
+        size = req.disk_mib * 1024 * 1024
+        with open(raw, "wb") as f:
+            f.truncate(size)
+            f.write(mbr((grub_dir / "boot.img").read_bytes(), size))
+            f.write(core)
+        fs_mib = (size - CLOUD_PART_START) // (1024 * 1024)
+        _run(["mkfs.ext4", "-q", "-F", "-L", "cloudimg-rootfs", "-U", fs_uuid, "-d", str(root),
+              "-E", f"offset={CLOUD_PART_START}", str(raw), f"{fs_mib}M"], p, "mkfs.ext4")  # fmt: skip
+        shutil.rmtree(root)
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")], p, "qemu-img convert")
+        raw.unlink()
+        return ImageInfo(
+            name=req.name, os=req.image_os, version=req.version, arch=req.arch, disk_mib=req.disk_mib,
+            user=CLOUD_USER, boot="bios", access="cloud-init", kernel=None, initrd=None, cmdline="",
+            source="build", created=time.time(),
+            details={**details, "kernel": kver, "builder": "mmdebstrap", "variant": "cloud",
+                     "cmdline": _cloud_cmdline(fs_uuid)},
+        )  # fmt: skip
+
+    def _customize_cloud(self, root: Path, kver: str, fs_uuid: str) -> None:
+        """What a vendor image ships: no host keys, an uninitialized machine id, root locked, an
+        fstab by UUID and a GRUB config; access comes from cloud-init alone."""
+        etc = root / "etc"
+        for key in (etc / "ssh").glob("ssh_host_*"):
+            key.unlink()
+        (etc / "machine-id").write_text("")  # systemd makes one per VM at first boot
+        (root / "var" / "lib" / "dbus" / "machine-id").unlink(missing_ok=True)
+        shadow = etc / "shadow"
+        shadow.write_text(re.sub(r"^root:[^:]*:", "root:*:", shadow.read_text(), flags=re.MULTILINE))
+        (etc / "hostname").write_text("debian\n")
+        (etc / "hosts").write_text("127.0.0.1 localhost\n")
+        (etc / "fstab").write_text(f"UUID={fs_uuid} / ext4 rw,discard,errors=remount-ro 0 1\n")
+        # The image's locale is C.UTF-8 and cloud-init keeps it (its default, en_US.UTF-8, would run
+        # Debian's locale-gen, which ignores the locale it is given: update-locale then fails).
+        (etc / "default" / "locale").write_text("LANG=C.UTF-8\n")
+        # GRUB is installed by the builder, not through grub-pc's debconf: nothing for grub_dpkg to do.
+        (etc / "cloud" / "cloud.cfg.d" / "90_ttenv_image.cfg").write_text(
+            "# ttenv cloud variant\nlocale: C.UTF-8\ngrub_dpkg:\n  enabled: false\n"
+        )
+        grub = root / "boot" / "grub"
+        grub.mkdir(parents=True, exist_ok=True)
+        (grub / "grub.cfg").write_text(
+            "set timeout=0\nserial --unit=0 --speed=115200\nterminal_input serial console\n"
+            "terminal_output serial console\n"
+            f"echo 'GRUB: loading Linux {kver}'\n"
+            f"linux /boot/vmlinuz-{kver} {_cloud_cmdline(fs_uuid)}\n"
+            f"initrd /boot/initrd.img-{kver}\nboot\n"
+        )
+        for cache in (root / "var" / "cache" / "apt").glob("*.bin"):
+            cache.unlink()
 
     def _customize(self, root: Path, tuned: bool) -> None:
         etc = root / "etc"
@@ -278,16 +394,37 @@ class ImageBuilder:
             cache.unlink()
 
     def _install_kernel(self, root: Path, out: Path, tuned: bool) -> str:
-        kernels = sorted((root / "boot").glob("vmlinuz-*"))
+        # vmlinuz-* (x86_64, arm64); riscv64 kernels are installed as an uncompressed vmlinux-*
+        kernels = sorted((root / "boot").glob("vmlinu[xz]-*"))
         if not kernels:
             raise TTError("the bootstrapped root has no kernel in /boot")
-        kver = kernels[-1].name.removeprefix("vmlinuz-")
+        kver = kernels[-1].name[len("vmlinuz-") :]
         shutil.copyfile(kernels[-1], out / "vmlinuz")
         if tuned:
             build_initramfs(root, kver, out / "initrd.img")
         else:
             shutil.copyfile(root / "boot" / f"initrd.img-{kver}", out / "initrd.img")
         return kver
+
+
+def _cloud_cmdline(fs_uuid: str) -> str:
+    # systemd.firstboot=off: an uninitialized machine id must not make systemd-firstboot prompt
+    return f"root=UUID={fs_uuid} ro console=tty0 console=ttyS0,115200 systemd.firstboot=off"
+
+
+def mbr(boot_img: bytes, disk_bytes: int) -> bytes:
+    """A master boot record: GRUB's boot.img code (it loads the core image from sector 1) and one
+    bootable Linux partition from CLOUD_PART_START to the end of the disk."""
+    if len(boot_img) != 512:
+        raise TTError(f"GRUB boot.img is {len(boot_img)} bytes, expected 512")
+    record = bytearray(boot_img[:440])
+    record[0x66:0x68] = b"\x90\x90"  # as grub-bios-setup does: trust the BIOS's boot drive number
+    record += os.urandom(4) + b"\0\0"  # disk signature
+    start, count = CLOUD_PART_START // 512, (disk_bytes - CLOUD_PART_START) // 512
+    # status, CHS first (unused: LBA), type 0x83 Linux, CHS last (unused), LBA first, sector count
+    record += struct.pack("<B3sB3sII", 0x80, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff", start, count)
+    record += bytes(48) + b"\x55\xaa"
+    return bytes(record)
 
 
 def _symlink(link: Path, target: str) -> None:

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from pytest_ttenv.backend import qemu
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
 from pytest_ttenv.backend.paths import runtime_dir
-from pytest_ttenv.errors import BootError, TTError
+from pytest_ttenv.errors import BootError, NotFound, TTError
 
 ENGINES = ("qemu", "libvirt")
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\r")
@@ -243,8 +243,15 @@ class QemuEngine:
         self._hmp(env, vm, f"savevm {name}")
 
     def revert(self, env: EnvInfo, vm: VmInfo, name: str) -> None:
-        """QMP ``loadvm``."""
-        self._hmp(env, vm, f"loadvm {name}")
+        """QMP ``loadvm``. qemu's ``loadvm`` pauses the VM before it looks for the snapshot and
+        leaves it paused when there is none: then it is continued and NotFound raised."""
+        try:
+            self._hmp(env, vm, f"loadvm {name}")
+        except TTError as exc:
+            if type(exc) is not TTError or "does not exist" not in exc.message:
+                raise
+            qemu.qmp_command(qmp_path(env.id, vm.name), "cont", timeout=10)
+            raise NotFound(f"VM {vm.name} has no snapshot named {name!r}", "snapshot it first") from None
 
     def _hmp(self, env: EnvInfo, vm: VmInfo, command: str) -> None:
         out = qemu.qmp_command(qmp_path(env.id, vm.name), "human-monitor-command", timeout=120,

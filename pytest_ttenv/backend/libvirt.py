@@ -63,7 +63,6 @@ POOL_PATH = "/var/lib/libvirt/ttenv"
 PENDING_FILE = "libvirt-pending.json"
 NS = "https://pytest-ttenv.invalid/libvirt/1"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-GUEST_MAC = "52:54:00:12:34:56"  # qemu's default for a first NIC, as the qemu engine's guests see
 OPEN_TIMEOUT = 20.0
 DOWN_FOR = 10.0  # after a failed connect, the host counts as down this long without retrying
 _VOLUME_OF_VM = re.compile(r"^(ttenv-[0-9a-f]{12}-.+?)-(disk\.qcow2|seed\.iso|console\.log(\.\d+)?)$")
@@ -263,7 +262,8 @@ def domain_xml(cfg: DomainConfig) -> str:
     # libvirt 9 here rejects <interface type='user'><backend type='passt'/> (no passt): qemu's own
     # user networking through the passthrough. The device is JSON so qemu creates it after
     # libvirt's own (JSON) devices and gives it a free slot.
-    net = json.dumps({"driver": "virtio-net-pci", "netdev": "ttnet0", "mac": GUEST_MAC}, separators=(",", ":"))
+    nic = {"driver": "virtio-net-pci", "netdev": "ttnet0", "mac": qemu.GUEST_MAC, "romfile": ""}  # as the qemu engine's
+    net = json.dumps(nic, separators=(",", ":"))
     cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
     for arg in ("-netdev", f"user,id=ttnet0,hostfwd=tcp:{cfg.bind_addr}:{cfg.port}-:22", "-device", net):
         ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=arg)

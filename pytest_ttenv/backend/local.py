@@ -149,6 +149,17 @@ class LocalBackend:
         """Image names matching the OS prefixes (and arches); UsageError lists what exists."""
         return match_prefixes(prefixes, self.image_store.names(), arches)
 
+    def _access(self, image: str) -> str:
+        """How the image's VMs are reached (``ttenv`` or ``cloud-init``); cloud-init if it is gone."""
+        try:
+            return self.image_store.get(image).access
+        except TTError:
+            return "cloud-init"
+
+    def _probe_image(self, arch: str) -> ImageInfo | None:
+        """An image of ``arch`` with a kernel and initramfs: what the KVM probe boots."""
+        return next((i for i in self.image_store.all() if i.arch == arch and i.kernel and i.initrd), None)
+
     # -- ENVs -------------------------------------------------------------------------------
     def create_env(self, spec: EnvSpec) -> EnvInfo:
         """Create the ENV and start every VM; returns at once while the VMs boot.
@@ -175,7 +186,8 @@ class LocalBackend:
         accels = {}
         for _, image in plan:
             if image.arch not in accels:
-                accels[image.arch] = accel_mod.choose(spec.accel, image)
+                probe = self._probe_image(image.arch) if image.kernel is None else None
+                accels[image.arch] = accel_mod.choose(spec.accel, image, probe)
         self.gc()
         engine = self._new_engine()
         held = [vm for env in self.store.list_envs() for vm in env.vms if vm.engine == engine.name]
@@ -256,12 +268,17 @@ class LocalBackend:
         """
         return self._wait(env_ref, vm_name, timeout, final=True)
 
-    def poll_vm(self, env_ref: str, vm_name: str, timeout: float) -> VmInfo:
+    def poll_vm(self, env_ref: str, vm_name: str, timeout: float, stop: Callable[[], bool] | None = None) -> VmInfo:
         """Wait at most ``timeout`` s for the VM's sshd without giving up on it: its VmInfo,
-        ``running`` or still ``booting`` (the server's long poll). BootError if it died or failed."""
-        return self._wait(env_ref, vm_name, timeout, final=False)
+        ``running`` or still ``booting`` (the server's long poll; also as soon as ``stop()`` is
+        true). BootError if it died or failed. Probes as often as wait_vm: each probe is a TCP
+        connection that qemu's user networking keeps retrying until the guest answers, so
+        probing a slow guest more often only slows its boot down further."""
+        return self._wait(env_ref, vm_name, timeout, final=False, stop=stop)
 
-    def _wait(self, env_ref: str, vm_name: str, timeout: float | None, final: bool) -> VmInfo:
+    def _wait(
+        self, env_ref: str, vm_name: str, timeout: float | None, final: bool, stop: Callable[[], bool] | None = None
+    ) -> VmInfo:
         env = self.store.get_env(env_ref)
         vm = _vm(env, vm_name)
         if vm.state == "running":
@@ -270,7 +287,7 @@ class LocalBackend:
             raise BootError(f"VM {vm.name} is {vm.state}: {vm.error}", self.console(env.id, vm.name))
         if timeout is None:
             booting = sum(v.state == "booting" for e in self.store.list_envs() for v in e.vms)
-            timeout = accel_mod.boot_timeout(vm.accel, vm.arch, booting)
+            timeout = accel_mod.boot_timeout(vm.accel, vm.arch, booting, self._access(vm.image))
         started = vm.boot_seconds
         deadline = time.monotonic() + timeout
         engine = self._engine_of(vm)
@@ -286,7 +303,7 @@ class LocalBackend:
                 if all(v.state == "running" for v in self.store.get_env(env.id).vms):
                     self.store.set_env_state(env.id, "running")
                 return vm
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (stop is not None and stop()):
                 if not final:
                     return vm
                 engine.halt(env, vm)
@@ -362,7 +379,10 @@ class LocalBackend:
         self._engine_of(vm).snapshot(env, vm, name)
 
     def revert(self, env_ref: str, vm_name: str, name: str) -> None:
-        """Restore the VM to snapshot ``name``; open SSH connections to it are dead afterwards."""
+        """Restore the VM to snapshot ``name``; open SSH connections to it are dead afterwards.
+
+        No snapshot of that name is NotFound, and the VM keeps running.
+        """
         env, vm = self._running(env_ref, vm_name)
         self._engine_of(vm).revert(env, vm, name)
 

@@ -22,6 +22,7 @@ from pytest_ttenv.errors import TTError
 
 QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64", "riscv64": "qemu-system-riscv64"}
 QEMU_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm", "riscv64": "qemu-system-misc"}
+GUEST_MAC = "52:54:00:12:34:56"  # qemu's default for a first NIC, set explicitly: the seed matches on it
 _PR_SET_PDEATHSIG = 1
 
 
@@ -51,6 +52,9 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     """The qemu command line for ``cfg``: direct kernel boot, virtio disk/net/rng, user-mode
     networking with guest port 22 forwarded from ``bind_addr``:``port``, serial console to a file,
     QMP on a unix socket. TCG uses multi-threaded translation with a 64 MiB translation cache.
+    Without a kernel the image's own boot loader runs under the firmware (SeaBIOS, or UEFI when
+    ``uefi_vars`` is given), booting from the root disk first. No NIC option ROM is loaded
+    (iPXE: nothing network-boots, and it costs firmware time under emulation).
     """
     if cfg.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], "host"
@@ -73,9 +77,9 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         "-qmp", f"unix:{cfg.qmp},server=on,wait=off",
         "-pidfile", str(cfg.pidfile),
         "-drive", f"if=none,id=root,file={cfg.disk},format=qcow2,cache=unsafe,discard=unmap",
-        "-device", "virtio-blk-pci,drive=root",
+        "-device", "virtio-blk-pci,drive=root" + (",bootindex=0" if cfg.kernel is None else ""),
         "-netdev", f"user,id=net0,hostfwd=tcp:{cfg.bind_addr}:{cfg.port}-:22",
-        "-device", "virtio-net-pci,netdev=net0",
+        "-device", f"virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile=",
         "-device", "virtio-rng-pci",
         # A guest kernel panic ends qemu, so a dead guest is seen at once, not after a timeout.
         "-device", "pvpanic" if cfg.arch == "x86_64" else "pvpanic-pci", "-action", "panic=exit-failure",

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
 import pycdlib
 import yaml
+
+from pytest_ttenv.backend.qemu import GUEST_MAC
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ class SeedData:
     gateway: str = "10.0.2.2"
     dns: str = "10.0.2.3"
     resize: bool = False  # the overlay is larger than the image: grow the root file system
+    mac: str = GUEST_MAC  # the MAC of the VM's NIC (qemu's argv sets the same)
+
+
+def cloud_hostname(name: str) -> str:
+    """``name`` as a valid host name (RFC 1123 label): other characters become ``-``."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", name).strip("-")[:63] or "vm"
 
 
 def user_data(seed: SeedData) -> str:
@@ -60,22 +69,28 @@ def user_data(seed: SeedData) -> str:
             {"name": seed.user, "ssh_authorized_keys": [seed.authorized_key], "lock_passwd": True}
             | ({} if seed.user == "root" else {"sudo": "ALL=(ALL) NOPASSWD:ALL"})
         ],
+        # cloud-init sets the hostname with hostname(1), which refuses '_' (VMs are named like images)
+        "hostname": cloud_hostname(seed.hostname),
         "disable_root": seed.user != "root",
         "ssh_pwauth": False,
+        "manage_etc_hosts": "localhost",  # the hostname resolves (sudo complains otherwise)
         "ssh_deletekeys": True,
-        "ssh_genkeytypes": [],
+        "ssh_genkeytypes": ["ed25519"],  # already given below, so nothing is generated ([] fails the schema)
         "ssh_keys": {"ed25519_private": seed.host_key.private, "ed25519_public": seed.host_key.public},
     }
     return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
 
 
 def network_config(seed: SeedData) -> str:
-    eth: dict[str, object] = {"match": {"name": "e*"}}
+    """Network config (cloud-init's version 1) for the one NIC, matched by the MAC qemu gives it so
+    it is found whatever the image calls it (cloud-init names it eth0). Version 1 because its
+    ``gateway`` renders natively for every renderer (eni, netplan, networkd, sysconfig): version 2's
+    ``gateway4`` is deprecated, and its default ``routes`` need net-tools under eni."""
+    subnet: dict[str, object] = {"type": "dhcp"}
     if seed.address:
-        eth |= {"addresses": [seed.address], "gateway4": seed.gateway, "nameservers": {"addresses": [seed.dns]}}
-    else:
-        eth["dhcp4"] = True
-    return yaml.safe_dump({"version": 2, "ethernets": {"eth0": eth}}, sort_keys=False)
+        subnet = {"type": "static", "address": seed.address, "gateway": seed.gateway, "dns_nameservers": [seed.dns]}
+    nic = {"type": "physical", "name": "eth0", "mac_address": seed.mac, "subnets": [subnet]}
+    return yaml.safe_dump({"version": 1, "config": [nic]}, sort_keys=False)
 
 
 def seed_files(seed: SeedData) -> dict[str, str]:

@@ -5,7 +5,8 @@ else on the VM named in its id's parameter part (``test_x[debian-12-x86_64]``: a
 before its fixtures ran carries no properties); test cases naming no VM are counted in
 ``Matrix.other`` and left out. A case's outcome: ``failed`` if it has a ``<failure>``, else ``error``
 for an ``<error>``, ``skipped`` for a ``<skipped>`` (pytest writes xfail so), else ``passed``.
-Rows are ``classname::name`` with the VM part of the name removed. Files are read in the order
+Rows are ``classname::name`` with the VM part of the name removed; columns are sorted by VM name
+(numbers as numbers). Files are read in the order
 given (glob matches and directory contents sorted); a file named twice is read once; where
 results collide the last one read wins (see ``Matrix.add``).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -65,7 +67,13 @@ def read_junit(args: Sequence[str], title: str | None = None) -> Matrix:
     matrix = Matrix() if title is None else Matrix(title=title)
     for path in expand(args):
         add_file(matrix, path)
+    matrix.vms.sort(key=lambda vm: natural_key(vm.name))
     return matrix
+
+
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key with numbers compared as numbers: debian-9 < debian-11 < ubuntu-22.04."""
+    return [(1, int(part)) if part.isdigit() else (0, part) for part in re.split(r"(\d+)", name) if part]
 
 
 def _load(path: Path) -> JUnitXml:

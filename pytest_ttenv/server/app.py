@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pytest_ttenv import __version__
 from pytest_ttenv.backend.model import Resources
-from pytest_ttenv.errors import NotFound
+from pytest_ttenv.errors import NotFound, TTError
 from pytest_ttenv.server import models as m
 from pytest_ttenv.server.auth import TokenStore
 from pytest_ttenv.server.errors import AuthError, TooLarge, error_response, one_line
@@ -141,10 +141,14 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
     )  # fmt: skip
     app.add_middleware(Guard, tokens=service.tokens)
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(TTError)
+    async def _tt(request: Request, exc: TTError) -> JSONResponse:
+        if error_response(exc)[0] >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return _json_error(exc)
+
+    @app.exception_handler(Exception)  # a bug: Starlette logs the traceback after this answer
     async def _any(request: Request, exc: Exception) -> JSONResponse:
-        if not isinstance(exc, AuthError | TooLarge) and error_response(exc)[0] >= 500:
-            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _json_error(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -164,6 +168,10 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
         if exc.status_code == 404:
             _, body = error_response(_not_found(request))
             return JSONResponse(body, status_code=404)
+        if exc.status_code == 400:  # FastAPI could not even parse the body (not UTF-8, ...): as malformed JSON
+            body = {"error": "usage", "message": one_line(f"bad request: {exc.detail}"),
+                    "hint": "send a JSON body, see /v1/openapi.json", "console": None, "free": None}  # fmt: skip
+            return JSONResponse(body, status_code=422)
         kind = "usage" if exc.status_code < 500 else "server"
         body = {"error": kind, "message": one_line(str(exc.detail)), "hint": None, "console": None, "free": None}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

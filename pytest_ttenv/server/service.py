@@ -10,8 +10,7 @@ for the next server to re-adopt from the store.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +18,12 @@ from pytest_ttenv import __version__
 from pytest_ttenv.backend import accel as accel_mod
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
-from pytest_ttenv.errors import NotFound, TTError, UsageError
+from pytest_ttenv.errors import NotFound, UsageError
 from pytest_ttenv.server.auth import TokenStore
 from pytest_ttenv.server.quota import Amounts, Quota
 
 LONG_POLL = 30.0  # longest single wait answer; the client asks again until its own deadline
-_POLL_CHUNK = 1.0  # the long poll checks for shutdown this often
+_LAST_PROBE = 2.0  # the last wait: its final seconds are LocalBackend.wait_vm's (which stops a VM not up)
 
 
 @dataclass(frozen=True)
@@ -98,6 +97,9 @@ class Service:
 
     def create(self, owner: str, spec: EnvSpec) -> EnvInfo:
         """Create ``owner``'s ENV within the quota; returns at once (VMs booting)."""
+        names = [vm.name for vm in spec.vms]
+        if len(set(names)) != len(names):  # the request's own fault comes before the quota's verdict
+            raise UsageError(f"VM names in an ENV must be unique: {', '.join(names)}")
         for vm in spec.vms:
             self.backend.image_store.get(vm.image)  # NotFound before anything is reserved
         demand = self._demand([(vm.image, vm.resources) for vm in spec.vms])
@@ -147,41 +149,26 @@ class Service:
         if timeout is None:
             booting = sum(v.state == "booting" for e in self.backend.store.list_envs() for v in e.vms)
             timeout = vm.boot_seconds + accel_mod.boot_timeout(vm.accel, vm.arch, booting) - time.time()
-        final = timeout <= LONG_POLL
-        end = time.monotonic() + min(timeout, LONG_POLL)
-        while True:
-            left = end - time.monotonic()
-            if final and left <= _POLL_CHUNK and not stopping():
-                return self.backend.wait_vm(env.id, vm_name, max(left, 0.05))
-            vm = self.backend.poll_vm(env.id, vm_name, min(_POLL_CHUNK, max(left, 0.05)))
-            if vm.state != "booting" or time.monotonic() >= end or stopping():
-                return vm
+        window = min(timeout, LONG_POLL)
+        end = time.monotonic() + window
+        if timeout > LONG_POLL:  # not the last wait: never gives up on the VM
+            return self.backend.poll_vm(env.id, vm_name, window, stop=stopping)
+        vm = self.backend.poll_vm(env.id, vm_name, max(0.0, window - _LAST_PROBE), stop=stopping)
+        if vm.state != "booting" or stopping():
+            return vm
+        return self.backend.wait_vm(env.id, vm_name, max(0.05, end - time.monotonic()))
 
     def snapshot(self, owner: str, ref: str, vm_name: str, name: str) -> None:
         env, _ = self.vm(owner, ref, vm_name)
-        with _monitor_refusal():
-            self.backend.snapshot(env.id, vm_name, name)
+        self.backend.snapshot(env.id, vm_name, name)
 
     def revert(self, owner: str, ref: str, vm_name: str, name: str) -> None:
         env, _ = self.vm(owner, ref, vm_name)
-        with _monitor_refusal():
-            self.backend.revert(env.id, vm_name, name)
+        self.backend.revert(env.id, vm_name, name)
 
     def console(self, owner: str, ref: str, vm_name: str, tail: int) -> str:
         env, _ = self.vm(owner, ref, vm_name)
         return self.backend.console(env.id, vm_name, tail)
-
-
-@contextmanager
-def _monitor_refusal() -> Iterator[None]:
-    """qemu refusing a savevm/loadvm (no such snapshot, a VM state that cannot be saved) is the
-    request's fault: UsageError (400), not a server error."""
-    try:
-        yield
-    except TTError as exc:
-        if type(exc) is not TTError:
-            raise
-        raise UsageError(exc.message, exc.hint) from None
 
 
 def spec_of(name: str, vms: list[tuple[str, str, Resources]], client_pubkey: str, ttl: float | None,
