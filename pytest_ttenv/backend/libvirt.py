@@ -384,7 +384,7 @@ class LibvirtEngine:
                 cpus, mem = conn.node()
                 free = None if host.mem_mib is not None else conn.free_mem_mib()
             except HostDown as exc:
-                down.append(f"host {host.label} unreachable: {exc.message}")
+                down.append(exc.message)
                 continue
             caps.append(Capacity(host.uri, host.cpu or cpus, host.mem_mib or mem, free))
         return caps, down
@@ -404,10 +404,10 @@ class LibvirtEngine:
 
     def place(self, vms: Sequence[VmSpec], held: Sequence[VmInfo]) -> list[str]:
         caps, down = self.capacities()
-        for line in down:
-            self.progress(f"{line}; placing VMs on the other hosts")
         if not caps:
             raise TTError(f"no libvirt host reachable: {'; '.join(down)}", START_HINT)
+        for line in down:
+            self.progress(f"{line}; placing VMs on the other hosts")
         live = [vm for vm in held if vm.state in ("creating", "booting", "running")]
         return place(vms, caps, live)
 
@@ -467,12 +467,13 @@ class LibvirtEngine:
 
     def _base(self, host: Host, pool: Pool, image: ImageInfo) -> tuple[str, str | None, str | None]:
         """Paths on the host of the image's disk, kernel and initrd (uploaded once to a remote host)."""
-        files = [image.disk, image.kernel, image.initrd]
-        if not host.remote:
-            return str(image.file(image.disk)), *(str(image.file(f)) if f else None for f in files[1:])  # type: ignore[return-value]
-        paths = [self._upload_once(host, pool, image, f) if f else None for f in files]
-        assert paths[0] is not None
-        return paths[0], paths[1], paths[2]
+
+        def path(file: str | None) -> str | None:
+            if file is None:
+                return None
+            return self._upload_once(host, pool, image, file) if host.remote else str(image.file(file))
+
+        return path(image.disk) or "", path(image.kernel), path(image.initrd)
 
     def _upload_once(self, host: Host, pool: Pool, image: ImageInfo, file: str) -> str:
         """The path on the host of image file ``file``: uploaded and verified if no complete copy
