@@ -309,3 +309,31 @@ def test_env_spread_over_two_hosts_survives_losing_one(
         if vm.host == b.uri:
             with pytest.raises(OSError):
                 socket.create_connection((b.addr, vm.port), timeout=2).close()
+
+
+def test_server_runs_the_libvirt_engine(
+    tmp_path: Path, hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+) -> None:
+    """ttenv serve --engine libvirt: quotas from the host's (overridden) capacity, an ENV created and
+    deleted through the API (deleted while booting: no boot needed), nothing left on the host."""
+    from server_fixture import image_dir_with, start_server
+
+    (image,) = images("debian-12")
+    host = hosts()
+    server = start_server(tmp_path, image_dir_with(tmp_path / "images", [image]),
+                          options=["--engine", "libvirt", "--libvirt-uri", f"{host.uri}#cpu=3&mem=2048"])  # fmt: skip
+    try:
+        client = server.backend()
+        status = client.status()
+        assert status["engine"] == "libvirt" and status["totals"]["cpu"] == 3 and status["totals"]["mem_mib"] == 2048
+        spec = EnvSpec("SRV", (VmSpec("vm1", image.name, Resources(1, 256)),), KeyPair.generate("c").public)
+        vm = client.create_env(spec).vms[0]
+        assert (vm.engine, vm.host, vm.console, vm.state) == ("libvirt", "", "", "booting")  # no host details leak
+        assert len(host.domains()) == 1
+        with pytest.raises(QuotaError):  # 4 x 512 MiB does not fit what is left of 2048 MiB
+            client.create_env(EnvSpec("BIG", tuple(VmSpec(f"v{i}", image.name, Resources(1, 512)) for i in range(4)),
+                                      KeyPair.generate("c").public))  # fmt: skip
+        client.delete_env("SRV")
+        assert host.domains() == [] and host.volumes() == []
+    finally:
+        server.cleanup()
