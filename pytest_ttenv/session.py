@@ -258,7 +258,9 @@ class EnvSession:
         self.close_connection(name)
         self.backend.revert(self.env.id, name, BOOT_SNAPSHOT)
         self._new_generation(name)
-        self.connection(name).run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
+        conn = self.connection(name)
+        conn.run("true", timeout=30)  # connect first: under TCG that takes seconds, which the clock would lag by
+        conn.run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
 
     def reboot(self, name: str, timeout: float | None = None) -> None:
         """Reboot the guest; return once SSH answers in its new boot (within ``timeout``, default

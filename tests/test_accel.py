@@ -55,6 +55,6 @@ def test_explicit_kvm_is_trusted_when_nothing_can_probe(probed: list[str]) -> No
 
 def test_boot_timeout_scales_for_cloud_init_images_and_foreign_arches() -> None:
     base = accel.boot_timeout("tcg", HOST)
-    assert accel.boot_timeout("tcg", HOST, access="cloud-init") == 2 * base
+    assert accel.boot_timeout("tcg", HOST, access="cloud-init") == 3 * base
     foreign = "riscv64" if HOST != "riscv64" else "x86_64"
     assert accel.boot_timeout("tcg", foreign) == 2.5 * base

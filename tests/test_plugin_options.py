@@ -98,7 +98,8 @@ def test_unreachable_backend_is_one_line(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-p", "no:cacheprovider", "--tt-os=debian12", "--tt-backend=http://127.0.0.1:9")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert [ln for ln in result.stderr.lines if ln.strip()] == [
-        "ERROR: ttenv: backend http://127.0.0.1:9: remote host servers are not supported yet (use --backend local)"
+        "ERROR: ttenv: cannot reach the ttenv server at http://127.0.0.1:9: connection refused "
+        "(check the URL and that `ttenv serve` runs there)"
     ]
 
 

@@ -275,6 +275,7 @@ def test_oversize_bodies_are_413(srv: Server) -> None:
         ("GET", "/v1/envs/x/vms/y/console?tail=5000", None),
         ("POST", "/v1/envs/x/vms/y/wait?timeout=-1", None),
     ],
+    ids=lambda v: None if not isinstance(v, bytes) else f"body{len(v)}",  # stable ids: bodies hold a random key
 )
 def test_malformed_requests_are_422(srv: Server, method: str, path: str, body: bytes | None) -> None:
     status, _, data = raw(srv, method, path, body, {"Content-Type": "application/json"})
@@ -415,6 +416,24 @@ def test_expired_lease_is_reaped_within_seconds(srv: Server) -> None:
     gone = time.monotonic() - started
     assert 3 <= gone < 10, f"reaped after {gone:.1f} s"
     assert not rundir.exists() and qemu_of(rundir) == [] and port_free(env.vms[0].port)
+
+
+@pytest.mark.vm
+def test_public_addr_is_what_clients_are_told(tmp_path: Path, image: ImageInfo) -> None:
+    options = ["--public-addr", "tt.example", "--default-lease", "120", "--max-lease", "600"]
+    server = start_server(tmp_path, image_dir_with(tmp_path / "images", [image]), options=options)
+    try:
+        alice = server.backend("alice")
+        assert alice.status()["public_addr"] == "tt.example"
+        env = alice.create_env(EnvSpec("PUB", (VmSpec("vm1", IMAGE, Resources(1, 256)),), PUB, accel="tcg"))
+        assert env.vms[0].address == "tt.example" and env.vms[0].port > 0  # forwarded on 127.0.0.1, announced so
+        assert env.expires is not None and 100 < env.expires - time.time() <= 120  # --default-lease
+        renewed = alice.renew("PUB", 10_000).expires
+        assert renewed is not None and renewed - time.time() <= 600  # --max-lease
+        assert env.vms[0].console == "" and env.vms[0].pid == 0 and env.rundir == ""  # server-side details
+        alice.delete_env("PUB")
+    finally:
+        server.cleanup()
 
 
 # -- many clients ----------------------------------------------------------------------------------------
