@@ -41,6 +41,7 @@ from conftest import IMAGE_ROOT
 from leftovers import leftovers, port_free, qemu_pids_under
 from libvirt_hosts import LibvirtHost, missing
 
+pytest_plugins = ["pytester"]
 BOOT = 900.0  # seconds a VM may take to answer SSH here (TCG, 2 cores shared with other VMs)
 
 
@@ -301,8 +302,8 @@ def test_env_spread_over_two_hosts_survives_losing_one(
     assert backend.list_envs() == [] and leftovers(state) == []
     assert a.domains() == [] and a.volumes() == [] and all(port_free(vm.port) for vm in up if vm.host == a.uri)
     assert b.domains() and (state / PENDING_FILE).exists()  # B's remains wait for it to come back
-    b.start()
-    backend.gc()
+    b.start()  # host B is back: `ttenv gc` (a new process: this one waits 10 s before retrying a host) sweeps it
+    LocalBackend(IMAGE_ROOT, state, engine="libvirt", libvirt_uris=uris).gc()
     assert b.domains() == [] and not (state / PENDING_FILE).exists()
     assert [v for v in b.volumes() if not v.startswith("ttenv-img-")] == []  # only the image cache stays
     for vm in up:
@@ -337,3 +338,22 @@ def test_server_runs_the_libvirt_engine(
         assert host.domains() == [] and host.volumes() == []
     finally:
         server.cleanup()
+
+
+def test_plugin_engine_options_reach_the_backend(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, images: Callable[..., list[ImageInfo]]
+) -> None:
+    """--tt-engine=libvirt --tt-libvirt-uri=... make the session's ENV on that libvirtd: one that is
+    not running is one usage-error line saying how to start it (no VM is booted)."""
+    if missing() and "libvirt-python" in (missing() or ""):
+        pytest.skip(missing() or "")
+    images("debian-12")
+    monkeypatch.setenv("TTENV_IMAGE_DIR", str(IMAGE_ROOT))
+    monkeypatch.setenv("TTENV_STATE_DIR", str(tmp_path / "state"))
+    pytester.makepyfile("def test_x(tt_vm):\n    pass\n")
+    uri = f"qemu:///system?socket={tmp_path}/x"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--tt-os=debian12", "--tt-arch=x86_64",
+                                           "--tt-engine=libvirt", f"--tt-libvirt-uri={uri}")  # fmt: skip
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [ln for ln in result.stderr.lines if ln.strip()]
+    assert len(errors) == 1 and "no libvirt host reachable" in errors[0] and "libvirtd -d" in errors[0], errors
