@@ -113,6 +113,8 @@ class VmInfo:
     pid: int = 0
     error: str = ""
     boot_seconds: float = 0.0
+    engine: str = "qemu"  # how it runs: qemu (a process on this machine) | libvirt
+    host: str = ""  # the libvirt URI of its host ('' for this machine)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

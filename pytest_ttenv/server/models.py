@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pytest_ttenv.backend.engine import host_label
 from pytest_ttenv.backend.model import EnvInfo, ImageInfo, VmInfo
 
 # no lookahead (JSON Schema and pydantic's regex engine have none): a dot is followed by a non-dot
@@ -84,10 +85,12 @@ class Vm(BaseModel):
     pid: int = Field(description="always 0 (a server-side detail)")
     error: str
     boot_seconds: float = Field(description="seconds from start to SSH once running; the start time while booting")
+    engine: str = Field("qemu", description="how it runs: qemu or libvirt")
+    host: str = Field("", description="the libvirt host it runs on (its name; empty for the server's own machine)")
 
     @classmethod
     def of(cls, vm: VmInfo) -> Vm:
-        data: dict[str, Any] = vm.to_dict() | {"console": "", "pid": 0}
+        data: dict[str, Any] = vm.to_dict() | {"console": "", "pid": 0, "host": host_label(vm.host)}
         return cls.model_validate(data)
 
 
