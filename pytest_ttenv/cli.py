@@ -40,10 +40,37 @@ def _backend(args: argparse.Namespace, progress: bool = True) -> LocalBackend:
 
 def _env_backend(args: argparse.Namespace, progress: bool = True) -> Backend:
     """The backend of the env commands: ``--backend`` (local or a server URL, default
-    ``$TTENV_BACKEND`` or local) with ``--token`` (default ``$TTENV_TOKEN``)."""
+    ``$TTENV_BACKEND`` or local) with ``--token`` (default ``$TTENV_TOKEN``); ``env add`` also takes
+    ``--engine``/``--libvirt-uri`` (local backend only: a server's engine is its own)."""
     spec = args.backend or os.environ.get("TTENV_BACKEND") or "local"
+    engine, uris = getattr(args, "engine", "qemu"), _uris(args) if hasattr(args, "libvirt_uri") else []
+    if spec != "local" and (engine != "qemu" or uris):
+        raise UsageError("--engine and --libvirt-uri apply to the local backend",
+                         "a server runs the engine it was started with: ttenv serve --engine libvirt")  # fmt: skip
     return get_backend(spec, image_dir=args.image_dir, state_dir=args.state_dir,
-                       progress=_out if progress else None, token=args.token)  # fmt: skip
+                       progress=_out if progress else None, token=args.token, engine=engine,
+                       libvirt_uris=uris)  # fmt: skip
+
+
+def _engine_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--engine`` and ``--libvirt-uri`` (repeatable; defaults ``$TTENV_ENGINE``, ``$TTENV_LIBVIRT_URI``)."""
+    p.add_argument(
+        "--engine",
+        choices=("qemu", "libvirt"),
+        default=os.environ.get("TTENV_ENGINE") or "qemu",
+        help=f"how {what} VMs run: qemu processes (default) or libvirt domains on --libvirt-uri hosts",
+    )
+    env_uris = [u for u in os.environ.get("TTENV_LIBVIRT_URI", "").replace(",", " ").split() if u]
+    p.add_argument("--libvirt-uri", action="append", metavar="URI", default=None,
+                   help="a libvirt host, repeatable: qemu:///system (default), qemu+ssh://root@hostB/system, "
+                   "each optionally URI#cpu=N&mem=SIZE&addr=ADDRESS to override its capacity and VM address"
+                   + (f" (default from TTENV_LIBVIRT_URI: {' '.join(env_uris)})" if env_uris else ""))  # fmt: skip
+    p.set_defaults(libvirt_uri_env=env_uris)
+
+
+def _uris(args: argparse.Namespace) -> list[str]:
+    uris: list[str] = args.libvirt_uri or args.libvirt_uri_env
+    return uris
 
 
 # -- doctor -------------------------------------------------------------------------------------
@@ -393,7 +420,9 @@ def cmd_env_del(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    backend = _backend(args, progress=False)
+    uris = _uris(args)
+    backend = LocalBackend(args.image_dir, args.state_dir, progress=_out, engine="libvirt" if uris else "qemu",
+                           libvirt_uris=uris)  # fmt: skip
     from pytest_ttenv.session import reap_session_dirs
 
     reaped = backend.gc()
@@ -420,8 +449,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cpu_total=args.cpu_total,
         mem_total=parse_mib(args.mem_total, "--mem-total") if args.mem_total else None,
         disk_total=parse_mib(args.disk_total, "--disk-total") if args.disk_total else None,
-        engine=args.engine, default_lease=args.default_lease, max_lease=args.max_lease, log_level=args.log_level,
-        out=_out,
+        engine=args.engine, libvirt_uris=_uris(args), default_lease=args.default_lease, max_lease=args.max_lease,
+        log_level=args.log_level, out=_out,
     )  # fmt: skip
 
 
@@ -557,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm (default): start from a saved post-boot state of the image; cold: boot")  # fmt: skip
     p.add_argument("--boot-timeout", type=float, help="seconds to wait for SSH (default: scaled by accel/arch)")
     p.add_argument("--ttl", type=float, help="lease in seconds; expired ENVs are reaped by ttenv gc")
+    _engine_options(p, "the ENV's")
     p.set_defaults(func=cmd_env_add)
     p = env.add_parser("list", parents=[common, remote], help="all ENVs")
     p.set_defaults(func=cmd_env_list)
@@ -582,7 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_env_del)
 
     p = sub.add_parser("gc", parents=[common], help="reap ENVs whose owner died or whose lease expired")
-    p.set_defaults(func=cmd_gc)
+    p.add_argument("--libvirt-uri", action="append", metavar="URI", default=None,
+                   help="also sweep these libvirt hosts for strays of this state dir (hosts that missed a delete "
+                   "are swept anyway)")  # fmt: skip
+    p.set_defaults(func=cmd_gc, libvirt_uri_env=[])
 
     p = sub.add_parser("serve", parents=[common], help="run the host server: this host's VMs behind a REST API")
     p.add_argument(
@@ -604,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MiB",
         help="overlay disk all ENVs may hold, MiB or 200G (default: 80%% of the free disk of the state dir)",
     )
-    p.add_argument("--engine", default="qemu", help="how VMs run: qemu (libvirt comes later)")
+    _engine_options(p, "the server's")
     p.add_argument(
         "--default-lease",
         type=float,

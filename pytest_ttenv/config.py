@@ -6,6 +6,7 @@ built-in default. Bad values raise UsageError with one line saying what is accep
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,10 @@ SETTINGS = (
     Setting("token", "bearer token for a ttenv server backend", "", metavar="TOKEN"),
     Setting("lease", "seconds a server keeps the session's ENV after its last renewal (renewed every quarter "
             "of it while pytest runs; a killed session's VMs are reaped after it)", "180", metavar="SECONDS"),
-    Setting("engine", "how VMs run on the host", "qemu", ("qemu",)),
+    Setting("engine", "how VMs run (local backend): qemu processes, or libvirt domains on --tt-libvirt-uri hosts",
+            "qemu", ("qemu", "libvirt")),
+    Setting("libvirt_uri", "with --tt-engine=libvirt: the hosts, libvirt URIs separated by commas or spaces, each "
+            "optionally URI#cpu=N&mem=SIZE&addr=ADDRESS (default qemu:///system)", "", metavar="URIS"),
     Setting("accel", "accelerator: auto probes KVM and falls back to TCG", "auto", ("auto", "kvm", "tcg")),
     Setting("cpu", "vCPUs per VM", "2", metavar="N"),
     Setting("mem", "memory per VM (MiB, or 1G)", "512", metavar="SIZE"),
@@ -75,6 +79,7 @@ class TTConfig:
     token: str
     lease: float
     engine: str
+    libvirt_uri: tuple[str, ...]
     accel: str
     cpu: int
     mem_mib: int
@@ -128,6 +133,8 @@ def resolve(values: dict[str, str]) -> TTConfig:
         raise UsageError(f"--tt-lease={values['lease']!r} is not a number of seconds") from None
     if lease < 2:
         raise UsageError(f"--tt-lease={values['lease']} is too short", "give at least 2 seconds (default 180)")
+    if values["libvirt_uri"] and values["engine"] != "libvirt":
+        raise UsageError("--tt-libvirt-uri needs --tt-engine=libvirt")
     return TTConfig(
         os=tuple(split_prefixes([values["os"]])),
         arch=tuple(canonical_arch(a) for a in split_prefixes([values["arch"]])),
@@ -135,6 +142,7 @@ def resolve(values: dict[str, str]) -> TTConfig:
         token=values["token"],
         lease=lease,
         engine=values["engine"],
+        libvirt_uri=tuple(u for u in re.split(r"[\s,]+", values["libvirt_uri"]) if u),
         accel=values["accel"],
         cpu=cpu,
         mem_mib=parse_mib(values["mem"], "--tt-mem"),

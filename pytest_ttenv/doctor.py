@@ -11,6 +11,7 @@ from pytest_ttenv.backend import accel
 from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.naming import ARCHES
 from pytest_ttenv.backend.qemu import QEMU_BINARY, QEMU_PACKAGE, version
+from pytest_ttenv.errors import TTError
 
 MIN_FREE_GIB = 5.0
 
@@ -58,6 +59,7 @@ def run_checks(store: ImageStore, probe: bool = True) -> list[Check]:
     checks.append(_tool("cpio", "cpio", "building the initramfs", required=not store.all()))
     checks.append(_tool("ssh", "openssh-client", "logging in by hand to kept VMs", required=False))
     checks.append(_accel_check(store, probe))
+    checks.append(_libvirt_check())
     checks.append(_disk_check(store))
     images = store.all()
     detail = ", ".join(i.name for i in images) if images else "none yet"
@@ -80,6 +82,27 @@ def _accel_check(store: ImageStore, probe: bool) -> Check:
         return Check("accelerator", True, "/dev/kvm opens; not probed yet (needs an image: probed at first boot)",
                      required=False)  # fmt: skip
     return Check("accelerator", True, f"{verdict.name} ({verdict.reason})", required=False)
+
+
+def _libvirt_check(uri: str = "qemu:///system") -> Check:
+    """The libvirt engine (optional): libvirt-python, and a libvirtd answering at ``uri``."""
+    from pytest_ttenv.backend import virt
+
+    why = virt.available()
+    if why:
+        return Check("libvirt", False, "libvirt-python missing (only for --engine libvirt)", virt.INSTALL_HINT,
+                     required=False)  # fmt: skip
+    try:
+        conn = virt.open_conn(uri, timeout=5.0)
+    except virt.HostDown as exc:
+        return Check("libvirt", False, f"{exc.message} (only for --engine libvirt)", virt.START_HINT, required=False)
+    try:
+        cpus, mem = conn.node()
+    except TTError as exc:
+        return Check("libvirt", False, str(exc), required=False)
+    finally:
+        conn.close()
+    return Check("libvirt", True, f"libvirtd at {uri}: {cpus} CPUs, {mem} MiB (--engine libvirt)", required=False)
 
 
 def _disk_check(store: ImageStore) -> Check:

@@ -96,7 +96,8 @@ def pytest_configure(config: pytest.Config) -> None:
     _install_guards(config)  # before the first VM starts: a SIGTERM during boot cleans up too
     try:
         say = _progress(config)
-        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, progress=say)
+        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, progress=say,
+                              engine=cfg.engine, libvirt_uris=cfg.libvirt_uri)  # fmt: skip
         state.vms = _matrix(config, cfg, backend)
         state.session = EnvSession.create(cfg, state.vms, backend, warn=say)
     except TTError as exc:

@@ -142,7 +142,8 @@ class EnvSession:
     @classmethod
     def attach(cls, cfg: TTConfig, data: dict[str, Any]) -> EnvSession:
         """The ENV the controller created, in an xdist worker."""
-        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token)
+        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, engine=cfg.engine,
+                              libvirt_uris=cfg.libvirt_uri)  # fmt: skip
         return cls(cfg, backend, EnvInfo.from_dict(data["env"]), Path(data["workdir"]), controller=False)
 
     # -- per VM --------------------------------------------------------------------------------

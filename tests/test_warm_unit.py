@@ -218,8 +218,8 @@ def test_argv_of_a_warm_vm(tmp_path: Path) -> None:
     image = fake_image(tmp_path)
     x = tmp_path / "x"
     cfg = warm.qemu_config(image, "tcg", RES, name="e/vm", disk=x, seed=x, port=2222, rundir=tmp_path, qmp=x,
-                           identity=tmp_path / "vm.id", machine_id="ab" * 16, vmgenid="g-u-i-d",
-                           incoming="exec:cat state")  # fmt: skip
+                           identity=tmp_path / "vm.id", cmdline=warm.machine_cmdline(image, "ab" * 16),
+                           vmgenid="g-u-i-d", incoming="exec:cat state")  # fmt: skip
     argv = " ".join(qemu.build_argv(cfg))
     assert f"socket,id=identity,path={tmp_path / 'vm.id'},server=on,wait=off" in argv
     assert "virtserialport,chardev=identity,name=org.ttenv.identity" in argv

@@ -81,9 +81,12 @@ def get_backend(
     state_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
     token: str | None = None,
+    engine: str = "qemu",
+    libvirt_uris: Sequence[str] = (),
 ) -> Backend:
-    """The backend named by ``spec``: ``local`` (this host), ``http(s)://host:port`` (a ``ttenv
-    serve`` host server; ``token`` or ``$TTENV_TOKEN`` is its bearer token), or a registered scheme."""
+    """The backend named by ``spec``: ``local`` (this host; ``engine`` qemu, or libvirt on the hosts
+    ``libvirt_uris``), ``http(s)://host:port`` (a ``ttenv serve`` host server, which chooses its own
+    engine; ``token`` or ``$TTENV_TOKEN`` is its bearer token), or a registered scheme."""
     scheme = spec.split("://", 1)[0] if "://" in spec else spec
     factory = _factory(scheme)
     if factory is not None:
@@ -91,7 +94,7 @@ def get_backend(
     if spec in ("", "local"):
         from pytest_ttenv.backend.local import LocalBackend
 
-        return LocalBackend(image_dir, state_dir, progress=progress)
+        return LocalBackend(image_dir, state_dir, progress=progress, engine=engine, libvirt_uris=libvirt_uris)
     if spec.startswith(("http://", "https://")):
         from pytest_ttenv.backend.http import HttpBackend
 

@@ -1,10 +1,15 @@
-"""The local backend: ENVs of qemu VMs on this host, state in sqlite, one run dir per ENV.
+"""The local backend: ENVs of VMs run by an engine, state in sqlite, one run dir per ENV.
 
 Run dir layout: ``<state>/envs/<env id>/owner.json`` and one directory per VM holding
-``overlay.qcow2`` (linked clone of the image), ``seed.iso``, ``console.log``, ``qemu.log``
-and ``qemu.pid``. QMP sockets live in ``$TMPDIR/ttenv-<uid>/<env id>/`` (short paths).
-Deleting an ENV stops its qemu processes and removes its run dir, socket dir and rows;
-nothing else on the host refers to it.
+``seed.iso`` and, with the qemu engine, ``overlay.qcow2`` (linked clone of the image),
+``console.log``, ``qemu.log`` and ``qemu.pid``. QMP sockets live in ``$TMPDIR/ttenv-<uid>/<env
+id>/`` (short paths). Deleting an ENV stops its VMs and removes its run dir, socket dir and rows;
+with the qemu engine nothing else on the host refers to it (the libvirt engine removes its
+domains and volumes on their hosts: ``libvirt.py``).
+
+Engines (``engine.py``): ``qemu`` (default; a process per VM) or ``libvirt`` (domains on the
+hosts given by ``libvirt_uris``, placed by free capacity, an ENV may span hosts). Every VM
+records its engine and host, so ENVs are shown and deleted whatever engine is configured.
 
 Behind the host server (``ttenv serve``) the same backend forwards SSH ports on the server's
 address (``bind_addr``), announces ``public_addr`` to clients, and keeps ENV names unique per
@@ -19,20 +24,28 @@ import json
 import os
 import queue
 import random
-import re
 import secrets
 import shutil
 import socket
 import sqlite3
-import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pytest_ttenv.backend import accel as accel_mod
 from pytest_ttenv.backend import qemu, warm
+from pytest_ttenv.backend.engine import (
+    ENGINES,
+    Engine,
+    QemuEngine,
+    Start,
+    host_label,
+    identity_path,
+    qmp_path,
+    tail_file,
+)
 from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.backend.naming import check_env_name, match_prefixes
@@ -42,11 +55,15 @@ from pytest_ttenv.backend.seed import KeyPair, SeedData, write_seed_iso
 from pytest_ttenv.backend.store import Store
 from pytest_ttenv.errors import BootError, NotFound, TTError, UsageError, from_os_error
 
+if TYPE_CHECKING:
+    from pytest_ttenv.backend.libvirt import LibvirtEngine
+
+__all__ = ["PORT_RANGE", "LocalBackend", "ssh_banner", "tail_file"]
+
 PORT_RANGE = (10022, 32767)  # below Linux's ephemeral range, so outgoing connections never take them
 MAX_CPU = 64
 MIN_MEM_MIB = 128
 _SOCKET_PATH_MAX = 107
-_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
 def _free_ports(bind_addr: str = "127.0.0.1") -> Iterator[int]:
@@ -71,26 +88,14 @@ def ssh_banner(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def tail_file(path: Path, lines: int) -> str:
-    """The last ``lines`` lines of a log file, terminal escapes and CRs removed ('' if absent)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            data = f.read()
-    except OSError:
-        return ""
-    text = _ANSI.sub(b"", data).decode(errors="replace")
-    return "\n".join(text.splitlines()[-lines:])
-
-
 class LocalBackend:
     """ENVs on this host. ``progress`` receives one human-readable line per step.
 
     ``bind_addr``: host address VM SSH ports are forwarded on (an IPv4 address; 0.0.0.0 for
     all). ``public_addr``: the address put into ``VmInfo.address`` (default: ``bind_addr``, or
     127.0.0.1 when that is 0.0.0.0). ``names_per_owner``: ENV names are unique per owner, not per
-    host (the server's mode).
+    host (the server's mode). ``engine``: how new VMs run, ``qemu`` or ``libvirt`` on the hosts
+    ``libvirt_uris`` (default ``qemu:///system``; see ``libvirt.parse_host`` for the syntax).
     """
 
     name = "local"
@@ -104,7 +109,11 @@ class LocalBackend:
         bind_addr: str = "127.0.0.1",
         public_addr: str | None = None,
         names_per_owner: bool = False,
+        engine: str = "qemu",
+        libvirt_uris: Sequence[str] = (),
     ) -> None:
+        if engine not in ENGINES:
+            raise UsageError(f"unknown engine {engine!r}", f"use one of {', '.join(ENGINES)}")
         self.image_store = ImageStore(image_dir(image_root))
         self.state = state_dir(state_root)
         try:
@@ -115,13 +124,38 @@ class LocalBackend:
             raise TTError(f"cannot open the state store {self.state / 'state.sqlite'}: {exc}",
                           "check permissions and free space, or set TTENV_STATE_DIR") from None  # fmt: skip
         self.progress = progress or (lambda line: None)
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self.bind_addr = bind_addr
         self._probe_addr = "127.0.0.1" if bind_addr == "0.0.0.0" else bind_addr  # where wait_vm looks for sshd
         self.public_addr = public_addr or self._probe_addr
         self.names_per_owner = names_per_owner
+        self.engine = engine
+        self.libvirt_uris = tuple(libvirt_uris)
+        self._qemu = QemuEngine(bind_addr, self._probe_addr)
+        self._libvirt: LibvirtEngine | None = None
         self._lock = threading.RLock()  # starting a VM vs deleting its ENV, within this process
         self._starter: _Starter | None = None
+        if engine == "libvirt":
+            self._libvirt_engine()  # bad URIs and a missing libvirt-python are reported now
+        elif self.libvirt_uris:
+            raise UsageError("--libvirt-uri needs --engine libvirt")
+
+    # -- engines ----------------------------------------------------------------------------
+    def _libvirt_engine(self) -> LibvirtEngine:
+        if self._libvirt is None:
+            from pytest_ttenv.backend.libvirt import LibvirtEngine
+
+            self._libvirt = LibvirtEngine(
+                self.libvirt_uris, self.state, bind_addr=self.bind_addr, probe_addr=self._probe_addr,
+                progress=self.progress,
+            )  # fmt: skip
+        return self._libvirt
+
+    def _engine_of(self, vm: VmInfo) -> Engine:
+        """The engine that runs ``vm`` (recorded with it, whatever this backend creates now)."""
+        return self._libvirt_engine() if vm.engine == "libvirt" else self._qemu
+
+    def _new_engine(self) -> Engine:
+        return self._libvirt_engine() if self.engine == "libvirt" else self._qemu
 
     # -- images -----------------------------------------------------------------------------
     def images(self) -> list[ImageInfo]:
@@ -177,8 +211,12 @@ class LocalBackend:
                 probe = self._probe_image(image.arch) if image.kernel is None else None
                 accels[image.arch] = accel_mod.choose(spec.accel, image, probe)
         owner = spec.owner or _user()
-        warm_keys = {vm.name: self._warm_key(spec, vm, image, accels[image.arch].name, owner) for vm, image in plan}
+        engine = self._new_engine()
+        warm_keys = {vm.name: self._warm_key(spec, vm, image, accels[image.arch].name, owner, engine)
+                     for vm, image in plan}  # fmt: skip
         self.gc()
+        held = [vm for env in self.store.list_envs() for vm in env.vms if vm.engine == engine.name]
+        hosts = engine.place([vm for vm, _ in plan], held)
         env_id = secrets.token_hex(6)
         rundir = self.state / "envs" / env_id
         longest = max(len(str(_qmp_path(env_id, n))) for n in names)
@@ -201,31 +239,86 @@ class LocalBackend:
             (rundir / "owner.json").write_text(json.dumps({"pid": spec.owner_pid, "start": owner_start}))
             self.store.add_env(info, spec.owner_pid, owner_start)
             pending: dict[str, list[tuple[VmSpec, ImageInfo, accel_mod.Accel]]] = {}
-            for vm, image in plan:
+            for (vm, image), host in zip(plan, hosts, strict=True):
                 acc, keyed = accels[image.arch], warm_keys[vm.name]
                 template = self._template(image, keyed[0]) if keyed else None
-                self._start_vm(info, spec, vm, image, acc, warm_start=keyed is not None, template=template)
+                self._start_vm(info, spec, vm, image, acc, engine, host, warm_start=keyed is not None,
+                               template=template)  # fmt: skip
                 if keyed and template is None:
                     pending.setdefault(keyed[0], []).append((vm, image, acc))
         except BaseException:
             self._undo_create(env_id, rundir, sockets)
             raise
         for key, vms in pending.items():  # made (or waited for) in the background; the VMs start then
-            inputs = warm_keys[vms[0][0].name]
-            assert inputs is not None
-            threading.Thread(target=self._make_then_start, args=(env_id, spec, key, inputs[1], vms),
+            keyed = warm_keys[vms[0][0].name]
+            assert keyed is not None
+            threading.Thread(target=self._make_then_start, args=(env_id, spec, key, keyed[1], vms),
                              name=f"ttenv-template-{key}", daemon=True).start()  # fmt: skip
         return self.show_env(env_id)
 
+    def _start_vm(
+        self, env: EnvInfo, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel, engine: Engine,
+        host: str, *, warm_start: bool = False, template: warm.Template | None = None,
+    ) -> None:  # fmt: skip
+        """Prepare the VM (run dir, host key, seed, port) and start it: cold, or (``warm_start``) from
+        ``template`` - or, with none yet, leave it ``booting`` with pid 0 until its template is made."""
+        vmdir = Path(env.rundir) / vm.name
+        vmdir.mkdir()
+        host_key = KeyPair.generate(f"ttenv-{vm.name}")
+        resize = vm.resources.disk_mib > image.disk_mib
+        machine_id = secrets.token_hex(16)
+        write_seed_iso(
+            SeedData(vm.name, f"{env.id}-{vm.name}", image.user, spec.client_pubkey, host_key, resize=resize),
+            vmdir / "seed.iso",
+        )
+        info = VmInfo(
+            name=vm.name, image=image.name, os=image.os, version=image.version, arch=image.arch,
+            state="booting", address=engine.address(host) or self.public_addr, user=image.user,
+            host_key=host_key.public, resources=vm.resources, accel=acc.name, engine=engine.name, host=host,
+            boot="warm" if warm_start else "cold", boot_seconds=time.time(),
+        )  # fmt: skip
+        (vmdir / "machine-id").write_text(machine_id)
+        if warm_start:  # what makes it its own machine once it runs (wait_vm sends it, then deletes this)
+            ident = warm.Identity(vm.name, machine_id, image.user, spec.client_pubkey, host_key)
+            with open(os.open(vmdir / "identity.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                json.dump(ident.to_dict(), f)
+        info.port = self.store.reserve_port(env.id, info, self._ports(engine, host))
+        if warm_start and template is None:
+            self.store.update_vm(env.id, info)
+            self.progress(f"{vm.name}: waiting for the warm template of {image.name}")
+            return
+        self._launch(env, spec, vm, image, acc, engine, host, info, template)
+
+    def _ports(self, engine: Engine, host: str) -> Iterator[int]:
+        # a remote host's ports cannot be checked from here: its engine moves a VM whose port is taken
+        return _any_ports() if engine.address(host) else _free_ports(self.bind_addr)
+
+    def _launch(
+        self, env: EnvInfo, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel, engine: Engine,
+        host: str, info: VmInfo, template: warm.Template | None,
+    ) -> None:  # fmt: skip
+        """Hand the prepared VM to its engine: cold, or from ``template``'s saved state."""
+        vmdir = Path(env.rundir) / vm.name
+        cmdline = warm.machine_cmdline(image, (vmdir / "machine-id").read_text())
+        ports = self._ports(engine, host)
+        move = lambda: self.store.reserve_port(env.id, info, ports)  # noqa: E731
+        engine.start(Start(env, spec, vm, image, acc.name, info, vmdir, vmdir / "seed.iso", cmdline, move, template))
+        self.store.update_vm(env.id, info)
+        where = f" on {host_label(host)}" if host_label(host) else ""
+        how = f"warm start from template {template.key}" if template is not None else "booting"
+        self.progress(f"{vm.name}: {how}{where} ({acc.name}, ssh port {info.port})")
+
     # -- warm boot --------------------------------------------------------------------------------
     def _warm_key(
-        self, spec: EnvSpec, vm: VmSpec, image: ImageInfo, accel: str, owner: str
+        self, spec: EnvSpec, vm: VmSpec, image: ImageInfo, accel: str, owner: str, engine: Engine
     ) -> tuple[str, dict[str, object]] | None:
         """The key and inputs of the template ``vm`` starts from, or None: a cold boot (with a
         progress line saying why, unless cold was asked for)."""
         if spec.boot != "warm":
             return None
         why = warm.ineligible(image, vm.resources)
+        if engine.name != "qemu":
+            why = f"warm starts need the qemu engine, not {engine.name}"
         if not why:
             qemu.require(image.arch)  # said now, not by a background template maker
             try:
@@ -238,7 +331,7 @@ class LocalBackend:
 
     def _template(self, image: ImageInfo, key: str) -> warm.Template | None:
         """The complete, verified template ``key`` of ``image``, or None (made in the background
-        then). A template that fails its checksums is removed, saying so."""
+        then). A template that fails its checks is removed, saying so."""
         store = warm.TemplateStore(image)
         template = store.find(key)
         if template is None:
@@ -292,7 +385,7 @@ class LocalBackend:
                     info.boot = "cold"
                     (Path(env.rundir) / vm.name / "identity.json").unlink(missing_ok=True)
                 info.boot_seconds = time.time()  # its boot is timed from here
-                self._launch(env, spec, vm, image, acc, info, template)
+                self._launch(env, spec, vm, image, acc, self._qemu, "", info, template)
             except Exception as exc:  # noqa: BLE001 - reported through the VM's state and wait_vm
                 info.state, info.error = "failed", f"VM {vm.name} could not be started: {exc}"
                 self.store.update_vm(env.id, info)
@@ -310,133 +403,23 @@ class LocalBackend:
         pending = vmdir / "identity.json"
         if not pending.exists():
             return
-        what = f"VM {vm.name}"
         with warm.flock(vmdir / "identity.lock", warm.AGENT_TIMEOUT + 10, f"the identity lock of VM {vm.name}"):
             if not pending.exists():
                 return
             ident = warm.Identity.from_dict(json.loads(pending.read_text()))
-            warm.apply_identity(_identity_path(env.id, vm.name), ident, warm.AGENT_TIMEOUT, what)
+            warm.apply_identity(identity_path(env.id, vm.name), ident, warm.AGENT_TIMEOUT, f"VM {vm.name}")
             pending.unlink()
-
-    def _start_vm(
-        self, env: EnvInfo, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel, *,
-        warm_start: bool = False, template: warm.Template | None = None,
-    ) -> None:  # fmt: skip
-        """Prepare the VM (run dir, host key, seed, port) and start it: cold, or (``warm_start``) from
-        ``template`` - or, with none yet, leave it ``booting`` with pid 0 until its template is made."""
-        vmdir = Path(env.rundir) / vm.name
-        vmdir.mkdir()
-        host_key = KeyPair.generate(f"ttenv-{vm.name}")
-        resize = vm.resources.disk_mib > image.disk_mib
-        machine_id = secrets.token_hex(16)
-        write_seed_iso(
-            SeedData(vm.name, f"{env.id}-{vm.name}", image.user, spec.client_pubkey, host_key, resize=resize),
-            vmdir / "seed.iso",
-        )
-        info = VmInfo(
-            name=vm.name, image=image.name, os=image.os, version=image.version, arch=image.arch,
-            state="booting", address=self.public_addr, user=image.user, host_key=host_key.public,
-            resources=vm.resources, accel=acc.name, console=str(vmdir / "console.log"),
-            boot="warm" if warm_start else "cold", boot_seconds=time.time(),
-        )  # fmt: skip
-        (vmdir / "machine-id").write_text(machine_id)
-        if warm_start:  # what makes it its own machine once it runs (wait_vm sends it, then deletes this)
-            ident = warm.Identity(vm.name, machine_id, image.user, spec.client_pubkey, host_key)
-            with open(os.open(vmdir / "identity.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-                json.dump(ident.to_dict(), f)
-        info.port = self.store.reserve_port(env.id, info, _free_ports(self.bind_addr))
-        if warm_start and template is None:
-            self.store.update_vm(env.id, info)
-            self.progress(f"{vm.name}: waiting for the warm template of {image.name}")
-            return
-        self._launch(env, spec, vm, image, acc, info, template)
-
-    def _launch(
-        self, env: EnvInfo, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel, info: VmInfo,
-        template: warm.Template | None,
-    ) -> None:  # fmt: skip
-        """Start the prepared VM's qemu: from ``template``'s state on a clone of its disk, or cold."""
-        vmdir = Path(env.rundir) / vm.name
-        overlay, seed_iso = vmdir / "overlay.qcow2", vmdir / "seed.iso"
-        machine_id = (vmdir / "machine-id").read_text()
-        if template is not None:
-            qemu.create_overlay(template.disk, overlay)
-            (vmdir / "template").write_text(str(template.path))
-            (vmdir / "console.log").write_text(
-                f"ttenv: warm start from the saved state of {image.name} (template {template.key}, made "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(template.meta.get('created', 0)))}; "
-                f"its boot log: {template.path / 'console.log'})\n"
-            )
-        else:
-            qemu.create_overlay(image.file(image.disk), overlay, vm.resources.disk_mib)
-        cmdline = f"{image.cmdline} systemd.machine_id={machine_id}".strip()
-        uefi_vars = None
-        if image.kernel is None and (image.boot == "uefi" or image.arch == "aarch64"):
-            uefi_vars = qemu.uefi_vars_copy(image.arch, vmdir / "uefi-vars.fd")
-        ports = _free_ports(self.bind_addr)
-        for _attempt in range(5):
-            cfg = qemu.QemuConfig(
-                name=f"{spec.name}/{vm.name}", arch=image.arch, accel=acc.name, resources=vm.resources,
-                disk=overlay, seed=seed_iso,
-                kernel=image.file(image.kernel) if image.kernel else None,
-                initrd=image.file(image.initrd) if image.initrd else None,
-                cmdline=cmdline, port=info.port, console=vmdir / "console.log", qmp=_qmp_path(env.id, vm.name),
-                pidfile=vmdir / "qemu.pid", tcg_cx16=qemu.tcg_cx16_safe(image.arch), uefi_vars=uefi_vars,
-                bind_addr=self.bind_addr,
-            )  # fmt: skip
-            if template is not None:
-                cfg = warm.qemu_config(
-                    image, acc.name, vm.resources, name=cfg.name, disk=overlay, seed=seed_iso, port=info.port,
-                    rundir=vmdir, qmp=cfg.qmp, identity=_identity_path(env.id, vm.name), machine_id=machine_id,
-                    vmgenid=str(uuid.uuid4()), bind_addr=self.bind_addr,
-                    incoming=template.incoming(),
-                )  # fmt: skip
-            proc = qemu.start(
-                cfg, vmdir / "qemu.log", die_with_parent=spec.owner_pid is not None and spec.die_with_owner
-            )
-            info.pid = proc.pid
-            self._procs[proc.pid] = proc
-            if self._wait_monitor(proc, cfg.qmp):
-                break
-            log = tail_file(vmdir / "qemu.log", 5)
-            if "host forwarding" not in log:
-                raise BootError(f"qemu for VM {vm.name} exited at start: {log.splitlines()[-1] if log else ''}")
-            info.port = self.store.reserve_port(env.id, info, ports)  # its port was taken: move it
-        else:
-            raise TTError(f"no usable host port for VM {vm.name} after 5 tries")
-        self.store.update_vm(env.id, info)
-        how = f"warm start from template {template.key}" if template is not None else "booting"
-        self.progress(f"{vm.name}: {how} ({acc.name}, ssh port {info.port})")
 
     def _undo_create(self, env_id: str, rundir: Path, sockets: Path) -> None:
         """Remove whatever a failed or interrupted create_env made, whichever step it reached."""
         try:
             self.store.get_env(env_id)
         except TTError:
-            for pid, vmdir in qemu.ttenv_processes():
-                if vmdir.parent == rundir:
-                    qemu.stop(pid, str(vmdir), _qmp_path(env_id, vmdir.name))
+            self._qemu.reap_rundir(env_id, rundir)
         else:
             self.delete_env(env_id)
         shutil.rmtree(rundir, ignore_errors=True)
         shutil.rmtree(sockets, ignore_errors=True)
-
-    @staticmethod
-    def _wait_monitor(proc: subprocess.Popen[bytes], qmp: Path, timeout: float = 10.0) -> bool:
-        """True once qemu's monitor socket accepts connections; False if qemu exited first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return False
-            if qmp.exists():
-                with socket.socket(socket.AF_UNIX) as s:
-                    try:
-                        s.connect(str(qmp))
-                        return True
-                    except OSError:
-                        pass
-            time.sleep(0.02)
-        return proc.poll() is None
 
     def wait_vm(self, env_ref: str, vm_name: str, timeout: float | None = None) -> VmInfo:
         """Wait until the VM's sshd answers; return its VmInfo (state ``running``). A warm VM is
@@ -468,14 +451,15 @@ class LocalBackend:
         if timeout is None:
             booting = sum(v.state == "booting" for e in self.store.list_envs() for v in e.vms)
             timeout = accel_mod.boot_timeout(vm.accel, vm.arch, booting, self._access(vm.image))
-            if vm.pid == 0:  # waiting for its warm template: that is made first, then the VM starts
+            if _pending(vm):  # waiting for its warm template: that is made first, then the VM starts
                 timeout += warm.template_budget(timeout)
         started = vm.boot_seconds
         deadline = time.monotonic() + timeout
-        marker = str(Path(env.rundir) / vm.name)
+        engine = self._engine_of(vm)
+        probe = engine.probe_addr(vm)
         identified = vm.boot != "warm"
         while True:
-            if vm.pid == 0:  # waiting for its warm template: started by the process making it
+            if _pending(vm):  # started by the process making its template
                 if time.monotonic() >= deadline or (stop is not None and stop()):
                     if not final:
                         return vm
@@ -487,39 +471,37 @@ class LocalBackend:
                     raise BootError(f"VM {vm.name} is {vm.state}: {vm.error}", self.console(env.id, vm.name))
                 identified, started = vm.boot != "warm", vm.boot_seconds
                 continue
-            if not qemu.is_running(vm.pid, marker):
-                self._reap(vm.pid)
-                detail = tail_file(Path(marker) / "qemu.log", 3)
+            why = engine.dead(env, vm)
+            if why:
+                detail = engine.boot_log(env, vm)
                 if not identified:
-                    dropped = self._drop_bad_template(Path(marker), detail)
-                    msg = f"VM {vm.name} died during its warm start (qemu exited) {detail}".strip()
+                    dropped = self._drop_bad_template(Path(env.rundir) / vm.name, detail)
+                    msg = f"VM {vm.name} died during its warm start ({why}) {detail}".strip()
                     return self._boot_failed(env, vm, msg + ("; its template was removed" if dropped else ""))
-                return self._boot_failed(env, vm, f"VM {vm.name} died during boot (qemu exited) {detail}".strip())
+                return self._boot_failed(env, vm, f"VM {vm.name} died during boot ({why}) {detail}".strip())
             if not identified:  # a warm VM: its identity first, once it runs (it loads its state before)
-                if qemu.run_state(_qmp_path(env.id, vm.name)) == "running":
+                if qemu.run_state(qmp_path(env.id, vm.name)) == "running":
                     try:
                         self._apply_identity(env, vm)
                     except TTError as exc:
-                        qemu.stop(vm.pid, marker, _qmp_path(env.id, vm.name))
-                        self._reap(vm.pid)
+                        engine.halt(env, vm)
                         return self._boot_failed(env, vm, str(exc))
-                    return self._running(env, vm, started)  # its sshd was listening when it was saved
+                    return self._mark_running(env, vm, started)  # its sshd was listening when it was saved
                 if time.monotonic() < deadline and not (stop is not None and stop()):
                     time.sleep(0.05)
                     continue
-            elif ssh_banner(self._probe_addr, vm.port, timeout=min(2.0, max(0.1, deadline - time.monotonic()))):
-                return self._running(env, vm, started)
+            elif ssh_banner(probe, vm.port, timeout=min(2.0, max(0.1, deadline - time.monotonic()))):
+                return self._mark_running(env, vm, started)
             if time.monotonic() >= deadline or (stop is not None and stop()):
                 if not final:
                     return vm
-                qemu.stop(vm.pid, marker, _qmp_path(env.id, vm.name))
-                self._reap(vm.pid)
+                engine.halt(env, vm)
                 what = "answer SSH" if identified else "load its saved state (warm start)"
                 msg = f"VM {vm.name} did not {what} within {timeout:.0f} s ({vm.accel})"
                 return self._boot_failed(env, vm, msg)
             time.sleep(0.1)
 
-    def _running(self, env: EnvInfo, vm: VmInfo, started: float) -> VmInfo:
+    def _mark_running(self, env: EnvInfo, vm: VmInfo, started: float) -> VmInfo:
         vm.state, vm.boot_seconds = "running", time.time() - started
         self.store.update_vm(env.id, vm)
         if all(v.state == "running" for v in self.store.get_env(env.id).vms):
@@ -547,13 +529,9 @@ class LocalBackend:
         self.store.set_env_state(env.id, "failed")
         raise BootError(message, self.console(env.id, vm.name))
 
-    def _reap(self, pid: int) -> None:
-        proc = self._procs.pop(pid, None)
-        if proc is not None and proc.poll() is None:
-            proc.wait(timeout=5)
-
     def show_env(self, ref: str) -> EnvInfo:
-        """The ENV by name or id, with each VM's state checked against its qemu process."""
+        """The ENV by name or id, with each VM's state checked against its engine (a VM that does
+        not run, or whose host cannot be reached, is ``stopped`` with the reason in ``error``)."""
         return self._refresh(self.store.get_env(ref))
 
     def list_envs(self) -> list[EnvInfo]:
@@ -562,19 +540,24 @@ class LocalBackend:
     def _refresh(self, env: EnvInfo) -> EnvInfo:
         self._plain_name(env)
         for vm in env.vms:
-            if vm.state == "booting" and vm.pid == 0:
-                continue  # waiting for its warm template
-            if vm.state in ("booting", "running") and not qemu.is_running(vm.pid, str(Path(env.rundir) / vm.name)):
-                vm.state, vm.error = "stopped", "qemu is not running"
+            if vm.state in ("booting", "running") and not _pending(vm):
+                why = self._engine_of(vm).dead(env, vm)
+                if why:
+                    vm.state, vm.error = "stopped", why
         return env
 
     def delete_env(self, ref: str) -> EnvInfo:
-        """Stop every VM of the ENV and remove its run dir and rows; returns what was deleted."""
+        """Stop every VM of the ENV and remove its run dir and rows; returns what was deleted.
+
+        A VM on a libvirt host that cannot be reached does not stop the delete: a progress line
+        says so, and ``gc`` removes its domain and volumes once the host answers again.
+        """
         with self._lock:  # no VM of it starts meanwhile (one waiting for its warm template)
             env = self.store.get_env(ref)
             for vm in env.vms:
-                qemu.stop(vm.pid, str(Path(env.rundir) / vm.name), _qmp_path(env.id, vm.name))
-                self._reap(vm.pid)
+                note = self._engine_of(vm).remove(env, vm)
+                if note:
+                    self.progress(note)
             shutil.rmtree(env.rundir, ignore_errors=True)
             shutil.rmtree(runtime_dir() / env.id, ignore_errors=True)
             self.store.delete_env(env.id)
@@ -603,51 +586,40 @@ class LocalBackend:
         return self.renew(env.id, ttl)
 
     def snapshot(self, env_ref: str, vm_name: str, name: str) -> None:
-        """Save the running VM's memory and disk state as ``name`` (QMP ``savevm``)."""
-        self._hmp(env_ref, vm_name, f"savevm {name}")
+        """Save the running VM's memory and disk state as ``name`` (qemu: QMP ``savevm``;
+        libvirt: an internal snapshot through its snapshot API)."""
+        env, vm = self._running(env_ref, vm_name)
+        self._engine_of(vm).snapshot(env, vm, name)
 
     def revert(self, env_ref: str, vm_name: str, name: str) -> None:
         """Restore the VM to snapshot ``name``; open SSH connections to it are dead afterwards.
         A warm-started VM's clock is then set to now and its RNG reseeded (its identity agent).
 
-        No snapshot of that name is NotFound, and the VM keeps running (qemu's ``loadvm`` pauses
-        the VM before it looks for the snapshot and leaves it paused when there is none).
+        No snapshot of that name is NotFound, and the VM keeps running.
         """
-        try:
-            self._hmp(env_ref, vm_name, f"loadvm {name}")
-        except TTError as exc:
-            if type(exc) is not TTError or "does not exist" not in exc.message:
-                raise
-            env = self.store.get_env(env_ref)
-            qemu.qmp_command(_qmp_path(env.id, vm_name), "cont", timeout=10)
-            raise NotFound(f"VM {vm_name} has no snapshot named {name!r}", "snapshot it first") from None
-        self._refresh_warm(env_ref, vm_name)
-
-    def _refresh_warm(self, env_ref: str, vm_name: str) -> None:
-        env = self.store.get_env(env_ref)
-        vm = _vm(env, vm_name)
+        env, vm = self._running(env_ref, vm_name)
+        self._engine_of(vm).revert(env, vm, name)
         if vm.boot == "warm":
-            warm.refresh(_identity_path(env.id, vm.name), warm.AGENT_TIMEOUT, f"VM {vm.name}")
+            warm.refresh(identity_path(env.id, vm.name), warm.AGENT_TIMEOUT, f"VM {vm.name}")
 
-    def _hmp(self, env_ref: str, vm_name: str, command: str) -> None:
+    def _running(self, env_ref: str, vm_name: str) -> tuple[EnvInfo, VmInfo]:
+        """The ENV and its VM ``vm_name``; BootError (with the console tail) if the VM does not run."""
         env = self.store.get_env(env_ref)
         vm = _vm(env, vm_name)
-        if not qemu.is_running(vm.pid, str(Path(env.rundir) / vm.name)):
-            raise BootError(f"VM {vm.name} died (qemu is not running)", self.console(env.id, vm.name))
-        out = qemu.qmp_command(_qmp_path(env.id, vm.name), "human-monitor-command", timeout=120,
-                               **{"command-line": command})  # fmt: skip
-        if isinstance(out, str) and out.strip():
-            raise TTError(f"{command.split()[0]} on VM {vm.name} failed: {out.strip()}")
+        why = self._engine_of(vm).dead(env, vm)
+        if why:
+            raise BootError(f"VM {vm.name} died ({why})", self.console(env.id, vm.name))
+        return env, vm
 
     def console(self, env_ref: str, vm_name: str, tail: int = 50) -> str:
         """The last ``tail`` lines of the VM's serial console."""
         env = self.store.get_env(env_ref)
-        _vm(env, vm_name)
-        return tail_file(Path(env.rundir) / vm_name / "console.log", tail)
+        vm = _vm(env, vm_name)
+        return self._engine_of(vm).console(env, vm, tail)
 
     def gc(self) -> list[EnvInfo]:
         """Delete ENVs whose owner process is gone or whose lease expired; returns them. Also
-        deletes stray qemu processes, and warm templates of images that changed since."""
+        deletes stray VMs, and warm templates of images that changed or that nobody used lately."""
         reaped = []
         now = time.time()
         for env in self.store.list_envs():
@@ -659,28 +631,26 @@ class LocalBackend:
                     reaped.append(self.delete_env(env.id))
                 except NotFound:  # deleted meanwhile by another process or thread
                     continue
-        self._reap_strays()
-        for image in self.image_store.all():  # templates of images that changed, dead work dirs
+        live = self._live
+        self._qemu.reap_strays(self.state, live)
+        if self.engine == "libvirt" or self._libvirt is not None or self._libvirt_pending():
+            self._libvirt_engine().reap_strays(self.state, live)
+        for image in self.image_store.all():
             try:
                 warm.TemplateStore(image).reap()
             except (OSError, TTError):
                 continue
         return reaped
 
-    @staticmethod
-    def _reap_strays() -> None:
-        """Kill qemu processes and drop socket dirs whose run dir no longer exists (its state
-        was deleted from under it), whichever state dir they belonged to."""
-        for pid, vmdir in qemu.ttenv_processes():
-            if not vmdir.exists():
-                qemu.stop(pid, str(vmdir), _qmp_path(vmdir.parent.name, vmdir.name), grace=1.0)
-        for sockets in runtime_dir().iterdir():
-            try:
-                owner = Path((sockets / "rundir").read_text())
-            except OSError:
-                continue
-            if not owner.exists():
-                shutil.rmtree(sockets, ignore_errors=True)
+    def _live(self, env_id: str) -> bool:
+        """Whether the store holds ENV ``env_id`` right now."""
+        return any(env.id == env_id for env in self.store.list_envs())
+
+    def _libvirt_pending(self) -> bool:
+        """Whether libvirt hosts hold leftovers of this state dir (they were unreachable at delete)."""
+        from pytest_ttenv.backend.libvirt import PENDING_FILE
+
+        return (self.state / PENDING_FILE).exists()
 
 
 def _vm(env: EnvInfo, name: str) -> VmInfo:
@@ -692,14 +662,9 @@ def _vm(env: EnvInfo, name: str) -> VmInfo:
                        f"VMs: {', '.join(v.name for v in env.vms) or 'none'}") from None  # fmt: skip
 
 
-def _qmp_path(env_id: str, vm_name: str) -> Path:
-    """The VM's QMP socket: in the short private runtime dir, not the (possibly deep) run dir."""
-    return runtime_dir() / env_id / f"{vm_name}.qmp"
-
-
-def _identity_path(env_id: str, vm_name: str) -> Path:
-    """A warm VM's identity agent channel (its virtio-serial port's host end), beside its QMP socket."""
-    return runtime_dir() / env_id / f"{vm_name}.id"
+def _pending(vm: VmInfo) -> bool:
+    """A warm VM waiting for its template: not started yet (no process), not dead."""
+    return vm.state == "booting" and vm.boot == "warm" and vm.pid == 0
 
 
 class _Starter:
@@ -720,6 +685,17 @@ class _Starter:
     def _run(self) -> None:
         while True:
             self._jobs.get()()  # jobs report their own failures (the VM's state)
+
+
+def _qmp_path(env_id: str, vm_name: str) -> Path:
+    """The VM's QMP socket (kept under this name for callers of the local backend)."""
+    return qmp_path(env_id, vm_name)
+
+
+def _any_ports() -> Iterator[int]:
+    """Random ports in PORT_RANGE, for a host whose ports cannot be checked from here."""
+    for _ in range(200):
+        yield random.randint(*PORT_RANGE)
 
 
 def _check_resources(res: Resources, image: ImageInfo) -> None:

@@ -121,6 +121,8 @@ class VmInfo:
     error: str = ""
     boot_seconds: float = 0.0
     boot: str = ""  # how it started: warm (from a saved state) | cold
+    engine: str = "qemu"  # how it runs: qemu (a process on this machine) | libvirt
+    host: str = ""  # the libvirt URI of its host ('' for this machine)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

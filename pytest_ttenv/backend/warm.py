@@ -108,19 +108,25 @@ def image_identity(image: ImageInfo) -> str:
 
 def qemu_config(
     image: ImageInfo, accel: str, res: Resources, *, name: str, disk: Path, seed: Path, port: int, rundir: Path,
-    qmp: Path, identity: Path, machine_id: str, vmgenid: str, bind_addr: str = "127.0.0.1",
+    qmp: Path, identity: Path, cmdline: str, vmgenid: str, bind_addr: str = "127.0.0.1",
     incoming: str | None = None,
 ) -> qemu.QemuConfig:  # fmt: skip
-    """The qemu config of a template or of a warm VM: one function, so both have one device set."""
+    """The qemu config of a template or of a warm VM: one function, so both have one device set.
+    ``cmdline``: the kernel's (a VM's own machine-id on it, so a reboot keeps it)."""
     assert image.kernel is not None and image.initrd is not None  # ineligible() said so
     return qemu.QemuConfig(
         name=name, arch=image.arch, accel=accel, resources=res, disk=disk, seed=seed,
         kernel=image.file(image.kernel), initrd=image.file(image.initrd),
-        cmdline=f"{image.cmdline} systemd.machine_id={machine_id}".strip(), port=port,
+        cmdline=cmdline, port=port,
         console=rundir / "console.log", qmp=qmp, pidfile=rundir / "qemu.pid",
         tcg_cx16=qemu.tcg_cx16_safe(image.arch), bind_addr=bind_addr,
         identity=identity, vmgenid=vmgenid, incoming=incoming,
     )  # fmt: skip
+
+
+def machine_cmdline(image: ImageInfo, machine_id: str) -> str:
+    """The image's kernel command line with a VM's machine-id."""
+    return f"{image.cmdline} systemd.machine_id={machine_id}".strip()
 
 
 def template_inputs(image: ImageInfo, accel: str, res: Resources, owner: str) -> dict[str, Any]:
@@ -128,7 +134,7 @@ def template_inputs(image: ImageInfo, accel: str, res: Resources, owner: str) ->
     x = Path("/x")
     argv = qemu.build_argv(qemu_config(
         image, accel, Resources(res.cpu, res.mem_mib), name="x", disk=x, seed=x, port=1, rundir=x, qmp=x, identity=x,
-        machine_id="0", vmgenid="0",
+        cmdline=machine_cmdline(image, "0"), vmgenid="0",
     ))  # fmt: skip
     return {
         "format": FORMAT, "image": image.name, "image_id": image_identity(image), "arch": image.arch,
@@ -407,9 +413,11 @@ def make_template(
         qmp, ident = sockets / "qmp", sockets / "identity"
         for _attempt in range(5):
             port = _free_port()
-            cfg = qemu_config(image, accel, res, name=f"warm-template/{image.name}", disk=work / "disk.qcow2",
-                              seed=work / "seed.iso", port=port, rundir=work, qmp=qmp, identity=ident,
-                              machine_id=secrets.token_hex(16), vmgenid=str(uuid.uuid4()))  # fmt: skip
+            cfg = qemu_config(
+                image, accel, res, name=f"warm-template/{image.name}", disk=work / "disk.qcow2", seed=work / "seed.iso",
+                port=port, rundir=work, qmp=qmp, identity=ident, cmdline=machine_cmdline(image, secrets.token_hex(16)),
+                vmgenid=str(uuid.uuid4()),
+            )  # fmt: skip
             proc = qemu.start(cfg, work / "qemu.log", die_with_parent=True)
             if _wait_banner_or_exit(proc, port, boot_timeout, image.name):
                 break

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pytest_ttenv.backend.engine import host_label
 from pytest_ttenv.backend.model import EnvInfo, ImageInfo, VmInfo
 
 # no lookahead (JSON Schema and pydantic's regex engine have none): a dot is followed by a non-dot
@@ -86,10 +87,12 @@ class Vm(BaseModel):
     error: str
     boot_seconds: float = Field(description="seconds from start to SSH once running; the start time while booting")
     boot: str = Field("", description="how it started: warm (from a saved post-boot state) or cold")
+    engine: str = Field("qemu", description="how it runs: qemu or libvirt")
+    host: str = Field("", description="the libvirt host it runs on (its name; empty for the server's own machine)")
 
     @classmethod
     def of(cls, vm: VmInfo) -> Vm:
-        data: dict[str, Any] = vm.to_dict() | {"console": "", "pid": 0}
+        data: dict[str, Any] = vm.to_dict() | {"console": "", "pid": 0, "host": host_label(vm.host)}
         return cls.model_validate(data)
 
 

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,17 @@ def default_totals(state: Path) -> Amounts:
     return Amounts(os.cpu_count() or 1, int(mem * 0.8), int(free * 0.8))
 
 
+def libvirt_totals(uris: Sequence[str], state: Path) -> Amounts:
+    """The libvirt hosts' vCPUs, 80 % of their memory and of their pools' free space (a host's
+    ``#cpu=``/``#mem=`` override counts as given); TTError if no host answers."""
+    from pytest_ttenv.backend.libvirt import host_totals
+
+    cpu, mem, disk = host_totals(uris, state)
+    if not cpu:
+        raise TTError("no libvirt host answered", "check --libvirt-uri and that libvirtd runs on the hosts")
+    return Amounts(cpu, mem, disk)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -107,6 +118,7 @@ def serve(
     mem_total: int | None = None,
     disk_total: int | None = None,
     engine: str = "qemu",
+    libvirt_uris: Sequence[str] = (),
     default_lease: float = 600.0,
     max_lease: float = 7 * 24 * 3600.0,
     log_level: str = "info",
@@ -119,8 +131,10 @@ def serve(
         raise TTError("ttenv serve needs the server extra", "pip install 'pytest-ttenv[server]'") from None
     from pytest_ttenv.server.app import create_app
 
-    if engine != "qemu":
-        raise UsageError(f"--engine {engine!r} is not available", "use --engine qemu (libvirt comes later)")
+    if engine not in ("qemu", "libvirt"):
+        raise UsageError(f"--engine {engine!r} is not available", "use --engine qemu or --engine libvirt")
+    if libvirt_uris and engine != "libvirt":
+        raise UsageError("--libvirt-uri needs --engine libvirt")
     for flag, value in (("--default-lease", default_lease), ("--max-lease", max_lease)):
         if not value > 0:
             raise UsageError(f"{flag} must be positive, got {value:g}")
@@ -131,12 +145,13 @@ def serve(
     bind = forward_addr(host)
     public = public_addr or (socket.gethostname() if bind == "0.0.0.0" else bind)
     sdir, idir = state_dir(state), image_dir(images)
-    base = default_totals(sdir)
+    base = default_totals(sdir) if engine == "qemu" else libvirt_totals(libvirt_uris, sdir)
     totals = Amounts(cpu_total if cpu_total is not None else base.cpu,
                      mem_total if mem_total is not None else base.mem_mib,
                      disk_total if disk_total is not None else base.disk_mib)  # fmt: skip
     cfg = ServerConfig(state_dir=sdir, image_dir=idir, totals=totals, bind_addr=bind, public_addr=public,
-                       engine=engine, default_lease=default_lease, max_lease=max_lease)  # fmt: skip
+                       engine=engine, libvirt_uris=tuple(libvirt_uris), default_lease=default_lease,
+                       max_lease=max_lease)  # fmt: skip
     service = Service(cfg)
     sock = _bind(host, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}"
@@ -151,6 +166,9 @@ def serve(
                             access_log=log_level in ("debug", "info"))  # fmt: skip
     server = uvicorn.Server(config)
 
+    if engine == "libvirt":
+        hosts = ", ".join(service.backend.libvirt_uris) or "qemu:///system"
+        out(f"ttenv serve: engine libvirt on {hosts}")
     out(f"ttenv serve: API on {url}/v1 (OpenAPI: {url}/v1/openapi.json); VM ports on {bind}, announced as {public}")
     out(f"ttenv serve: state {sdir}, images {idir} ({len(service.images())}), quotas {totals.text()}, "
         f"{len(service.tokens.list())} token(s)")  # fmt: skip

@@ -37,6 +37,7 @@ class ServerConfig:
     bind_addr: str = "127.0.0.1"
     public_addr: str = "127.0.0.1"
     engine: str = "qemu"
+    libvirt_uris: tuple[str, ...] = ()  # with engine libvirt: its hosts (default qemu:///system)
     default_lease: float = 600.0
     max_lease: float = 7 * 24 * 3600.0
     reap_interval: float = 1.0
@@ -48,7 +49,8 @@ class Service:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.backend = LocalBackend(cfg.image_dir, cfg.state_dir, bind_addr=cfg.bind_addr,
-                                    public_addr=cfg.public_addr, names_per_owner=True)  # fmt: skip
+                                    public_addr=cfg.public_addr, names_per_owner=True, engine=cfg.engine,
+                                    libvirt_uris=cfg.libvirt_uris)  # fmt: skip
         self.tokens = TokenStore(cfg.state_dir)
         self.quota = Quota(cfg.totals, self._live)
         self._image_disk: dict[str, int] = {}
@@ -150,7 +152,7 @@ class Service:
             booting = sum(v.state == "booting" for e in self.backend.store.list_envs() for v in e.vms)
             limit = accel_mod.boot_timeout(vm.accel, vm.arch, booting)
             timeout = vm.boot_seconds + limit - time.time()
-            if vm.pid == 0:  # a warm VM waiting for its template: that is made first, then it starts
+            if vm.boot == "warm" and vm.pid == 0:  # waiting for its template: that is made first, then it starts
                 timeout += warm.template_budget(limit)
         window = min(timeout, LONG_POLL)
         end = time.monotonic() + window
