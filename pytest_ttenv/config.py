@@ -111,7 +111,9 @@ def raw_values(getoption: Any, getini: Any, environ: dict[str, str] | None = Non
 
 
 def resolve(values: dict[str, str]) -> TTConfig:
-    """Validate raw values into a TTConfig (UsageError naming the setting on bad input)."""
+    """Validate raw values into a TTConfig (UsageError naming the setting on bad input); a
+    setting missing from ``values`` has its default."""
+    values = {s.name: s.default for s in SETTINGS} | values
     for s in SETTINGS:
         if s.choices and values[s.name] not in s.choices:
             raise UsageError(f"{s.flag}={values[s.name]!r} is not valid", f"use one of {', '.join(s.choices)}")

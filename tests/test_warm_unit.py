@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
@@ -71,10 +71,14 @@ def test_cold_fallback_is_one_line(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path / "images", tmp_path / "state", progress=lines.append)
     image = fake_image(tmp_path / "images", access="cloud-init")
     vm = VmSpec("vm1", image.name, RES)
-    assert backend._warm_key(EnvSpec("E", (vm,), "k", boot="warm"), vm, image, "tcg", "me") is None
+    warm_spec, qemu_engine = EnvSpec("E", (vm,), "k", boot="warm"), backend._qemu
+    assert backend._warm_key(warm_spec, vm, image, "tcg", "me", qemu_engine) is None
     assert lines == ["vm1: cold boot (debian-12-x86_64 is set up by cloud-init; warm starts need an image ttenv built)"]
-    assert backend._warm_key(EnvSpec("E", (vm,), "k", boot="cold"), vm, image, "tcg", "me") is None
+    assert backend._warm_key(EnvSpec("E", (vm,), "k", boot="cold"), vm, image, "tcg", "me", qemu_engine) is None
     assert len(lines) == 1  # cold asked for: nothing to explain
+    libvirt = SimpleNamespace(name="libvirt")
+    assert backend._warm_key(warm_spec, vm, fake_image(tmp_path / "images"), "tcg", "me", libvirt) is None
+    assert lines[-1] == "vm1: cold boot (warm starts need the qemu engine, not libvirt)"
 
 
 def _installed(store: warm.TemplateStore, key: str) -> warm.Template:
