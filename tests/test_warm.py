@@ -107,7 +107,8 @@ def template(store: ImageInfo, backend: LocalBackend) -> warm.Template:
     """The template every later test starts from, made with a provisioning key we know."""
     vm = VmSpec("vm", store.name, RES)
     acc = accel_mod.choose("auto", store).name
-    keyed = backend._warm_key(EnvSpec("E", (vm,), CLIENT.public, boot="warm"), vm, store, acc, local._user())
+    spec = EnvSpec("E", (vm,), CLIENT.public, boot="warm")
+    keyed = backend._warm_key(spec, vm, store, acc, local._user(), backend._qemu)
     assert keyed is not None
     key, inputs = keyed
     tstore = warm.TemplateStore(store)
