@@ -6,8 +6,8 @@ templates made here never touch the shared cache). In file order, sharing one te
 3. each VM is its own machine (hostname, machine-id, host key, client key, clock, RNG), the
    provisioning key no longer logs in, and the disks are linked clones (no copies);
 4. a pytest session with ``tt_vm_fresh``: a file written in one test is gone in the next;
-5. after the image changed, the next warm ENV makes a new template (in the background) and
-   the old one is reaped.
+5. after the image changed, two ENVs created at once make one new template (in the background,
+   under its lock) and the old one is reaped.
 """
 
 from __future__ import annotations
@@ -218,18 +218,26 @@ def test_tt_vm_fresh_reverts_a_warm_vm(pytester: pytest.Pytester, plugin_env: No
     assert [p.name for p in template.path.parent.iterdir() if not p.name.startswith(".")] == [template.key]
 
 
-def test_changed_image_gets_a_new_template(backend: LocalBackend, store: ImageInfo, template: warm.Template) -> None:
+def test_changed_image_gets_one_new_template_for_two_envs_at_once(
+    backend: LocalBackend, store: ImageInfo, template: warm.Template, tmp_path: Path
+) -> None:
+    assert store.path is not None
     meta = store.file("image.json")
     os.utime(meta)  # touched: a new image identity
     lines: list[str] = []
-    backend.progress = lines.append
-    env = backend.create_env(EnvSpec("changed", (VmSpec("vm1", store.name, RES),), CLIENT.public, boot="warm"))
+    backends = [backend, LocalBackend(store.path.parent, tmp_path / "other-state")]  # as two processes would
+    for b in backends:
+        b.progress = lines.append
+    spec = EnvSpec("changed", (VmSpec("vm1", store.name, RES),), CLIENT.public, boot="warm")
+    with ThreadPoolExecutor(2) as pool:
+        envs = list(pool.map(lambda b: b.create_env(spec), backends))
     try:
-        vm = backend.wait_vm(env.id, "vm1")
-        assert vm.boot == "warm" and vm.state == "running"
+        with ThreadPoolExecutor(2) as pool:
+            vms = list(pool.map(lambda be: be[0].wait_vm(be[1].id, "vm1"), zip(backends, envs, strict=True)))
+        assert all(vm.boot == "warm" and vm.state == "running" for vm in vms)
     finally:
-        backend.delete_env(env.id)
-    assert any("making a warm template" in line for line in lines), lines
+        for b, env in zip(backends, envs, strict=True):
+            b.delete_env(env.id)
+    assert sum("making a warm template" in line for line in lines) == 1, lines  # the other waited on the lock
     assert not template.path.exists(), "the old image's template is reaped"
-    assert store.path is not None
     assert len([p for p in (store.path / "warm").iterdir() if not p.name.startswith(".")]) == 1
