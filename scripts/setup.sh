@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-PKGS=(qemu-system-x86 qemu-system-arm qemu-system-misc qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client openssh-server
-      ca-certificates qemu-user-static binfmt-support arch-test)
+PKGS=(qemu-system-x86 qemu-system-arm qemu-system-misc ovmf qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client
+      openssh-server ca-certificates qemu-user-static binfmt-support arch-test)
 TEST_PKGS=(chromium)  # the test suite opens the HTML report in it; the CI templates install PKGS only
 # The libvirt engine and its tests: the daemons (started by the tests themselves, no systemd needed),
 # virsh/virt-ssh-helper, and what pip needs to build libvirt-python; xmllint checks domain XML against

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ttenv.backend.build import CLOUD_PART_START, host_mirror, mbr, parse_target
+from pytest_ttenv.backend.build import CLOUD_ESP, CLOUD_ROOT_START, host_mirror, mbr, parse_target
 from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.model import ImageInfo
 from pytest_ttenv.errors import NotFound, UsageError
@@ -104,15 +104,17 @@ def test_bad_variant(target: str, arch: str, variant: str, error: str) -> None:
         parse_target(target, arch, variant)
 
 
-def test_mbr_has_grub_code_and_one_bootable_linux_partition() -> None:
-    boot_img = bytes(range(256)) * 2
-    record = mbr(boot_img, 3072 * 2**20)
+def test_mbr_has_grub_code_a_bootable_root_and_an_esp() -> None:
+    boot_img, size = bytes(range(256)) * 2, 3072 * 2**20
+    record = mbr(boot_img, [(True, 0x83, CLOUD_ROOT_START, size - CLOUD_ROOT_START), (False, 0xEF, *CLOUD_ESP)])
     assert len(record) == 512 and record[510:] == b"\x55\xaa"
     assert record[:0x66] == boot_img[:0x66] and record[0x66:0x68] == b"\x90\x90"  # drive check off
-    status, ptype, first, count = struct.unpack("<B3xB3xII", record[446:462])
-    assert (status, ptype) == (0x80, 0x83)
-    assert first * 512 == CLOUD_PART_START and (first + count) * 512 == 3072 * 2**20
-    assert record[462:510] == bytes(48)  # no other partition
+    entries = [struct.unpack("<B3xB3xII", record[446 + 16 * i : 462 + 16 * i]) for i in range(4)]
+    root, esp = entries[0], entries[1]
+    assert root[:2] == (0x80, 0x83) and root[2] * 512 == CLOUD_ROOT_START and (root[2] + root[3]) * 512 == size
+    assert esp[:2] == (0, 0xEF) and (esp[2] * 512, esp[3] * 512) == CLOUD_ESP
+    assert CLOUD_ESP[0] + CLOUD_ESP[1] <= CLOUD_ROOT_START  # no overlap; the BIOS core image fits before the ESP
+    assert entries[2:] == [(0, 0, 0, 0), (0, 0, 0, 0)]
 
 
 def test_unbuildable_target() -> None:

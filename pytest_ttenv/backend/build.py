@@ -54,12 +54,18 @@ MASKED_UNITS = (
 )  # fmt: skip
 MASKED_GENERATORS = ("systemd-gpt-auto-generator", "systemd-getty-generator", "systemd-hibernate-resume-generator")
 # The cloud variant (a stand-in for a vendor cloud image): cloud-init reads the NoCloud seed, GRUB
-# boots the disk under SeaBIOS, ifupdown applies the network cloud-init renders (its eni renderer);
-# dbus for hostnamectl, locales for cloud-init's locale module.
+# boots the disk under SeaBIOS or UEFI, ifupdown applies the network cloud-init renders (its eni
+# renderer); dbus for hostnamectl, locales for cloud-init's locale module; dosfstools and mtools
+# write the EFI system partition (run in the root, like grub-mkimage).
 CLOUD_OS = "debiancloud"
 CLOUD_USER = "debian"
-CLOUD_PACKAGES = ("cloud-init", "cloud-guest-utils", "ifupdown", "dbus", "locales", "grub-pc-bin", "grub2-common")
-CLOUD_PART_START = 1024 * 1024  # the first partition starts at 1 MiB; GRUB's core image fits before it
+CLOUD_PACKAGES = (
+    "cloud-init", "cloud-guest-utils", "ifupdown", "dbus", "locales", "grub-pc-bin", "grub-efi-amd64-bin",
+    "grub2-common", "dosfstools", "mtools",
+)  # fmt: skip
+MIB = 1024 * 1024
+CLOUD_ESP = (1 * MIB, 32 * MIB)  # (start, size) of the EFI system partition; GRUB's BIOS core image goes before it
+CLOUD_ROOT_START = 33 * MIB  # the root partition: from here to the end of the disk (growpart can grow it)
 VARIANTS = ("tuned", "plain", "cloud")
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*", "/usr/share/doc/*")
 
@@ -113,7 +119,7 @@ def parse_target(target: str, arch: str, variant: str = "") -> BuildRequest:
     if variant not in VARIANTS:
         raise UsageError(f"unknown variant {variant!r}", f"use one of {', '.join(VARIANTS)}")
     if variant == "cloud" and arch != "x86_64":
-        raise UsageError(f"the cloud variant boots through BIOS GRUB: x86_64 only, not {arch}")
+        raise UsageError(f"the cloud variant boots through x86 GRUB (BIOS or UEFI): x86_64 only, not {arch}")
     return BuildRequest("debian", version, arch, variant=variant)
 
 
@@ -276,26 +282,24 @@ class ImageBuilder:
         fs_uuid = str(uuid.uuid4())
         p("[2/4] preparing cloud-init access (no ttenv unit, Debian's own initramfs and services)")
         self._customize_cloud(root, kver, fs_uuid)
-        p("[3/4] installing GRUB for BIOS boot (core image in the MBR gap)")
-        grub_dir = root / "usr" / "lib" / "grub" / "i386-pc"
-        # Embedded: what it takes to read /boot/grub of partition 1; the rest loads from there.
-        _run(["chroot", str(root), "grub-mkimage", "-O", "i386-pc", "-o", "/core.img",
-              "-p", "(hd0,msdos1)/boot/grub", "biosdisk", "part_msdos", "ext2"], p, "grub-mkimage")  # fmt: skip
-        core = (root / "core.img").read_bytes()
-        (root / "core.img").unlink()
-        if len(core) > CLOUD_PART_START - 512:
-            raise TTError(f"GRUB core image of {len(core)} bytes does not fit before the first partition")
-        shutil.copytree(grub_dir, root / "boot" / "grub" / "i386-pc")
+        p("[3/4] installing GRUB for BIOS (core image in the MBR gap) and UEFI (EFI/BOOT/BOOTX64.EFI)")
+        core = self._grub_bios(root)
+        esp = self._grub_efi_esp(root, fs_uuid)
         p(f"[4/4] writing the {req.disk_mib} MiB partitioned disk and converting it to qcow2")
         raw = work / "disk.raw"
-        size = req.disk_mib * 1024 * 1024
+        size = req.disk_mib * MIB
+        boot_img = (root / "usr" / "lib" / "grub" / "i386-pc" / "boot.img").read_bytes()
+        # Partition 1 is the root wherever it lies (GRUB's prefix says msdos1), partition 2 the ESP.
+        parts = [(True, 0x83, CLOUD_ROOT_START, size - CLOUD_ROOT_START), (False, 0xEF, *CLOUD_ESP)]
         with open(raw, "wb") as f:
             f.truncate(size)
-            f.write(mbr((grub_dir / "boot.img").read_bytes(), size))
+            f.write(mbr(boot_img, parts))
             f.write(core)
-        fs_mib = (size - CLOUD_PART_START) // (1024 * 1024)
+            f.seek(CLOUD_ESP[0])
+            f.write(esp)
+        fs_mib = (size - CLOUD_ROOT_START) // MIB
         _run(["mkfs.ext4", "-q", "-F", "-L", "cloudimg-rootfs", "-U", fs_uuid, "-d", str(root),
-              "-E", f"offset={CLOUD_PART_START}", str(raw), f"{fs_mib}M"], p, "mkfs.ext4")  # fmt: skip
+              "-E", f"offset={CLOUD_ROOT_START}", str(raw), f"{fs_mib}M"], p, "mkfs.ext4")  # fmt: skip
         shutil.rmtree(root)
         _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")], p, "qemu-img convert")
         raw.unlink()
@@ -304,8 +308,41 @@ class ImageBuilder:
             user=CLOUD_USER, boot="bios", access="cloud-init", kernel=None, initrd=None, cmdline="",
             source="build", created=time.time(),
             details={**details, "kernel": kver, "builder": "mmdebstrap", "variant": "cloud",
-                     "cmdline": _cloud_cmdline(fs_uuid)},
+                     "cmdline": _cloud_cmdline(fs_uuid), "firmware": "bios or uefi (hybrid MBR disk)"},
         )  # fmt: skip
+
+    def _grub_bios(self, root: Path) -> bytes:
+        """GRUB's BIOS core image (it reads /boot/grub of partition 1; the rest loads from there)."""
+        argv = ["chroot", str(root), "grub-mkimage", "-O", "i386-pc", "-o", "/core.img",
+                "-p", "(hd0,msdos1)/boot/grub", "biosdisk", "part_msdos", "ext2"]  # fmt: skip
+        _run(argv, self.progress, "grub-mkimage")
+        core = (root / "core.img").read_bytes()
+        (root / "core.img").unlink()
+        if len(core) > CLOUD_ESP[0] - 512:
+            raise TTError(f"GRUB core image of {len(core)} bytes does not fit before the first partition")
+        shutil.copytree(root / "usr" / "lib" / "grub" / "i386-pc", root / "boot" / "grub" / "i386-pc")
+        return core
+
+    def _grub_efi_esp(self, root: Path, fs_uuid: str) -> bytes:
+        """A FAT EFI system partition holding GRUB as the removable-media loader, which finds the
+        root by UUID and reads the same /boot/grub/grub.cfg as the BIOS boot."""
+        (root / "embed.cfg").write_text(
+            f"search --no-floppy --fs-uuid --set=root {fs_uuid}\nset prefix=($root)/boot/grub\n"
+        )
+        steps = [
+            ["grub-mkimage", "-O", "x86_64-efi", "-o", "/BOOTX64.EFI", "-c", "/embed.cfg", "-p", "/boot/grub",
+             "part_msdos", "ext2", "fat", "search"],
+            ["mkfs.vfat", "-C", "-n", "ESP", "/esp.img", str(CLOUD_ESP[1] // 1024)],
+            ["mmd", "-i", "/esp.img", "::/EFI", "::/EFI/BOOT"],
+            ["mcopy", "-i", "/esp.img", "/BOOTX64.EFI", "::/EFI/BOOT/BOOTX64.EFI"],
+        ]  # fmt: skip
+        for argv in steps:
+            _run(["chroot", str(root), *argv], self.progress, argv[0])
+        esp = (root / "esp.img").read_bytes()
+        for name in ("embed.cfg", "BOOTX64.EFI", "esp.img"):
+            (root / name).unlink()
+        shutil.copytree(root / "usr" / "lib" / "grub" / "x86_64-efi", root / "boot" / "grub" / "x86_64-efi")
+        return esp
 
     def _customize_cloud(self, root: Path, kver: str, fs_uuid: str) -> None:
         """What a vendor image ships: no host keys, an uninitialized machine id, root locked, an
@@ -412,18 +449,19 @@ def _cloud_cmdline(fs_uuid: str) -> str:
     return f"root=UUID={fs_uuid} ro console=tty0 console=ttyS0,115200 systemd.firstboot=off"
 
 
-def mbr(boot_img: bytes, disk_bytes: int) -> bytes:
-    """A master boot record: GRUB's boot.img code (it loads the core image from sector 1) and one
-    bootable Linux partition from CLOUD_PART_START to the end of the disk."""
+def mbr(boot_img: bytes, partitions: list[tuple[bool, int, int, int]]) -> bytes:
+    """A master boot record: GRUB's boot.img code (it loads the core image from sector 1) and up to
+    four primary partitions given as (bootable, type, start, size) in bytes."""
     if len(boot_img) != 512:
         raise TTError(f"GRUB boot.img is {len(boot_img)} bytes, expected 512")
     record = bytearray(boot_img[:440])
     record[0x66:0x68] = b"\x90\x90"  # as grub-bios-setup does: trust the BIOS's boot drive number
     record += os.urandom(4) + b"\0\0"  # disk signature
-    start, count = CLOUD_PART_START // 512, (disk_bytes - CLOUD_PART_START) // 512
-    # status, CHS first (unused: LBA), type 0x83 Linux, CHS last (unused), LBA first, sector count
-    record += struct.pack("<B3sB3sII", 0x80, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff", start, count)
-    record += bytes(48) + b"\x55\xaa"
+    for bootable, ptype, start, size in partitions:
+        # status, CHS first (unused: LBA), type, CHS last (unused), LBA first, sector count
+        chs = b"\xfe\xff\xff"
+        record += struct.pack("<B3sB3sII", 0x80 if bootable else 0, chs, ptype, chs, start // 512, size // 512)
+    record += bytes(16 * (4 - len(partitions))) + b"\x55\xaa"
     return bytes(record)
 
 
