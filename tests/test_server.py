@@ -453,7 +453,7 @@ def test_twenty_concurrent_clients_never_breach_the_quota_and_leak_nothing(tmp_p
             while not stop.is_set():
                 res = session.get(f"{server.url}/v1/status", headers=server.headers("c0"), timeout=30)
                 seen.append(res.json()["used"])
-                time.sleep(0.02)
+                time.sleep(0.005)
 
         start = threading.Barrier(20)
         created, refused, errors = [0], [0], []
@@ -492,7 +492,7 @@ def test_twenty_concurrent_clients_never_breach_the_quota_and_leak_nothing(tmp_p
         watcher.join()
         assert not errors, errors
         assert created[0] >= 4 and created[0] + refused[0] == 60
-        assert len(seen) > 10
+        assert any(u["cpu"] > 0 for u in seen), seen  # the watcher saw the contention, however briefly
         breaches = [u for u in seen if any(u[k] > totals[k] for k in totals)]
         assert not breaches, breaches
         final = server.backend("c0").status()
