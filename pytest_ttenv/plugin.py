@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import sys
 from collections.abc import Generator
 from typing import Any
 
@@ -60,11 +61,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _progress(config: pytest.Config) -> Any:
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    """A line printer for progress and warnings: the terminal reporter once it exists (our
+    ``pytest_configure`` runs before pytest's own registers it), stderr before that."""
 
     def say(line: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"ttenv: {line.strip()}")
+        else:
+            print(f"ttenv: {line.strip()}", file=sys.stderr, flush=True)
 
     return say
 

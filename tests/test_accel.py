@@ -58,3 +58,19 @@ def test_boot_timeout_scales_for_cloud_init_images_and_foreign_arches() -> None:
     assert accel.boot_timeout("tcg", HOST, access="cloud-init") == 3 * base
     foreign = "riscv64" if HOST != "riscv64" else "x86_64"
     assert accel.boot_timeout("tcg", foreign) == 2.5 * base
+
+
+def test_tcg_fallback_is_said_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_ttenv.backend import local
+
+    monkeypatch.setattr(local, "_WARNED", set())
+    lines: list[str] = []
+    backend = local.LocalBackend(tmp_path / "images", tmp_path / "state", lines.append)
+    failed = accel.Accel("tcg", "KVM probe failed (probe guest exited); VMs run under TCG emulation")
+    backend._warn_tcg(failed, DIRECT)
+    backend._warn_tcg(failed, DIRECT)  # a second ENV of the same session: nothing new to say
+    backend._warn_tcg(accel.Accel("tcg", "requested"), DIRECT)  # --accel tcg: the user knows
+    foreign = "riscv64" if HOST != "riscv64" else "x86_64"
+    backend._warn_tcg(accel.Accel("tcg", "emulated"), ImageInfo(f"debian-13-{foreign}", "debian", "13", foreign))
+    backend._warn_tcg(accel.Accel("kvm", "probe guest booted"), DIRECT)
+    assert lines == ["warning: KVM probe failed (probe guest exited); VMs run under TCG emulation"]

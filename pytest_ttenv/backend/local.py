@@ -22,6 +22,7 @@ import errno
 import functools
 import json
 import os
+import platform
 import queue
 import random
 import secrets
@@ -64,6 +65,7 @@ PORT_RANGE = (10022, 32767)  # below Linux's ephemeral range, so outgoing connec
 MAX_CPU = 64
 MIN_MEM_MIB = 128
 _SOCKET_PATH_MAX = 107
+_WARNED: set[str] = set()  # TCG fallback reasons already said in this process (said once)
 
 
 def _free_ports(bind_addr: str = "127.0.0.1") -> Iterator[int]:
@@ -172,6 +174,15 @@ class LocalBackend:
         except TTError:
             return "cloud-init"
 
+    def _warn_tcg(self, acc: accel_mod.Accel, image: ImageInfo) -> None:
+        """Say once per process why VMs of the host's arch fall back to TCG (not when TCG was asked
+        for, nor for a foreign arch, which is always emulated)."""
+        if acc.name != "tcg" or acc.reason == "requested" or image.arch != platform.machine():
+            return
+        if acc.reason not in _WARNED:
+            _WARNED.add(acc.reason)
+            self.progress(f"warning: {acc.reason}")
+
     def _probe_image(self, arch: str) -> ImageInfo | None:
         """An image of ``arch`` with a kernel and initramfs: what the KVM probe boots."""
         return next((i for i in self.image_store.all() if i.arch == arch and i.kernel and i.initrd), None)
@@ -210,6 +221,7 @@ class LocalBackend:
             if image.arch not in accels:
                 probe = self._probe_image(image.arch) if image.kernel is None else None
                 accels[image.arch] = accel_mod.choose(spec.accel, image, probe)
+                self._warn_tcg(accels[image.arch], image)
         owner = spec.owner or _user()
         engine = self._new_engine()
         warm_keys = {vm.name: self._warm_key(spec, vm, image, accels[image.arch].name, owner, engine)
