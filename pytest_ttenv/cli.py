@@ -295,7 +295,7 @@ def cmd_env_add(args: argparse.Namespace) -> int:
         if env is not None:
             backend.delete_env(env.id)
         raise
-    _print_env(backend.show_env(env.id))
+    _print_env(backend.show_env(env.id), args.state_dir)
     return 0
 
 
@@ -311,8 +311,8 @@ def cmd_env_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_env(env: EnvInfo) -> None:
-    from pytest_ttenv.access import key_path
+def _print_env(env: EnvInfo, state_dir: str | None) -> None:
+    from pytest_ttenv.access import key_path, login_command
 
     expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(env.expires)) if env.expires else "never"
     _out(f"ENV {env.name} (id {env.id}, owner {env.owner}, state {env.state}, expires {expires})")
@@ -323,11 +323,11 @@ def _print_env(env: EnvInfo) -> None:
              f"{vm.resources.mem_mib:>4}Mi {vm.address}:{vm.port:<6} {console}")  # fmt: skip
     if env.vms:
         vm = env.vms[0]
-        _out(f"  login: ssh -i {key_path(env)} -p {vm.port} {vm.user}@{vm.address}")
+        _out(f"  login: {login_command(env, vm, key_path(env, state_dir))}")
 
 
 def cmd_env_show(args: argparse.Namespace) -> int:
-    _print_env(_env_backend(args, progress=False).show_env(args.name))
+    _print_env(_env_backend(args, progress=False).show_env(args.name), args.state_dir)
     return 0
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_ttenv.access import save_key, target
+from pytest_ttenv.access import login_command, save_key, target
 from pytest_ttenv.backend import Backend, get_backend
 from pytest_ttenv.backend.accel import boot_timeout
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
@@ -341,8 +341,7 @@ class EnvSession:
                 lines = [
                     f"ttenv: kept ENV {env.name} for {hours:.0f} h; delete it with: ttenv env del{where} {env.name}"
                 ]
-                lines += [f"  {vm.name}: ssh -i {key} -p {vm.port} {vm.user}@{vm.address}"
-                          for vm in env.vms if vm.name in keep]  # fmt: skip
+                lines += [f"  {vm.name}: {login_command(env, vm, key)}" for vm in env.vms if vm.name in keep]
                 return "\n".join(lines)
             self.backend.delete_env(self.env.id)
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -51,6 +51,7 @@ pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 EXAMPLE_NAME = "pytest-1a2b3c"  # the kept ENV's name in docs/quickstart.md and docs/troubleshooting.md
+EXAMPLE_LOGIN = re.compile(r"ssh -i /root/\S+/4f0c2a9e1b7d .* root@127\.0\.0\.1")  # ... and its login line
 
 # command pattern -> (why it is not run here, what runs it instead: test ids or files)
 NOT_RUN: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -284,6 +285,7 @@ class Sandbox:
     env: dict[str, str] = field(default_factory=dict)
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     kept: str = ""  # the ENV a --tt-keep session kept, for the example name in later commands
+    login: str = ""  # the login line printed for it
 
     @property
     def work(self) -> Path:
@@ -295,7 +297,7 @@ class Sandbox:
                          ("tt.example:8730", url), ("0.0.0.0:8730", url), ("--public-addr tt.example",
                          "--public-addr 127.0.0.1"), (EXAMPLE_NAME, self.kept or EXAMPLE_NAME)):  # fmt: skip
             text = text.replace(old, new)
-        return text
+        return EXAMPLE_LOGIN.sub(lambda _: self.login, text) if self.login else text
 
     def run(self, cmd: Command) -> None:
         line = self.substitute(cmd.text)
@@ -312,6 +314,7 @@ class Sandbox:
         kept = re.search(r"kept ENV (\S+)", res.stdout + res.stderr)
         if kept:
             self.kept = kept.group(1)
+            self.login = re.findall(r": (ssh -i .*)$", res.stdout + res.stderr, re.M)[0]
 
     def _serve(self, line: str) -> None:
         log = (self.root / f"serve-{len(self.servers)}.log").open("wb")
