@@ -62,14 +62,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _progress(config: pytest.Config) -> Any:
     """A line printer for progress and warnings: the terminal reporter once it exists (our
-    ``pytest_configure`` runs before pytest's own registers it), stderr before that."""
+    ``pytest_configure`` runs before pytest's own registers it), stdout before that, where the
+    reporter writes too (stderr stays for the one line of an error)."""
 
     def say(line: str) -> None:
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"ttenv: {line.strip()}")
         else:
-            print(f"ttenv: {line.strip()}", file=sys.stderr, flush=True)
+            print(f"ttenv: {line.strip()}", file=sys.stdout, flush=True)
 
     return say
 
