@@ -284,6 +284,15 @@ class EnvSession:
             finally:
                 self.vms[name].generation = self._new_generation(name)  # this process's connection is new
 
+    def wait_ssh(self, name: str) -> None:
+        """Wait (the boot timeout) until SSH answers on ``name`` again, e.g. after a reboot the
+        session did not ask for; Unreachable if it does not."""
+        info = self.vms[name].info
+        if info is None:
+            raise TTError(f"VM {name} is not ready")
+        limit = self.cfg.boot_timeout or boot_timeout(info.accel or "tcg", info.arch)
+        self.connection(name).wait_ssh(limit)
+
     def _new_generation(self, name: str) -> int:
         """Tell every process that its connection to ``name`` is stale (the guest's TCP state is gone)."""
         generation = self._generation(name) + 1
