@@ -1,6 +1,6 @@
 """testinfra over ttenv's channel vs testinfra's own SSH backends, on one VM (run by hand).
 
-    python3 bench/testinfra.py [--os debian12] [--rounds 50]
+    python3 bench/testinfra_host.py [--os debian12] [--rounds 50]
 
 One pytest session boots the VM; one test then times ``host.run("true")`` through each peer,
 interleaved (one sample of every peer per round; ``ssh://`` every 5th round), ms:
