@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -419,6 +420,21 @@ def cmd_env_del(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``24h``, ``2d`` -> seconds (argparse type: one line on bad input)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if m is None or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 3600, 90m, 24h, 2d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def cmd_env_renew(args: argparse.Namespace) -> int:
+    env = _env_backend(args, progress=False).renew(args.name, args.ttl)
+    until = time.strftime("%Y-%m-%d %H:%M", time.localtime(env.expires)) if env.expires else "never"
+    _out(f"renewed ENV {env.name}: expires {until}")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     uris = _uris(args)
     backend = LocalBackend(args.image_dir, args.state_dir, progress=_out, engine="libvirt" if uris else "qemu",
@@ -607,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm")
     p.add_argument("--lines", type=int, default=50)
     p.set_defaults(func=cmd_env_console)
+    p = env.add_parser("renew", parents=[common, remote], help="extend an ENV's lease (e.g. one kept by --tt-keep)")
+    p.add_argument("name")
+    p.add_argument("--ttl", type=_seconds, required=True, help="the new lease from now: 3600, 90m, 24h, 2d")
+    p.set_defaults(func=cmd_env_renew)
     p = env.add_parser("del", parents=[common, remote], help="delete ENVs: VMs stopped, everything released")
     p.add_argument("names", nargs="+")
     p.set_defaults(func=cmd_env_del)

@@ -25,6 +25,7 @@ def ttenv(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["env", "show", "nope"], 2, "no ENV named 'nope'"),
         (["env", "del", "nope"], 2, "no ENV named 'nope'"),
         (["env", "run", "nope", "--cmd", "true"], 2, "no ENV named 'nope'"),
+        (["env", "renew", "nope", "--ttl", "1h"], 2, "no ENV named 'nope'"),
         (["image", "build", "ubuntu-22.04"], 2, "cannot build 'ubuntu-22.04'"),
         (["image", "build", "debian-12", "--arch", "mips"], 2, "unknown arch 'mips'"),
         (["image", "rm", "debian-99-x86_64"], 2, "image debian-99-x86_64 is not in"),
@@ -63,3 +64,17 @@ def test_unwritable_image_store_is_one_line(tmp_path: Path) -> None:
                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.startswith("ttenv: error: cannot build image debian-12-") and len(res.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("30m", 1800), ("24h", 86400), ("1.5d", 129600)]
+)
+def test_renew_durations(text: str, seconds: float) -> None:
+    from pytest_ttenv.cli import _seconds
+
+    assert _seconds(text) == seconds
+
+
+def test_bad_renew_duration_names_the_option(tmp_path: Path) -> None:
+    res = ttenv(tmp_path, "env", "renew", "X", "--ttl", "soon")
+    assert res.returncode == 2 and "argument --ttl: 'soon' is not a duration (e.g. 3600, 90m, 24h, 2d)" in res.stderr
