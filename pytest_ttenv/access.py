@@ -33,19 +33,30 @@ def key_path(env: EnvInfo, state: str | os.PathLike[str] | None = None) -> Path:
 
 
 def forget_key(env: EnvInfo, state: str | os.PathLike[str] | None = None) -> None:
-    key_path(env, state).unlink(missing_ok=True)
-    key_path(env, state).with_suffix(".known_hosts").unlink(missing_ok=True)
+    key = key_path(env, state)
+    key.unlink(missing_ok=True)
+    _known_hosts_path(key).unlink(missing_ok=True)
 
 
-def login_command(env: EnvInfo, vm: VmInfo, key: Path) -> str:
-    """An OpenSSH command line that logs into ``vm`` with the client key ``key`` and checks the
-    VM's host key strictly: its key is written to ``<key>.known_hosts`` (0600) for that."""
-    known = key.with_suffix(".known_hosts")
+def _known_hosts_path(key: Path) -> Path:
+    return key.with_suffix(".known_hosts")
+
+
+def write_known_hosts(env: EnvInfo, key: Path) -> Path:
+    """Write the host keys of ``env``'s VMs to ``<key>.known_hosts`` (0600) and return its path:
+    what ``login_command`` checks the VM's host key against."""
+    known = _known_hosts_path(key)
     lines = [f"[{v.address}]:{v.port} {v.host_key}" for v in env.vms if v.host_key and v.port]
     fd = os.open(known, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("".join(line + "\n" for line in lines))
-    return (f"ssh -i {key} -o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes -p {vm.port} "
+    return known
+
+
+def login_command(vm: VmInfo, key: Path, known_hosts: Path) -> str:
+    """An OpenSSH command line that logs into ``vm`` with the client key ``key`` and checks the
+    VM's host key strictly against ``known_hosts`` (from ``write_known_hosts``)."""
+    return (f"ssh -i {key} -o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes -p {vm.port} "
             f"{vm.user}@{vm.address}")  # fmt: skip
 
 

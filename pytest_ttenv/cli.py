@@ -103,7 +103,7 @@ def cmd_image_list(args: argparse.Namespace) -> int:
     _out(f"{'NAME':<22} {'FILE':>8} {'VIRTUAL':>8} {'USER':<10} {'BOOT':<6} {'SOURCE':<7} CREATED")
     for img in images:
         size = img.file(img.disk).stat().st_size / 2**20 if img.file(img.disk).exists() else 0
-        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(img.created))
+        created = _when(img.created)
         _out(f"{img.name:<22} {size:>6.0f}Mi {img.disk_mib:>6}Mi {img.user:<10} {img.boot:<6} {img.source:<7} "
              f"{created}")  # fmt: skip
     return 0
@@ -307,15 +307,20 @@ def cmd_env_list(args: argparse.Namespace) -> int:
         return 0
     _out(f"{'NAME':<20} {'ID':<13} {'STATE':<8} {'VMS':>3}  {'OWNER':<10} CREATED")
     for env in envs:
-        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(env.created))
+        created = _when(env.created)
         _out(f"{env.name:<20} {env.id:<13} {env.state:<8} {len(env.vms):>3}  {env.owner:<10} {created}")
     return 0
 
 
-def _print_env(env: EnvInfo, state_dir: str | None) -> None:
-    from pytest_ttenv.access import key_path, login_command
+def _when(ts: float) -> str:
+    """A timestamp as the CLI shows it: local time to the minute."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
-    expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(env.expires)) if env.expires else "never"
+
+def _print_env(env: EnvInfo, state_dir: str | None) -> None:
+    from pytest_ttenv.access import key_path, login_command, write_known_hosts
+
+    expires = _when(env.expires) if env.expires else "never"
     _out(f"ENV {env.name} (id {env.id}, owner {env.owner}, state {env.state}, expires {expires})")
     _out(f"  {'VM':<22} {'STATE':<8} {'ACCEL':<5} {'BOOT':<4} {'CPU':>3} {'MEM':>6} {'SSH':<16} CONSOLE")
     for vm in env.vms:
@@ -324,7 +329,8 @@ def _print_env(env: EnvInfo, state_dir: str | None) -> None:
              f"{vm.resources.mem_mib:>4}Mi {vm.address}:{vm.port:<6} {console}")  # fmt: skip
     if env.vms:
         vm = env.vms[0]
-        _out(f"  login: {login_command(env, vm, key_path(env, state_dir))}")
+        key = key_path(env, state_dir)
+        _out(f"  login: {login_command(vm, key, write_known_hosts(env, key))}")
 
 
 def cmd_env_show(args: argparse.Namespace) -> int:
@@ -430,7 +436,7 @@ def _seconds(text: str) -> float:
 
 def cmd_env_renew(args: argparse.Namespace) -> int:
     env = _env_backend(args, progress=False).renew(args.name, args.ttl)
-    until = time.strftime("%Y-%m-%d %H:%M", time.localtime(env.expires)) if env.expires else "never"
+    until = _when(env.expires) if env.expires else "never"
     _out(f"renewed ENV {env.name}: expires {until}")
     return 0
 
@@ -489,7 +495,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     if not tokens:
         _out("no tokens - add one: ttenv token add NAME")
     for name, created in tokens:
-        _out(f"{name:<32} created {time.strftime('%Y-%m-%d %H:%M', time.localtime(created))}")
+        _out(f"{name:<32} created {_when(created)}")
     return 0
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_ttenv.access import login_command, save_key, target
+from pytest_ttenv.access import login_command, save_key, target, write_known_hosts
 from pytest_ttenv.backend import Backend, get_backend
 from pytest_ttenv.backend.accel import boot_timeout
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
@@ -273,10 +273,7 @@ class EnvSession:
         with the old boot; every process reconnects afterwards. The post-boot snapshot stays as it
         was: a later revert goes back to the boot it was taken in.
         """
-        info = self.vms[name].info
-        if info is None:
-            raise TTError(f"VM {name} is not ready")
-        limit = timeout or self.cfg.boot_timeout or boot_timeout(info.accel or "tcg", info.arch)
+        limit = timeout or self._boot_limit(name)
         with self.use([name], exclusive=True):
             conn = self.connection(name)
             try:
@@ -287,11 +284,14 @@ class EnvSession:
     def wait_ssh(self, name: str) -> None:
         """Wait (the boot timeout) until SSH answers on ``name`` again, e.g. after a reboot the
         session did not ask for; Unreachable if it does not."""
+        self.connection(name).wait_ssh(self._boot_limit(name))
+
+    def _boot_limit(self, name: str) -> float:
+        """Seconds a boot of ``name`` may take: --tt-boot-timeout, else scaled by accelerator and arch."""
         info = self.vms[name].info
         if info is None:
             raise TTError(f"VM {name} is not ready")
-        limit = self.cfg.boot_timeout or boot_timeout(info.accel or "tcg", info.arch)
-        self.connection(name).wait_ssh(limit)
+        return self.cfg.boot_timeout or boot_timeout(info.accel or "tcg", info.arch)
 
     def _new_generation(self, name: str) -> int:
         """Tell every process that its connection to ``name`` is stale (the guest's TCP state is gone)."""
@@ -350,7 +350,8 @@ class EnvSession:
                 lines = [
                     f"ttenv: kept ENV {env.name} for {hours:.0f} h; delete it with: ttenv env del{where} {env.name}"
                 ]
-                lines += [f"  {vm.name}: {login_command(env, vm, key)}" for vm in env.vms if vm.name in keep]
+                known = write_known_hosts(env, key)
+                lines += [f"  {vm.name}: {login_command(vm, key, known)}" for vm in env.vms if vm.name in keep]
                 return "\n".join(lines)
             self.backend.delete_env(self.env.id)
             shutil.rmtree(self.workdir, ignore_errors=True)
