@@ -40,8 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncssh
-
+from pytest_ttenv.quiet import asyncssh
 from pytest_ttenv.ssh_agent import EXIT, HDR, HELLO, KILL, OUT, RUN, pack, unpack
 
 __all__ = [

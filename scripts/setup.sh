@@ -1,21 +1,49 @@
 #!/usr/bin/env bash
-# Install what pytest-ttenv needs on a Debian host: qemu, image build tools, ssh, libvirt, and the
-# package itself with its test extras. Idempotent; run as root (or with sudo available). Nothing in
-# /etc/libvirt is changed: the tests run libvirtd with config dirs of their own (tests/libvirt_hosts.py).
+# Install what pytest-ttenv needs on a Debian host, into the project virtualenv (scripts/venv.sh:
+# an active one, or ./.venv), never into the system Python. Idempotent; run as root (or with sudo).
+#   bash scripts/setup.sh            the main job: qemu for this host's arch, image build tools, ssh,
+#                                    and the package from requirements/runtime.lock
+#   bash scripts/setup.sh --test     also what the tests need: qemu for the other arches, UEFI
+#                                    firmware, libvirt daemons, chromium, every extra and the dev
+#                                    tools from requirements/test.lock
+#   ... --latest                     the newest versions PyPI has instead of the lock (drift check)
+# Nothing in /etc/libvirt is changed: the tests run libvirtd with config dirs of their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+test_deps=0
+latest=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) test_deps=1 ;;
+    --latest) latest=1 ;;
+    *) echo "setup: unknown argument $arg (use --test, --latest)" >&2; exit 2 ;;
+  esac
+done
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-PKGS=(qemu-system-x86 qemu-system-arm qemu-system-misc ovmf qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client
-      openssh-server ca-certificates qemu-user-static binfmt-support arch-test)
-TEST_PKGS=(chromium)  # the test suite opens the HTML report in it; the CI templates install PKGS only
-# The libvirt engine and its tests: the daemons (started by the tests themselves, no systemd needed),
-# virsh/virt-ssh-helper, and what pip needs to build libvirt-python; xmllint checks domain XML against
-# libvirt's schema; iproute2 makes the tests' network namespace for a remote host.
-LIBVIRT_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc libxml2-utils
-              iproute2)
+
+# What ttenv needs on a host: RUNTIME_PKGS, and qemu for the guests' arches (FOREIGN_PKGS: every
+# arch, UEFI firmware and the binfmt emulation mmdebstrap needs to build a foreign-arch image). The
+# main job boots host-arch VMs only, so it installs qemu for this arch; the CI templates install
+# RUNTIME_PKGS and FOREIGN_PKGS (tests/test_ci_templates.py holds them to these lists).
+RUNTIME_PKGS=(qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client ca-certificates)
+FOREIGN_PKGS=(qemu-system-x86 qemu-system-arm qemu-system-misc ovmf qemu-user-static binfmt-support arch-test)
+case "$(uname -m)" in
+  x86_64 | i?86) QEMU_HOST=qemu-system-x86 ;;
+  aarch64 | arm*) QEMU_HOST=qemu-system-arm ;;
+  *) QEMU_HOST=qemu-system-misc ;;
+esac
+PKGS=("${RUNTIME_PKGS[@]}" "$QEMU_HOST" python3-venv)
+if [ "$test_deps" -eq 1 ]; then
+  # An sshd for the channel tests, chromium for the HTML report test. The libvirt engine's tests:
+  # the daemons (started by the tests, no systemd needed), virsh, what pip needs to build
+  # libvirt-python, xmllint for domain XML against libvirt's schema, iproute2 for the remote host's
+  # network namespace.
+  PKGS+=("${FOREIGN_PKGS[@]}" openssh-server chromium libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+         libvirt-dev pkg-config gcc libxml2-utils iproute2)
+fi
 missing=()
-for p in "${PKGS[@]}" "${TEST_PKGS[@]}" "${LIBVIRT_PKGS[@]}"; do
+for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -23,4 +51,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+
+source scripts/venv.sh
+pip=("$TTENV_PY" -m pip install -q --disable-pip-version-check)
+if [ "$latest" -eq 1 ]; then
+  extras=""
+  groups=()
+  if [ "$test_deps" -eq 1 ]; then
+    extras="[server,libvirt,testinfra]"
+    groups=(--group dev)
+  fi
+  echo "setup: resolving the newest versions (not the lock) into $TTENV_VENV"
+  "${pip[@]}" --upgrade pip
+  "${pip[@]}" --upgrade --upgrade-strategy eager -e ".$extras" "${groups[@]}"
+else
+  lock=requirements/runtime.lock
+  [ "$test_deps" -eq 1 ] && lock=requirements/test.lock
+  echo "setup: installing $lock into $TTENV_VENV"
+  "${pip[@]}" --require-hashes -r "$lock"
+  "${pip[@]}" --no-deps -e .
+fi

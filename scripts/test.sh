@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# The project's test command: installs what the tests need, then lint, types and the suite
-# (unit tests and end-to-end tests that boot real VMs). pytest's exit 5 (no tests) fails.
+# The project's test command: installs what the tests need (scripts/setup.sh --test: the locked
+# versions into the project virtualenv), then lint, format, types and the suite (unit tests and
+# end-to-end tests that boot real VMs). --latest tests the newest versions PyPI has instead of
+# the lock; any other argument goes to pytest. pytest's exit 5 (no tests) fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh || exit 1
-python3 -m ruff check pytest_ttenv tests bench examples || exit 1
-python3 -m mypy || exit 1
-python3 -m pytest -p no:cacheprovider -ra "$@"
+setup_args=(--test)
+pytest_args=()
+for arg in "$@"; do
+  if [ "$arg" = "--latest" ]; then setup_args+=(--latest); else pytest_args+=("$arg"); fi
+done
+bash scripts/setup.sh "${setup_args[@]}" || exit 1
+source scripts/venv.sh
+"$TTENV_PY" -m ruff check pytest_ttenv tests bench examples || exit 1
+"$TTENV_PY" -m mypy || exit 1
+"$TTENV_PY" -m pytest -p no:cacheprovider -ra "${pytest_args[@]}"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "test.sh: pytest collected no tests - failing" >&2

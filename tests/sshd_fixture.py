@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import asyncssh
+from pytest_ttenv.quiet import asyncssh
 
 if TYPE_CHECKING:
     from pytest_ttenv.ssh import SshTarget
@@ -227,6 +227,9 @@ class Farm:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stdin):
+            if pipe is not None:
+                pipe.close()
 
 
 def start_farm(workdir: Path, n: int) -> Farm:
@@ -242,6 +245,7 @@ def start_farm(workdir: Path, n: int) -> Farm:
     line = proc.stdout.readline()
     if not line:
         proc.wait()
+        proc.stdout.close()
         raise RuntimeError(f"farm of {n} servers did not start (exit {proc.returncode})")
     return Farm(json.loads(line), host_pub, workdir / "client_ed25519", proc)
 

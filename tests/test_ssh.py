@@ -559,6 +559,7 @@ def test_agent_protocol_directly(popen: bool, tmp_path: Path) -> None:
     assert wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
     agent.stdin.close()  # EOF: the agent kills what runs and exits
     assert agent.proc.wait(5) == 0
+    agent.stdout.close()
     pid = int(pidfile.read_text())
     assert wait_until(lambda: gone(pid))
 

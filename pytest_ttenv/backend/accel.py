@@ -56,7 +56,8 @@ def boot_timeout(accel: str, arch: str, concurrent: int = 1, access: str = "tten
 def _host_key(arch: str) -> str:
     cpu = ""
     try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "")
     except OSError:
         pass
     return f"{platform.node()}|{platform.release()}|{cpu}|{version(arch)}|{arch}"

@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncssh
 import pycdlib
 import yaml
 
 from pytest_ttenv.backend.qemu import GUEST_MAC
+from pytest_ttenv.quiet import asyncssh
 
 
 @dataclass(frozen=True)

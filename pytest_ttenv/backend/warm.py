@@ -48,13 +48,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import asyncssh
-
 from pytest_ttenv.backend import qemu, statecat
 from pytest_ttenv.backend.model import ImageInfo, Resources
 from pytest_ttenv.backend.paths import runtime_dir
 from pytest_ttenv.backend.seed import KeyPair, SeedData, write_seed_iso
 from pytest_ttenv.errors import BootError, TTError
+from pytest_ttenv.quiet import asyncssh
 
 FORMAT = 1  # bump when the layout or the way a template is made changes
 AGENT_PATH = "/run/ttenv-identity"  # in the guest: tmpfs, so the template's disk stays the image's
