@@ -10,20 +10,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pytest_ttenv import __version__
 from pytest_ttenv.backend import Backend, get_backend
 from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
-from pytest_ttenv.backend.naming import canonical_arch, check_env_name, parse_mib, split_prefixes
+from pytest_ttenv.backend.naming import canonical_arch, check_env_name, parse_mib, parse_seconds, split_prefixes
 from pytest_ttenv.backend.paths import image_dir
 from pytest_ttenv.errors import BootError, TTError, UsageError
 
@@ -426,12 +425,31 @@ def cmd_env_del(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds(text: str) -> float:
-    """``90``, ``90s``, ``30m``, ``24h``, ``2d`` -> seconds (argparse type: one line on bad input)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
-    if m is None or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 3600, 90m, 24h, 2d)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+_T = TypeVar("_T")
+
+
+def _value_type(parse: Callable[[str, str], _T], flag: str) -> Callable[[str], _T]:
+    """An argparse ``type=`` parsing ``flag``'s value with ``parse`` (the one parser of its kind);
+    a bad value is the usual one line ``ttenv: error: ...`` and exit 2, without argparse's usage."""
+
+    def convert(text: str) -> _T:
+        try:
+            return parse(text, flag)
+        except UsageError as exc:
+            print(f"ttenv: error: {exc}", file=sys.stderr)
+            raise SystemExit(exc.exit_code) from None
+
+    return convert
+
+
+def _duration(flag: str) -> Callable[[str], float]:
+    """argparse type of a duration option: seconds, or 90s, 30m, 2h, 1d (``parse_seconds``)."""
+    return _value_type(parse_seconds, flag)
+
+
+def _size(flag: str) -> Callable[[str], int]:
+    """argparse type of a size option: MiB, or 512M, 2G, 2GiB, 1T (``parse_mib``)."""
+    return _value_type(parse_mib, flag)
 
 
 def cmd_env_renew(args: argparse.Namespace) -> int:
@@ -568,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = image.add_parser("pull", parents=[common], help="download a vendor cloud image from the catalog")
     p.add_argument("names", nargs="+", metavar="NAME", help="ubuntu-24.04 (with --arch) or ubuntu-24.04-aarch64")
     p.add_argument("--arch", help="x86_64, aarch64, riscv64 (default: the name's, else this host's)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or data (default 30)")
+    p.add_argument("--timeout", type=_duration("--timeout"), default=30.0,
+                   help="how long to wait for a connection or data: seconds, or 90s, 2m (default 30)")  # fmt: skip
     p.set_defaults(func=cmd_image_pull)
     p = image.add_parser("import", parents=[common], help="add your own qcow2 or raw disk as an image")
     p.add_argument("file", help="the disk: qcow2 or raw (or vmdk, vdi, vhdx, vpc)")
@@ -584,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="debian-11, debian-12 or debian-13")
     p.add_argument("--arch", default=platform.machine(), help="x86_64 (default: this host's), aarch64, riscv64")
     p.add_argument("--mirror", help="Debian mirror URL (default: the one this host's apt uses)")
-    p.add_argument("--disk", default="3G", help="root file system size (default 3G)")
+    p.add_argument("--disk", type=_size("--disk"), default="3G", help="root file system size: MiB, or 2G (default 3G)")
     p.add_argument("-v", "--verbose", action="store_true", help="show every line of the bootstrap")
     p.add_argument("--plain", action="store_true", help="untuned reference image (Debian defaults), for benchmarks")
     p.add_argument("--variant", choices=("tuned", "plain", "cloud"),
@@ -601,13 +620,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--os-prefix", action="append", required=True, help="e.g. debian12,debian11 (TTStack prefixes)")
     p.add_argument("--arch", action="append", help="restrict to arches, e.g. x86_64,aarch64")
     p.add_argument("--cpu", type=int, default=2, help="vCPUs per VM (default 2)")
-    p.add_argument("--mem", default="512", help="memory per VM, MiB or 1G (default 512)")
-    p.add_argument("--disk", help="overlay disk size per VM (default: the image's size)")
+    p.add_argument("--mem", type=_size("--mem"), default="512", help="memory per VM: MiB, or 1G (default 512)")
+    p.add_argument("--disk", type=_size("--disk"), help="overlay disk size per VM: MiB, or 10G (default: the image's)")
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     p.add_argument("--boot", default="warm", choices=("warm", "cold"),
                    help="warm (default): start from a saved post-boot state of the image; cold: boot")  # fmt: skip
-    p.add_argument("--boot-timeout", type=float, help="seconds to wait for SSH (default: scaled by accel/arch)")
-    p.add_argument("--ttl", type=float, help="lease in seconds; expired ENVs are reaped by ttenv gc")
+    p.add_argument("--boot-timeout", type=_duration("--boot-timeout"),
+                   help="how long to wait for SSH: seconds, or 90s, 5m (default: scaled by accel/arch)")  # fmt: skip
+    p.add_argument("--ttl", type=_duration("--ttl"),
+                   help="lease: seconds, or 90s, 30m, 2h, 1d (default: none); ttenv gc reaps expired ENVs")  # fmt: skip
     _engine_options(p, "the ENV's")
     p.set_defaults(func=cmd_env_add)
     p = env.add_parser("list", parents=[common, remote], help="all ENVs")
@@ -621,8 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmd", help="the command, run by /bin/sh")
     p.add_argument("--reboot", action="store_true", help="reboot first and wait for SSH in the new boot")
     p.add_argument("--vm", action="append", help="only these VMs (as the VM arguments)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds the command may take (default 600)")
-    p.add_argument("--boot-timeout", type=float, help="seconds a reboot may take (default: scaled by accel/arch)")
+    p.add_argument("--timeout", type=_duration("--timeout"), default=600.0,
+                   help="how long the command may take: seconds, or 90s, 30m, 2h (default 600)")  # fmt: skip
+    p.add_argument("--boot-timeout", type=_duration("--boot-timeout"),
+                   help="how long a reboot may take: seconds, or 90s, 5m (default: scaled by accel/arch)")  # fmt: skip
     p.set_defaults(func=cmd_env_run)
     p = env.add_parser("console", parents=[common, remote], help="the tail of a VM's serial console")
     p.add_argument("name")
@@ -631,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_env_console)
     p = env.add_parser("renew", parents=[common, remote], help="extend an ENV's lease (e.g. one kept by --tt-keep)")
     p.add_argument("name")
-    p.add_argument("--ttl", type=_seconds, required=True, help="the new lease from now: 3600, 90m, 24h, 2d")
+    p.add_argument("--ttl", type=_duration("--ttl"), required=True,
+                   help="the new lease from now: seconds, or 90s, 30m, 2h, 1d")  # fmt: skip
     p.set_defaults(func=cmd_env_renew)
     p = env.add_parser("del", parents=[common, remote], help="delete ENVs: VMs stopped, everything released")
     p.add_argument("names", nargs="+")
@@ -657,22 +681,28 @@ def build_parser() -> argparse.ArgumentParser:
         "listen host, or this host's name when listening on all addresses)",
     )
     p.add_argument("--cpu-total", type=int, metavar="N", help="vCPUs all ENVs may hold (default: host CPUs)")
-    p.add_argument("--mem-total", metavar="MiB", help="memory all ENVs may hold, MiB or 32G (default: 80%% of RAM)")
+    p.add_argument("--mem-total", type=_size("--mem-total"), metavar="SIZE",
+                   help="memory all ENVs may hold: MiB, or 32G (default: 80%% of RAM)")  # fmt: skip
     p.add_argument(
         "--disk-total",
-        metavar="MiB",
-        help="overlay disk all ENVs may hold, MiB or 200G (default: 80%% of the free disk of the state dir)",
+        type=_size("--disk-total"),
+        metavar="SIZE",
+        help="overlay disk all ENVs may hold: MiB, or 200G (default: 80%% of the free disk of the state dir)",
     )
     _engine_options(p, "the server's")
     p.add_argument(
         "--default-lease",
-        type=float,
+        type=_duration("--default-lease"),
         default=600.0,
-        metavar="S",
-        help="lease of an ENV created without one (default 600 s)",
+        metavar="DURATION",
+        help="lease of an ENV created without one: seconds, or 90s, 30m, 2h, 1d (default 600 s)",
     )
     p.add_argument(
-        "--max-lease", type=float, default=7 * 24 * 3600.0, metavar="S", help="longest lease granted (default 7 days)"
+        "--max-lease",
+        type=_duration("--max-lease"),
+        default=7 * 24 * 3600.0,
+        metavar="DURATION",
+        help="longest lease granted: seconds, or 12h, 7d (default 7 days)",
     )
     p.add_argument(
         "--log-level",

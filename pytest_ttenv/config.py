@@ -1,16 +1,18 @@
 """The plugin's settings: each one a ``--tt-*`` option, a ``tt_*`` ini key and a ``TTENV_*``
 environment variable, resolved with the usual precedence: command line > environment > ini >
-built-in default. Bad values raise UsageError with one line saying what is accepted.
+built-in default. Bad values raise UsageError with one line saying what is accepted and where
+the value came from (``--tt-lease``, ``TTENV_LEASE`` or ``ini tt_lease``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_ttenv.backend.naming import canonical_arch, parse_mib, split_prefixes
+from pytest_ttenv.backend.naming import canonical_arch, parse_mib, parse_seconds, split_prefixes
 from pytest_ttenv.errors import UsageError
 
 
@@ -44,20 +46,21 @@ SETTINGS = (
             metavar="ARCHES"),
     Setting("backend", "where ENVs live: local, or a ttenv server URL http(s)://host:port", "local", metavar="URL"),
     Setting("token", "bearer token for a ttenv server backend", "", metavar="TOKEN"),
-    Setting("lease", "seconds a server keeps the session's ENV after its last renewal (renewed every quarter "
-            "of it while pytest runs; a killed session's VMs are reaped after it)", "180", metavar="SECONDS"),
+    Setting("lease", "how long a server keeps the session's ENV after its last renewal (renewed every quarter "
+            "of it while pytest runs; a killed session's VMs are reaped after it): seconds, or 90s, 30m, 2h, 1d; "
+            "at least 2 s", "180", metavar="DURATION"),
     Setting("engine", "how VMs run (local backend): qemu processes, or libvirt domains on --tt-libvirt-uri hosts",
             "qemu", ("qemu", "libvirt")),
     Setting("libvirt_uri", "with --tt-engine=libvirt: the hosts, libvirt URIs separated by commas or spaces, each "
             "optionally URI#cpu=N&mem=SIZE&addr=ADDRESS (default qemu:///system)", "", metavar="URIS"),
     Setting("accel", "accelerator: auto probes KVM and falls back to TCG", "auto", ("auto", "kvm", "tcg")),
     Setting("cpu", "vCPUs per VM", "2", metavar="N"),
-    Setting("mem", "memory per VM (MiB, or 1G)", "512", metavar="SIZE"),
-    Setting("disk", "overlay disk size per VM (default: the image's)", "", metavar="SIZE"),
+    Setting("mem", "memory per VM: MiB, or 512M, 2G, 2GiB, 1T", "512", metavar="SIZE"),
+    Setting("disk", "overlay disk size per VM, as --tt-mem (default: the image's)", "", metavar="SIZE"),
     Setting("boot", "how VMs start: warm (from a saved post-boot state of their image, made once) or cold",
             "warm", ("warm", "cold")),
-    Setting("boot_timeout", "seconds to wait for a VM's SSH (default: scaled by accelerator and arch)", "",
-            metavar="SECONDS"),
+    Setting("boot_timeout", "how long to wait for a VM's SSH: seconds, or 90s, 30m, 2h, 1d (default: scaled by "
+            "accelerator and arch)", "", metavar="DURATION"),
     Setting("keep", "keep VMs after the session: never, failed (VMs with failed tests), always", "never",
             ("never", "failed", "always")),
     Setting("image_dir", "image store (default: ~/.cache/ttenv/images)", "", metavar="DIR"),
@@ -93,48 +96,53 @@ class TTConfig:
     matrix_report: str | None
 
 
-def raw_values(getoption: Any, getini: Any, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Each setting's winning raw string: CLI > environment > ini > default."""
-    environ = dict(os.environ) if environ is None else environ
-    values = {}
+class RawValues(dict[str, str]):
+    """Setting name -> winning raw string, and in ``sources`` where each came from: its flag
+    (``--tt-lease``, also for a default), environment variable (``TTENV_LEASE``) or ini key
+    (``ini tt_lease``), for error messages."""
+
+    def __init__(self, values: Mapping[str, str] | None = None, sources: Mapping[str, str] | None = None) -> None:
+        super().__init__(values or {})
+        self.sources = dict(sources or {})
+
+
+def raw_values(getoption: Any, getini: Any, environ: Mapping[str, str] | None = None) -> RawValues:
+    """Each setting's winning raw string: CLI > environment > ini > default (a dict, whose
+    ``sources`` say where each value came from)."""
+    environ = os.environ if environ is None else environ
+    values = RawValues()
     for s in SETTINGS:
         cli = getoption(s.dest)
         if cli not in (None, ""):
-            values[s.name] = str(cli)
+            values[s.name], values.sources[s.name] = str(cli), s.flag
         elif environ.get(s.env, "") != "":
-            values[s.name] = environ[s.env]
+            values[s.name], values.sources[s.name] = environ[s.env], s.env
         elif getini(s.dest) not in (None, ""):
-            values[s.name] = str(getini(s.dest))
+            values[s.name], values.sources[s.name] = str(getini(s.dest)), f"ini {s.dest}"
         else:
-            values[s.name] = s.default
+            values[s.name], values.sources[s.name] = s.default, s.flag
     return values
 
 
-def resolve(values: dict[str, str]) -> TTConfig:
-    """Validate raw values into a TTConfig (UsageError naming the setting on bad input); a
-    setting missing from ``values`` has its default."""
-    values = {s.name: s.default for s in SETTINGS} | values
+def resolve(values: Mapping[str, str], sources: Mapping[str, str] | None = None) -> TTConfig:
+    """Validate raw values into a TTConfig (UsageError naming the setting on bad input, by where
+    it came from: ``sources``, else ``values.sources`` of a RawValues, else its flag); a setting
+    missing from ``values`` has its default."""
+    if sources is None:
+        sources = getattr(values, "sources", {})
+    where = {s.name: s.flag for s in SETTINGS} | dict(sources or {})
+    values = {s.name: s.default for s in SETTINGS} | dict(values)
     for s in SETTINGS:
         if s.choices and values[s.name] not in s.choices:
             raise UsageError(f"{s.flag}={values[s.name]!r} is not valid", f"use one of {', '.join(s.choices)}")
     try:
         cpu = int(values["cpu"])
     except ValueError:
-        raise UsageError(f"--tt-cpu={values['cpu']!r} is not a number") from None
-    timeout = None
-    if values["boot_timeout"]:
-        try:
-            timeout = float(values["boot_timeout"])
-        except ValueError:
-            raise UsageError(f"--tt-boot-timeout={values['boot_timeout']!r} is not a number of seconds") from None
-        if timeout <= 0:
-            raise UsageError("--tt-boot-timeout must be positive")
-    try:
-        lease = float(values["lease"])
-    except ValueError:
-        raise UsageError(f"--tt-lease={values['lease']!r} is not a number of seconds") from None
+        raise UsageError(f"{where['cpu']}={values['cpu']!r} is not a number") from None
+    timeout = parse_seconds(values["boot_timeout"], where["boot_timeout"]) if values["boot_timeout"] else None
+    lease = parse_seconds(values["lease"], where["lease"])
     if lease < 2:
-        raise UsageError(f"--tt-lease={values['lease']} is too short", "give at least 2 seconds (default 180)")
+        raise UsageError(f"{where['lease']}={values['lease']!r} is too short", "give at least 2 seconds (default 180)")
     if values["libvirt_uri"] and values["engine"] != "libvirt":
         raise UsageError("--tt-libvirt-uri needs --tt-engine=libvirt")
     return TTConfig(
@@ -147,8 +155,8 @@ def resolve(values: dict[str, str]) -> TTConfig:
         libvirt_uri=tuple(u for u in re.split(r"[\s,]+", values["libvirt_uri"]) if u),
         accel=values["accel"],
         cpu=cpu,
-        mem_mib=parse_mib(values["mem"], "--tt-mem"),
-        disk_mib=parse_mib(values["disk"], "--tt-disk") if values["disk"] else 0,
+        mem_mib=parse_mib(values["mem"], where["mem"]),
+        disk_mib=parse_mib(values["disk"], where["disk"]) if values["disk"] else 0,
         boot=values["boot"],
         boot_timeout=timeout,
         keep=values["keep"],

@@ -21,7 +21,13 @@ def ttenv(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["env", "add", "bad name", "--os-prefix=deb"], 2, "bad ENV name 'bad name'"),
         (["env", "add", "T", "--os-prefix=deb", "--arch=sparc"], 2, "unknown arch 'sparc'"),
         (["env", "add", "T", "--os-prefix=,"], 2, "--os-prefix is empty"),
-        (["env", "add", "T", "--os-prefix=deb", "--mem=lots"], 2, "bad memory size 'lots'"),
+        (["env", "add", "T", "--os-prefix=deb", "--mem=lots"], 2, "bad --mem size 'lots' (use MiB, or a number"),
+        (["env", "add", "X", "--os-prefix", "deb", "--ttl", "0"], 2, "--ttl='0' must be positive (use seconds"),
+        (["env", "add", "X", "--os-prefix", "deb", "--ttl", "5x"], 2, "--ttl='5x' is not a duration (use seconds"),
+        (["env", "add", "X", "--os-prefix", "deb", "--disk", "0"], 2, "--disk size must be positive, got '0'"),
+        (["env", "run", "X", "--cmd", "true", "--timeout", "-1"], 2, "--timeout='-1' must be positive"),
+        (["serve", "--max-lease", "0"], 2, "--max-lease='0' must be positive"),
+        (["serve", "--mem-total", "32X"], 2, "bad --mem-total size '32X'"),
         (["env", "show", "nope"], 2, "no ENV named 'nope'"),
         (["env", "del", "nope"], 2, "no ENV named 'nope'"),
         (["env", "run", "nope", "--cmd", "true"], 2, "no ENV named 'nope'"),
@@ -70,11 +76,14 @@ def test_unwritable_image_store_is_one_line(tmp_path: Path) -> None:
     ("text", "seconds"), [("90", 90), ("90s", 90), ("30m", 1800), ("24h", 86400), ("1.5d", 129600)]
 )
 def test_renew_durations(text: str, seconds: float) -> None:
-    from pytest_ttenv.cli import _seconds
+    from pytest_ttenv.cli import build_parser
 
-    assert _seconds(text) == seconds
+    assert build_parser().parse_args(["env", "renew", "X", "--ttl", text]).ttl == seconds
 
 
 def test_bad_renew_duration_names_the_option(tmp_path: Path) -> None:
     res = ttenv(tmp_path, "env", "renew", "X", "--ttl", "soon")
-    assert res.returncode == 2 and "argument --ttl: 'soon' is not a duration (e.g. 3600, 90m, 24h, 2d)" in res.stderr
+    assert res.returncode == 2 and res.stderr == (
+        "ttenv: error: --ttl='soon' is not a duration (use seconds, or a number with a unit: 90, 90s, 30m, 2h, 1d, "
+        "1.5h)\n"
+    )

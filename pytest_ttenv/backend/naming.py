@@ -1,4 +1,4 @@
-"""Names: canonical image names, TTStack OS-prefix matching, arch aliases, sizes.
+"""Names: canonical image names, TTStack OS-prefix matching, arch aliases, sizes, durations.
 
 Pure functions; every rejection is a UsageError whose text says what is accepted.
 """
@@ -17,6 +17,10 @@ DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64"}
 _IMAGE_RE = re.compile(r"^([a-z][a-z0-9]*)-([0-9][a-z0-9.]*)-(x86_64|aarch64|riscv64)$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+SIZE_FORMS = "MiB, or a number with a unit: 512, 512M, 2G, 2GiB, 1T"
+DURATION_FORMS = "seconds, or a number with a unit: 90, 90s, 30m, 2h, 1d, 1.5h"
 
 
 def normalize(text: str) -> str:
@@ -87,17 +91,39 @@ def check_env_name(name: str) -> str:
 
 
 def parse_mib(text: str | int, what: str) -> int:
-    """Parse a size (``512``, ``512M``, ``2G``, ``2GiB``; bare numbers are MiB) into MiB."""
+    """Parse a size (``512``, ``512M``, ``2G``, ``2GiB``, ``1T``; bare numbers are MiB) into MiB > 0.
+
+    The one size parser of every size option; ``what`` names the option (``--mem``, ``TTENV_MEM``).
+    """
     if isinstance(text, int):
         value = text
     else:
         m = _SIZE_RE.match(text)
         if not m:
-            raise UsageError(f"bad {what} size {text!r}", "use a number of MiB or a suffix: 512M, 2G")
+            raise UsageError(f"bad {what} size {text!r}", f"use {SIZE_FORMS}")
         unit = (m.group(2) or "m")[0].lower()
         value = int(m.group(1)) * {"k": 1, "m": 1, "g": 1024, "t": 1024 * 1024}[unit]
         if unit == "k":
             value //= 1024
     if value <= 0:
-        raise UsageError(f"{what} size must be positive, got {text!r}")
+        raise UsageError(f"{what} size must be positive, got {text!r}", f"use {SIZE_FORMS}")
+    return value
+
+
+def parse_seconds(text: str | float, what: str) -> float:
+    """Parse a duration (``90``, ``90s``, ``30m``, ``2h``, ``1d``, ``1.5h``; bare numbers are seconds)
+    into seconds > 0.
+
+    The one duration parser of every duration option; ``what`` names the option (``--ttl``,
+    ``TTENV_LEASE``). Zero is rejected too: no option takes it to mean "never" or "no wait".
+    """
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        m = _DURATION_RE.match(text)
+        if not m:
+            raise UsageError(f"{what}={text!r} is not a duration", f"use {DURATION_FORMS}")
+        value = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{what}={text!r} must be positive", f"use {DURATION_FORMS}")
     return value

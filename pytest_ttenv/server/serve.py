@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_ttenv.backend.naming import parse_mib, parse_seconds
 from pytest_ttenv.backend.paths import image_dir, state_dir
 from pytest_ttenv.errors import TTError, UsageError
 from pytest_ttenv.server.quota import Amounts
@@ -115,16 +116,19 @@ def serve(
     state: str | os.PathLike[str] | None = None,
     images: str | os.PathLike[str] | None = None,
     cpu_total: int | None = None,
-    mem_total: int | None = None,
-    disk_total: int | None = None,
+    mem_total: int | str | None = None,
+    disk_total: int | str | None = None,
     engine: str = "qemu",
     libvirt_uris: Sequence[str] = (),
-    default_lease: float = 600.0,
-    max_lease: float = 7 * 24 * 3600.0,
+    default_lease: float | str = 600.0,
+    max_lease: float | str = 7 * 24 * 3600.0,
     log_level: str = "info",
     out: Callable[[str], None] = print,
 ) -> int:
-    """Run the server until SIGINT/SIGTERM; returns the exit code (0 after a graceful stop)."""
+    """Run the server until SIGINT/SIGTERM; returns the exit code (0 after a graceful stop).
+
+    Sizes are MiB or strings like ``32G``, leases seconds or strings like ``2h`` (``parse_mib``,
+    ``parse_seconds``: the CLI's forms)."""
     try:
         import uvicorn
     except ImportError:
@@ -135,23 +139,22 @@ def serve(
         raise UsageError(f"--engine {engine!r} is not available", "use --engine qemu or --engine libvirt")
     if libvirt_uris and engine != "libvirt":
         raise UsageError("--libvirt-uri needs --engine libvirt")
-    for flag, value in (("--default-lease", default_lease), ("--max-lease", max_lease)):
-        if not value > 0:
-            raise UsageError(f"{flag} must be positive, got {value:g}")
-    for flag, total in (("--cpu-total", cpu_total), ("--mem-total", mem_total), ("--disk-total", disk_total)):
-        if total is not None and total < 0:
-            raise UsageError(f"{flag} must not be negative, got {total}")
+    default_s, max_s = parse_seconds(default_lease, "--default-lease"), parse_seconds(max_lease, "--max-lease")
+    if cpu_total is not None and cpu_total < 0:
+        raise UsageError(f"--cpu-total must not be negative, got {cpu_total}")
+    mem_mib = parse_mib(mem_total, "--mem-total") if mem_total is not None else None
+    disk_mib = parse_mib(disk_total, "--disk-total") if disk_total is not None else None
     host, port = parse_listen(listen)
     bind = forward_addr(host)
     public = public_addr or (socket.gethostname() if bind == "0.0.0.0" else bind)
     sdir, idir = state_dir(state), image_dir(images)
     base = default_totals(sdir) if engine == "qemu" else libvirt_totals(libvirt_uris, sdir)
     totals = Amounts(cpu_total if cpu_total is not None else base.cpu,
-                     mem_total if mem_total is not None else base.mem_mib,
-                     disk_total if disk_total is not None else base.disk_mib)  # fmt: skip
+                     mem_mib if mem_mib is not None else base.mem_mib,
+                     disk_mib if disk_mib is not None else base.disk_mib)  # fmt: skip
     cfg = ServerConfig(state_dir=sdir, image_dir=idir, totals=totals, bind_addr=bind, public_addr=public,
-                       engine=engine, libvirt_uris=tuple(libvirt_uris), default_lease=default_lease,
-                       max_lease=max_lease)  # fmt: skip
+                       engine=engine, libvirt_uris=tuple(libvirt_uris), default_lease=default_s,
+                       max_lease=max_s)  # fmt: skip
     service = Service(cfg)
     sock = _bind(host, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}"
