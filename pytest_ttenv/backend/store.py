@@ -15,39 +15,47 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pytest_ttenv.backend.model import EnvInfo, VmInfo
+from pytest_ttenv.backend.schema import Schema, migrate
 from pytest_ttenv.errors import NotFound, UsageError
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS envs (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL,
-    created REAL NOT NULL,
-    expires REAL,
-    state TEXT NOT NULL,
-    rundir TEXT NOT NULL,
-    owner_pid INTEGER,
-    owner_start INTEGER
-);
-CREATE TABLE IF NOT EXISTS vms (
-    env_id TEXT NOT NULL REFERENCES envs(id) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    port INTEGER UNIQUE,
-    data TEXT NOT NULL,
-    PRIMARY KEY (env_id, name)
-);
-"""
+# Version 1 is the schema before versions existed; append steps, never edit one (backend/schema.py).
+SCHEMA = Schema(steps=[
+    (  # 0 -> 1
+        """CREATE TABLE IF NOT EXISTS envs (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            owner TEXT NOT NULL,
+            created REAL NOT NULL,
+            expires REAL,
+            state TEXT NOT NULL,
+            rundir TEXT NOT NULL,
+            owner_pid INTEGER,
+            owner_start INTEGER
+        )""",
+        """CREATE TABLE IF NOT EXISTS vms (
+            env_id TEXT NOT NULL REFERENCES envs(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            port INTEGER UNIQUE,
+            data TEXT NOT NULL,
+            PRIMARY KEY (env_id, name)
+        )""",
+    ),
+    (  # 1 -> 2: list_envs (every list, show, get_env, gc) reads the ENVs ORDER BY created
+        "CREATE INDEX IF NOT EXISTS envs_by_created ON envs(created)",
+    ),
+])  # fmt: skip
 
 
 class Store:
-    """The sqlite file at ``path`` (created with its schema on first use)."""
+    """The sqlite file at ``path`` (created, or migrated to the current ``SCHEMA``, on first use;
+    a file of a newer schema is a TTError)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30)
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
-            db.executescript(_SCHEMA)
+            migrate(db, SCHEMA, path)
         finally:
             db.close()
 

@@ -17,11 +17,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pytest_ttenv.backend.schema import Schema, migrate
 from pytest_ttenv.errors import NotFound, TTError, UsageError
 
 _OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,200}$")
-_SCHEMA = "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, created REAL NOT NULL)"
+# Version 1 is the schema before versions existed; append steps, never edit one (backend/schema.py).
+SCHEMA = Schema(steps=[
+    ("CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, created REAL NOT NULL)",),
+])  # fmt: skip
 
 
 def digest(token: str) -> str:
@@ -38,7 +42,8 @@ def check_owner_name(name: str) -> str:
 
 
 class TokenStore:
-    """The tokens of the server whose state dir is ``state`` (file created 0600 on first use)."""
+    """The tokens of the server whose state dir is ``state`` (file created 0600 on first use, or
+    migrated to the current ``SCHEMA``; a file of a newer schema is a TTError)."""
 
     def __init__(self, state: Path) -> None:
         self.path = state / "tokens.sqlite"
@@ -47,7 +52,7 @@ class TokenStore:
             if not self.path.exists():
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             with self._db() as db:
-                db.execute(_SCHEMA)
+                migrate(db, SCHEMA, self.path)
         except (OSError, sqlite3.Error) as exc:
             raise TTError(f"cannot open the token store {self.path}: {exc}", "check the --state-dir") from None
 
