@@ -9,6 +9,7 @@ source scripts/venv.sh
 "$TTENV_PY" -m pip install -q uv
 uv=("$TTENV_PY" -m uv pip compile pyproject.toml --universal --python-version 3.10 --generate-hashes --no-header
     --upgrade --quiet)
-"${uv[@]}" -o requirements/runtime.lock
 "${uv[@]}" --all-extras --group dev -o requirements/test.lock
+# the runtime lock takes the test lock's versions, so the main job never changes a test venv
+"${uv[@]}" -c requirements/test.lock -o requirements/runtime.lock
 echo "lock: requirements/runtime.lock and requirements/test.lock re-resolved; run scripts/test.sh, then commit them"

@@ -53,6 +53,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 source scripts/venv.sh
+# What this venv holds is recorded in it, so the main job (runtime) leaves a venv alone that the
+# test command filled with the same lock's versions or with --latest (the docs test runs demo.sh).
+marker="$TTENV_VENV/ttenv-installed"
+sum() { sha256sum "$1" | cut -c1-16; }
 pip=("$TTENV_PY" -m pip install -q --disable-pip-version-check)
 if [ "$latest" -eq 1 ]; then
   extras=""
@@ -64,10 +68,15 @@ if [ "$latest" -eq 1 ]; then
   echo "setup: resolving the newest versions (not the lock) into $TTENV_VENV"
   "${pip[@]}" --upgrade pip
   "${pip[@]}" --upgrade --upgrade-strategy eager -e ".$extras" "${groups[@]}"
+  echo "latest" > "$marker"
+elif [ "$test_deps" -eq 0 ] && grep -qxE "latest|test $(sum requirements/test.lock)" "$marker" 2>/dev/null; then
+  echo "setup: $TTENV_VENV already holds the test environment ($(cat "$marker")); not changing it"
 else
   lock=requirements/runtime.lock
-  [ "$test_deps" -eq 1 ] && lock=requirements/test.lock
+  kind=runtime
+  if [ "$test_deps" -eq 1 ]; then lock=requirements/test.lock; kind=test; fi
   echo "setup: installing $lock into $TTENV_VENV"
   "${pip[@]}" --require-hashes -r "$lock"
   "${pip[@]}" --no-deps -e .
+  echo "$kind $(sum "$lock")" > "$marker"
 fi

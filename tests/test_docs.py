@@ -76,6 +76,8 @@ NOT_RUN: dict[str, tuple[str, tuple[str, ...]]] = {
                   "tests/test_libvirt.py::test_env_spread_over_two_hosts_survives_losing_one",
                   "tests/test_libvirt.py::test_server_runs_the_libvirt_engine",
                   "tests/test_libvirt.py::test_plugin_engine_options_reach_the_backend")),
+    r"^bash scripts/lock\.sh": ("re-resolves the locks from PyPI and rewrites requirements/",
+                                 ("tests/test_install.py::test_runtime_lock_agrees_with_the_test_lock",)),
     r"^python3? bench/": ("benchmarks are run by hand (minutes, printing figures)", ("bench/",)),
 }  # fmt: skip
 

@@ -162,3 +162,20 @@ def test_pytest_run_with_the_plugin_prints_nothing_of_others(
     assert res.ret == 0, res.stdout.str() + res.stderr.str()
     assert res.stderr.str() == ""
     res.assert_outcomes(passed=1)
+
+
+def locked(path: Path) -> dict[str, set[str]]:
+    """name -> versions of a lock (a universal lock may pin a name once per Python version)."""
+    pins: dict[str, set[str]] = {}
+    for line in path.read_text().splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            name, rest = line.split("==", 1)
+            pins.setdefault(name.lower(), set()).add(rest.split()[0])
+    return pins
+
+
+def test_runtime_lock_agrees_with_the_test_lock() -> None:
+    """The main job (runtime lock) never changes a venv the test command set up (test lock)."""
+    runtime, test = locked(REPO / "requirements" / "runtime.lock"), locked(REPO / "requirements" / "test.lock")
+    assert runtime and all(versions <= test.get(name, set()) for name, versions in runtime.items()), (runtime, test)
+    assert "pytest" in runtime and "asyncssh" in runtime and "mypy" not in runtime
