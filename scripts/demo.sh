@@ -10,7 +10,7 @@ bash scripts/setup.sh || exit 1
 source scripts/venv.sh
 rm -f ttenv-matrix.md
 rc=0
-"$TTENV_PY" -m pytest examples -p no:cacheprovider --tt-os="${TTENV_OS:-debian11,debian12,debian13}" \
+"$TTENV_PY" -m pytest -c examples/demo.ini --rootdir . examples -p no:cacheprovider --tt-os="${TTENV_OS:-debian11,debian12,debian13}" \
   --tt-arch="${TTENV_ARCH:-$(uname -m)}" --tt-image-source=build --tt-matrix-report=ttenv-matrix.md "$@" || rc=$?
 if [ -f ttenv-matrix.md ]; then
   echo
