@@ -57,7 +57,15 @@ source scripts/venv.sh
 # test command filled with the same lock's versions or with --latest (the docs test runs demo.sh).
 marker="$TTENV_VENV/ttenv-installed"
 sum() { sha256sum "$1" | cut -c1-16; }
-pip=("$TTENV_PY" -m pip install -q --disable-pip-version-check)
+pip_log="$TTENV_VENV/pip-install.log"
+pip() {  # pip's own chatter (build backends' warnings) goes to a log, shown only if pip fails
+  if ! "$TTENV_PY" -m pip install -q --disable-pip-version-check "$@" >>"$pip_log" 2>&1; then
+    tail -n 40 "$pip_log" >&2
+    echo "setup: pip install $* failed (whole log: $pip_log)" >&2
+    exit 1
+  fi
+}
+: >"$pip_log"
 if [ "$latest" -eq 1 ]; then
   extras=""
   groups=()
@@ -66,8 +74,8 @@ if [ "$latest" -eq 1 ]; then
     groups=(--group dev)
   fi
   echo "setup: resolving the newest versions (not the lock) into $TTENV_VENV"
-  "${pip[@]}" --upgrade pip
-  "${pip[@]}" --upgrade --upgrade-strategy eager -e ".$extras" "${groups[@]}"
+  pip --upgrade pip
+  pip --upgrade --upgrade-strategy eager -e ".$extras" "${groups[@]}"
   echo "latest" > "$marker"
 elif [ "$test_deps" -eq 0 ] && grep -qxE "latest|test $(sum requirements/test.lock)" "$marker" 2>/dev/null; then
   echo "setup: $TTENV_VENV already holds the test environment ($(cat "$marker")); not changing it"
@@ -76,7 +84,7 @@ else
   kind=runtime
   if [ "$test_deps" -eq 1 ]; then lock=requirements/test.lock; kind=test; fi
   echo "setup: installing $lock into $TTENV_VENV"
-  "${pip[@]}" --require-hashes -r "$lock"
-  "${pip[@]}" --no-deps -e .
+  pip --require-hashes -r "$lock"
+  pip --no-deps -e .
   echo "$kind $(sum "$lock")" > "$marker"
 fi
