@@ -22,7 +22,9 @@ def pytest_ttenv_vm_ready(vm: Any) -> None:
 
 @pytest.hookspec(firstresult=True)
 def pytest_ttenv_modify_matrix(config: pytest.Config, vms: list[Any]) -> list[Any] | None:
-    """Return a changed list of the session's ``MatrixVm`` to boot (or None to keep it)."""
+    """Return a changed list of the session's ``MatrixVm`` (or None to keep it): the VMs the
+    VM tests are parametrized with. Called at configure time, before any image is obtained; the
+    ENV then boots those of them that the selected tests use."""
 
 
 @pytest.hookspec

@@ -1,5 +1,12 @@
 """pytest hooks of pytest-ttenv: options, matrix parametrization, ENV lifecycle, xdist hand-off,
-failure sections, JUnit properties, the matrix summary. Logic lives in the modules it calls."""
+failure sections, JUnit properties, the matrix summary. Logic lives in the modules it calls.
+
+Loaded in every pytest run of an environment that has the package installed, so it costs nothing
+where no test needs a VM: the matrix (the test ids) comes from reading the image store and the
+catalog at configure time; images are obtained and the ENV is created only after collection,
+when a selected test needs a VM. The command channel (asyncssh), the backends and the image
+builder and puller are imported then, not here.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +14,23 @@ import atexit
 import os
 import signal
 import sys
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_ttenv import hookspecs
-from pytest_ttenv.backend import Backend, get_backend, register_backend
-from pytest_ttenv.backend.build import ensure_images
-from pytest_ttenv.backend.local import LocalBackend
-from pytest_ttenv.backend.pull import ensure_available, pullable_names
+from pytest_ttenv.backend import _factory, get_backend, register_backend
 from pytest_ttenv.config import SETTINGS, TTConfig, raw_values, resolve
 from pytest_ttenv.errors import TTError
-from pytest_ttenv.fixtures import tt_env, tt_vm, tt_vm_fresh
-from pytest_ttenv.fixtures.handles import register_testinfra
+from pytest_ttenv.fixtures import register_testinfra, tt_env, tt_vm, tt_vm_fresh
 from pytest_ttenv.matrix import MatrixVm, buildable, missing_images, select, session_vms
 from pytest_ttenv.report import outcome_of, summary_lines, test_key, vm_properties, write_matrix
-from pytest_ttenv.session import EnvSession
-from pytest_ttenv.state import STATE, PluginState
+from pytest_ttenv.state import STATE, Handoff, PluginState
+
+if TYPE_CHECKING:
+    from pytest_ttenv.backend.local import LocalBackend
 
 __all__ = ["tt_env", "tt_vm", "tt_vm_fresh"]
 VM_FIXTURES = ("tt_vm", "tt_vm_fresh")
@@ -85,49 +91,176 @@ def pytest_configure(config: pytest.Config) -> None:
     state = PluginState(cfg)
     config.stash[STATE] = state
     config.pluginmanager.register(_OutcomeRecorder(state), "ttenv-outcomes")
-    register_testinfra()  # testinfra.get_host("ttenv://<vm>"), if pytest-testinfra is installed
-    if not cfg.os:
+    if not cfg.os or config.option.help:
         return
+    register_testinfra()  # testinfra.get_host("ttenv://<vm>"), if pytest-testinfra is installed
+    config.hook.pytest_ttenv_register_backends(register=register_backend)  # workers too: they attach
     workerinput = getattr(config, "workerinput", None)
-    if workerinput is not None:  # an xdist worker: the controller created the ENV
+    if workerinput is not None:  # an xdist worker: the controller's matrix; its ENV comes later
         if "ttenv" in workerinput:
-            state.session = EnvSession.attach(cfg, workerinput["ttenv"])
-            state.vms = [MatrixVm.from_image(vm.name) for vm in state.session.env.vms]
+            state.vms = [MatrixVm.from_image(name) for name in workerinput["ttenv"]["matrix"]]
+            state.handoff = Handoff(Path(workerinput["ttenv"]["handoff"]))
+            state.planned = True
+            config.pluginmanager.register(_WorkerCollection(state, workerinput["workerid"]), "ttenv-worker")
         return
     if cfg.dist == "vm" and getattr(config.option, "dist", "no") != "no":
         config.option.dist = "loadgroup"
-    if config.option.collectonly or config.option.help:
-        return
-    config.hook.pytest_ttenv_register_backends(register=register_backend)
-    _install_guards(config)  # before the first VM starts: a SIGTERM during boot cleans up too
     try:
-        say = _progress(config)
-        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, progress=say,
-                              engine=cfg.engine, libvirt_uris=cfg.libvirt_uri)  # fmt: skip
-        state.vms = _matrix(config, cfg, backend)
-        state.session = EnvSession.create(cfg, state.vms, backend, warn=say)
+        state.vms = _matrix(config, state)
     except TTError as exc:
         raise pytest.UsageError(f"ttenv: {exc}") from None
+    state.planned = True
+    state.handoff = Handoff.new()  # used only under xdist, and created only if a worker needs a VM
 
 
-def _matrix(config: pytest.Config, cfg: TTConfig, backend: Backend) -> list[MatrixVm]:
-    """The session's VMs from the backend's images; on the local backend, Debian images asked
-    for but missing are built first (progress shown)."""
-    if isinstance(backend, LocalBackend):
-        _obtain_missing(config, cfg, backend)
-    vms = session_vms(cfg.os, cfg.arch, [image.name for image in backend.images()])
+def _local(cfg: TTConfig) -> bool:
+    """The built-in local backend (not a server, nor a backend a plugin registered)."""
+    return cfg.backend in ("", "local") and _factory(cfg.backend or "local") is None
+
+
+def _matrix(config: pytest.Config, state: PluginState) -> list[MatrixVm]:
+    """The session's VMs (the ids of the VM tests), with no image obtained and no VM started.
+
+    Local backend: the images of the store plus those a prefix asks for that the store lacks
+    and that would be pulled or built after collection — the names follow from the catalog and
+    the builder's releases, so this only reads the store and the catalog. A server (or
+    registered) backend: its images (one request); the backend is kept for the ENV."""
+    cfg = state.cfg
+    if _local(cfg):
+        names = _planned_images(cfg)
+    else:
+        state.backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, progress=_progress(config),
+                                    engine=cfg.engine, libvirt_uris=cfg.libvirt_uri)  # fmt: skip
+        names = [image.name for image in state.backend.images()]
+    vms = session_vms(cfg.os, cfg.arch, names)
     changed = config.hook.pytest_ttenv_modify_matrix(config=config, vms=vms)
     return list(changed) if changed is not None else vms
 
 
-def _obtain_missing(config: pytest.Config, cfg: TTConfig, backend: LocalBackend) -> None:
-    """Pull (or build, for Debian) the images the prefixes ask for that the store lacks."""
+def _planned_images(cfg: TTConfig) -> list[str]:
+    """The store's image names, and those ``_obtain_missing`` would pull or build for the prefixes."""
+    from pytest_ttenv.backend.catalog import available
+    from pytest_ttenv.backend.images import ImageStore
+    from pytest_ttenv.backend.paths import image_dir
+
+    have = ImageStore(image_dir(cfg.image_dir)).names()
+    arches = _arches(cfg)
+    return [*have, *missing_images(cfg.os, have, arches, [*buildable(arches), *available(arches)])]
+
+
+def _arches(cfg: TTConfig) -> list[str]:
+    return list(cfg.arch) or [os.uname().machine]
+
+
+def _needed(state: PluginState, items: Sequence[pytest.Item]) -> list[MatrixVm]:
+    """The VMs of the matrix that the selected tests use (a test marked skip uses none)."""
+    names: set[str] = set()
+    for item in items:
+        if item.get_closest_marker("skip") is not None:
+            continue
+        callspec = getattr(item, "callspec", None)
+        name = callspec.params.get("_tt_vm_name") if callspec else None
+        if name:
+            names.add(name)
+        if "tt_env" in getattr(item, "fixturenames", ()):
+            os_f = [a for m in item.iter_markers("tt_os") for a in m.args]
+            arch_f = [a for m in item.iter_markers("tt_arch") for a in m.args]
+            try:
+                names.update(vm.name for vm in select(state.vms, os_f, arch_f))
+            except TTError:
+                continue  # the fixture fails that test with the same error
+    return [vm for vm in state.vms if vm.name in names]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The only process (no xdist): create the ENV if a selected test needs a VM. Runs after
+    every ``pytest_collection_modifyitems`` (-k, -m and plugins' deselection)."""
+    config = session.config
+    state = config.stash[STATE]
+    if not state.planned or config.option.collectonly or hasattr(config, "workerinput"):
+        return
+    state.snapshots = any("tt_vm_fresh" in getattr(i, "fixturenames", ()) for i in session.items)
+    vms = _needed(state, session.items)
+    if vms:
+        _start_env(config, vms)
+
+
+class _WorkerCollection:
+    """xdist worker: write which VMs its selected tests need for the controller, before xdist
+    reports the collection (so ``tryfirst``); the controller creates the ENV when it hears of it."""
+
+    def __init__(self, state: PluginState, worker: str) -> None:
+        self.state, self.worker = state, worker
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        state = self.state
+        state.snapshots = any("tt_vm_fresh" in getattr(i, "fixturenames", ()) for i in session.items)
+        vms = _needed(state, session.items)
+        if vms and state.handoff is not None:
+            state.handoff.write_needs(self.worker, [vm.name for vm in vms])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: Sequence[str]) -> None:
+    """xdist controller: the first worker that finished collecting says which VMs its selected
+    tests need (all workers collect the same); create that ENV and hand it over. No test is
+    scheduled before this returns: xdist schedules once every worker's collection is in."""
+    state = node.config.stash[STATE]
+    handoff = state.handoff
+    if not state.planned or handoff is None or state.handed_off:
+        return
+    state.handed_off = True
+    wanted = set(handoff.needs(node.workerinput["workerid"]))
+    vms = [vm for vm in state.vms if vm.name in wanted]
+    if not vms:
+        return
+    try:
+        _start_env(node.config, vms)
+    except pytest.UsageError as exc:
+        handoff.fail(str(exc))
+        raise
+    assert state.session is not None
+    handoff.publish(state.session.to_workerinput())
+
+
+def _start_env(config: pytest.Config, vms: list[MatrixVm]) -> None:
+    """Obtain the images of ``vms`` the local store lacks, then create the ENV (VMs start
+    booting); errors are one line. The leak guards go in first: a SIGTERM during a build or
+    boot cleans up too."""
+    from pytest_ttenv.backend.local import LocalBackend
+    from pytest_ttenv.session import EnvSession
+
+    state = config.stash[STATE]
+    if state.session is not None:
+        return
+    cfg = state.cfg
+    _install_guards(config)
+    try:
+        say = _progress(config)
+        backend = state.backend
+        if backend is None:
+            backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, progress=say,
+                                  engine=cfg.engine, libvirt_uris=cfg.libvirt_uri)  # fmt: skip
+        if isinstance(backend, LocalBackend):
+            _obtain_missing(config, cfg, backend, [vm.name for vm in vms])
+        state.session = EnvSession.create(cfg, vms, backend, warn=say)
+        state.session.snapshots = state.snapshots
+    except TTError as exc:
+        raise pytest.UsageError(f"ttenv: {exc}") from None
+
+
+def _obtain_missing(config: pytest.Config, cfg: TTConfig, backend: LocalBackend, names: list[str]) -> None:
+    """Pull (or build, for Debian) the images of ``names`` that the store lacks."""
+    from pytest_ttenv.backend.build import ensure_images
+    from pytest_ttenv.backend.pull import ensure_available
+
     say = _progress(config)
-    arches = list(cfg.arch) or [os.uname().machine]
+    arches = _arches(cfg)
     store = backend.image_store
     can_build = set(buildable(arches))
-    missing = missing_images(cfg.os, store.names(), arches, [*buildable(arches), *pullable_names(arches)])
-    for name in missing:
+    have = set(store.names())
+    for name in (n for n in names if n not in have):
         if cfg.image_source == "build" and name in can_build:
             ensure_images(store, [name], progress=say)
             continue
@@ -162,17 +295,18 @@ def _install_guards(config: pytest.Config) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """xdist controller: hand the ENV to each worker."""
+    """xdist controller: give each worker the matrix (so all parametrize alike) and the hand-off
+    dir where it says what it needs and later finds the ENV."""
     state = node.config.stash[STATE]
-    if state.session is not None:
-        node.workerinput["ttenv"] = state.session.to_workerinput()
+    if state.planned and state.handoff is not None:
+        node.workerinput["ttenv"] = {"matrix": [vm.name for vm in state.vms], "handoff": str(state.handoff.path)}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if not any(f in metafunc.fixturenames for f in VM_FIXTURES):
         return
     state = metafunc.config.stash[STATE]
-    if state.session is None:
+    if not state.planned:
         metafunc.parametrize("_tt_vm_name", [pytest.param(None, marks=pytest.mark.skip(reason=state.skip_reason))],
                              ids=["no-vm"])  # fmt: skip
         return
@@ -192,9 +326,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     state = config.stash[STATE]
-    if state.session is None:
+    if not state.planned:
         return
-    state.session.snapshots = any("tt_vm_fresh" in getattr(i, "fixturenames", ()) for i in items)
     for item in items:
         name = getattr(item, "callspec", None) and item.callspec.params.get("_tt_vm_name")  # type: ignore[attr-defined]
         if not name:
@@ -225,26 +358,33 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash.get(STATE, None)
-    if state is None or state.session is None:
+    if state is None or not state.planned:
         return
-    if state.cfg.matrix_report and state.session.controller:
+    if state.cfg.matrix_report and not hasattr(session.config, "workerinput"):
         write_matrix(state.cfg.matrix_report, state.outcomes, [vm.name for vm in state.vms])
     _teardown(session.config, exitstatus)
 
 
 def _teardown(config: pytest.Config, exitstatus: int | None) -> None:
+    """Delete (or keep) the ENV, if there is one, and the xdist hand-off dir; put the signal
+    handlers back. Runs at session finish, and at exit after a session that did not get there."""
     state = config.stash.get(STATE, None)
-    if state is None or state.session is None:
+    if state is None:
         return
+    if state.handoff is not None and not hasattr(config, "workerinput"):
+        state.handoff.remove()
     session, state.session = state.session, None
-    keep: list[str] = []
-    if state.cfg.keep == "always":
-        keep = list(session.vms)
-    elif state.cfg.keep == "failed":
-        keep = sorted({vm for (_, vm), o in state.outcomes.items() if o in ("failed", "error")})
-    line = session.teardown(keep)
+    line = ""
+    if session is not None:
+        keep: list[str] = []
+        if state.cfg.keep == "always":
+            keep = list(session.vms)
+        elif state.cfg.keep == "failed":
+            keep = sorted({vm for (_, vm), o in state.outcomes.items() if o in ("failed", "error")})
+        line = session.teardown(keep)
     for sig, handler in state.restore_signals.items():
         signal.signal(sig, handler)
+    state.restore_signals.clear()
     if line:
         state.notes.append(line)
         if exitstatus is None:  # atexit: the terminal reporter is gone

@@ -1,9 +1,11 @@
 """The ENV of one pytest session: created by the controlling process, shared with xdist workers,
 readied once per VM, destroyed at the end.
 
-- The controller (the only process, or the xdist controller) calls ``EnvSession.create`` in
-  ``pytest_sessionstart``: the ENV is created at once and boots while tests are collected.
-- Workers get ``to_workerinput()`` and ``attach`` to the same ENV; they never create or delete.
+- The controller (the only process, or the xdist controller) calls ``EnvSession.create`` once
+  collection shows that a selected test needs a VM (see plugin.py); the VMs boot while the first
+  tests wait for theirs.
+- Workers get ``to_workerinput()`` (through ``state.Handoff``) and ``attach`` to the same ENV;
+  they never create or delete.
 - ``ready(vm)`` in any process waits for that VM only; the first process to get there runs the
   ``pytest_ttenv_vm_ready`` hook and takes the post-boot snapshot, under a file lock in the session dir,
   and records the outcome there, so every process sees the same (and a failed boot fails fast).
@@ -65,10 +67,17 @@ def reap_session_dirs(backend: Backend, spec: str = "local") -> int:
     killed); returns how many. Dirs of other backends are left alone."""
     live = {env.id for env in backend.list_envs()}
     stale = [d for d in sessions_dir().iterdir()
-             if d.is_dir() and d.name not in live and _backend_of(d) == spec]  # fmt: skip
+             if d.is_dir() and d.name not in live and _backend_of(d) == spec and not _live_handoff(d)]  # fmt: skip
     for d in stale:
         shutil.rmtree(d, ignore_errors=True)
     return len(stale)
+
+
+def _live_handoff(workdir: Path) -> bool:
+    """An xdist hand-off dir whose controller still runs (``state.Handoff``: ``xdist-<pid>-<hex>``;
+    not imported from there, which would load pytest into the CLI)."""
+    parts = workdir.name.split("-")
+    return len(parts) == 3 and parts[0] == "xdist" and parts[1].isdigit() and Path(f"/proc/{parts[1]}").exists()
 
 
 def _backend_of(workdir: Path) -> str:

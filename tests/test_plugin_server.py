@@ -78,7 +78,8 @@ def test_suite_runs_on_the_server_like_on_local(pytester: pytest.Pytester, serve
 
 def test_killed_session_is_reaped_after_its_lease(pytester: pytest.Pytester, server: Server, tmp_path: Path) -> None:
     lease = 6.0
-    suite = pytester.makepyfile(test_hang="import time\n\ndef test_hang():\n    time.sleep(600)\n")
+    # the ENV is created after collection, for a test that needs a VM: this one waits for its VM, then hangs
+    suite = pytester.makepyfile(test_hang="import time\n\ndef test_hang(tt_vm):\n    time.sleep(600)\n")
     argv = [sys.executable, "-m", "pytest", str(suite), "--tt-os=debian12", f"--tt-arch={HOST_ARCH}",
             f"--tt-lease={lease}", "-p", "no:cacheprovider", "-q"]  # fmt: skip
     log = tmp_path / "pytest.log"
