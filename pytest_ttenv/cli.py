@@ -410,7 +410,10 @@ def _reboot_all(conns: list[Connection], vms: list[VmInfo], timeout: float | Non
 
 
 def cmd_env_console(args: argparse.Namespace) -> int:
-    _out(_env_backend(args, progress=False).console(args.name, args.vm, args.lines))
+    from pytest_ttenv.backend.engine import clean_text
+
+    # the guest writes its console: control characters never reach the terminal (also from a server)
+    _out(clean_text(_env_backend(args, progress=False).console(args.name, args.vm, args.lines)))
     return 0
 
 
@@ -490,7 +493,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         mem_total=parse_mib(args.mem_total, "--mem-total") if args.mem_total else None,
         disk_total=parse_mib(args.disk_total, "--disk-total") if args.disk_total else None,
         engine=args.engine, libvirt_uris=_uris(args), default_lease=args.default_lease, max_lease=args.max_lease,
-        log_level=args.log_level, out=_out,
+        log_level=args.log_level, dead_grace=args.dead_grace, max_connections=args.max_connections,
+        header_timeout=args.header_timeout, max_requests_per_owner=args.max_requests_per_owner,
+        max_polls_per_owner=args.max_polls_per_owner, out=_out,
     )  # fmt: skip
 
 
@@ -502,7 +507,9 @@ def _tokens(args: argparse.Namespace) -> Any:
 
 
 def cmd_token_add(args: argparse.Namespace) -> int:
-    token = _tokens(args).add(args.name)
+    from pytest_ttenv.server.auth import Limits
+
+    token = _tokens(args).add(args.name, admin=args.admin, limits=Limits(args.max_cpu, args.max_mem, args.max_vms))
     print(f"ttenv: token of {args.name} (shown once; the server keeps only its hash):", file=sys.stderr)
     _out(token)
     return 0
@@ -710,6 +717,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="info logs every request (default); warning only problems",
     )
+    p.add_argument("--dead-grace", type=_duration("--dead-grace"), default=300.0, metavar="DURATION",
+                   help="a VM dead this long stops counting against the quota (default 300 s)")  # fmt: skip
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="open connections at once (default: from the descriptor limit, at most 4096)")  # fmt: skip
+    p.add_argument("--header-timeout", type=_duration("--header-timeout"), default=10.0, metavar="DURATION",
+                   help="time a connection has to send a request head (default 10 s)")  # fmt: skip
+    p.add_argument("--max-requests-per-owner", type=int, default=64, metavar="N",
+                   help="requests of one owner in flight at once; more are 429 (default 64)")  # fmt: skip
+    p.add_argument("--max-polls-per-owner", type=int, default=32, metavar="N",
+                   help="long polls (VM waits) of one owner at once; more are 429 (default 32)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     token = sub.add_parser("token", help="bearer tokens of the host server (in its --state-dir)").add_subparsers(
@@ -717,6 +734,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = token.add_parser("add", parents=[common], help="create a token for owner NAME; prints it once")
     p.add_argument("name")
+    p.add_argument("--admin", action="store_true", help="GET /v1/status shows this token the whole server")
+    p.add_argument("--max-cpu", type=int, metavar="N", help="vCPUs NAME's ENVs may hold at once (default: no cap)")
+    p.add_argument("--max-mem", type=_size("--max-mem"), metavar="SIZE",
+                   help="memory NAME's ENVs may hold at once: MiB, or 8G (default: no cap)")  # fmt: skip
+    p.add_argument("--max-vms", type=int, metavar="N", help="VMs NAME's ENVs may hold at once (default: no cap)")
     p.set_defaults(func=cmd_token_add)
     p = token.add_parser("list", parents=[common], help="token names and when they were created")
     p.set_defaults(func=cmd_token_list)

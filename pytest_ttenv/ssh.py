@@ -15,6 +15,13 @@ Contracts (details in docs/ssh.md):
   `EXEC_CHANNELS` at once per connection). Both give byte-identical results.
 - A connection found dropped (sshd restarted, VM rebooted) is reopened once, transparently, for
   the next call; a connection that drops while a command runs raises `Unreachable`.
+- The guest is untrusted (code under test runs there as root): what it sends is bounded and
+  checked. Output kept in memory is capped per stream (`max_output`, head and tail kept,
+  `RunResult.truncated`) or streamed to a local file; agent frames are validated (size, type,
+  request id, EXIT payload) and a violation fails the command at once (`ProtocolError`);
+  `get` walks the remote tree itself and never creates, follows or writes through a link that
+  leaves the destination, drops set-id bits, skips special files and caps bytes and entries
+  (`LimitExceeded`); `read_text` is capped too.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import functools
 import importlib.resources
 import logging
@@ -30,24 +38,29 @@ import posixpath
 import re
 import resource
 import shlex
+import shutil
 import signal
+import stat
+import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from pytest_ttenv.quiet import asyncssh
-from pytest_ttenv.ssh_agent import EXIT, HDR, HELLO, KILL, OUT, RUN, pack, unpack
+from pytest_ttenv.ssh_agent import ERR, EXIT, HDR, HELLO, KILL, OUT, RUN, pack
 
 __all__ = [
     "CommandFailed",
     "CommandTimeout",
     "Connection",
     "HostKeyMismatch",
+    "LimitExceeded",
+    "ProtocolError",
     "RunResult",
     "SshError",
     "SshTarget",
@@ -94,6 +107,14 @@ _SHELL_WORDS = frozenset(
 _SIMPLE = re.compile(r"[ \t]*[A-Za-z0-9_./,:@%+=-]+(?:[ \t]+[A-Za-z0-9_./,:@%+=-]+)*[ \t]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PID_MARK = re.compile(rb"\x1e([0-9]{1,10})\x1e")
+MiB = 1 << 20
+DEFAULT_MAX_OUTPUT = 64 * MiB  # per stream (stdout, stderr) kept in memory by run()
+MAX_FRAME = 1 * MiB  # the largest agent -> client frame payload accepted (the agent sends <= 64 KiB)
+GET_MAX_BYTES = 1 << 30  # get(): total bytes of file data
+GET_MAX_ENTRIES = 100_000  # get(): directory entries listed
+READ_TEXT_MAX = 16 * MiB  # read_text(): file size
+_XFER_CHUNK = 1 * MiB  # one SFTP read/write call (asyncssh splits it into parallel requests)
+_DROP_MODE = 0o777  # file modes kept by get/put: permission bits only (no setuid/setgid/sticky)
 
 T = TypeVar("T")
 
@@ -124,6 +145,7 @@ class RunResult:
     stderr_bytes: bytes
     duration: float
     vm: str
+    truncated: bool = False  # stdout or stderr went over max_output: its middle was dropped
 
     @property
     def stdout(self) -> str:
@@ -141,7 +163,8 @@ class RunResult:
         return (
             f"RunResult(vm={self.vm!r}, command={_short(self.command)!r}, "
             f"exit_status={self.exit_status}, stdout={_short(self.stdout)!r}, "
-            f"stderr={_short(self.stderr)!r}, duration={self.duration:.3f})"
+            f"stderr={_short(self.stderr)!r}, duration={self.duration:.3f}"
+            + (", truncated=True)" if self.truncated else ")")
         )
 
 
@@ -185,6 +208,16 @@ class CommandTimeout(SshError):
         self.stderr_bytes = stderr_bytes
 
 
+class LimitExceeded(SshError):
+    """The guest sent more than a cap allows (get: bytes or entries; read_text: size)."""
+
+
+class ProtocolError(SshError):
+    """The far side broke the agent protocol (oversized or unknown frame, bad EXIT, stray reply).
+
+    The command's fate is unknown; the agent is not used again on that connection."""
+
+
 class CommandFailed(SshError):
     """A `check=True` command exited non-zero; `.result` is its RunResult."""
 
@@ -213,6 +246,57 @@ class _TimedOut(Exception):
         super().__init__("timed out")
         self.stdout = stdout
         self.stderr = stderr
+
+
+class _Broken(Exception):
+    """The agent broke the protocol; its channel was closed."""
+
+
+class _Capture:
+    """One output stream of one command, bounded: written to *file*, or kept in memory whole up
+    to *cap* bytes, beyond that only its first cap // 2 and its last cap - cap // 2 bytes."""
+
+    __slots__ = ("error", "file", "head", "head_cap", "tail", "tail_cap", "total")
+
+    def __init__(self, cap: int, file: IO[bytes] | None = None) -> None:
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.head_cap = cap // 2
+        self.tail_cap = cap - cap // 2
+        self.total = 0
+        self.file = file
+        self.error: OSError | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.total += len(data)
+        if self.file is not None:
+            if self.error is None:
+                try:
+                    self.file.write(data)
+                except OSError as e:
+                    self.error = e
+            return
+        room = self.head_cap - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            if len(data) <= room:
+                return
+            data = data[room:]
+        self.tail += data
+        excess = len(self.tail) - self.tail_cap
+        if excess > 0:
+            del self.tail[:excess]  # bytearray drops its front in O(1) amortized
+
+    @property
+    def truncated(self) -> bool:
+        return self.file is None and self.total > self.head_cap + self.tail_cap
+
+    def value(self) -> bytes:
+        """What was kept (b"" when written to a file); frees the buffers."""
+        head, self.head = self.head, bytearray()
+        head += self.tail
+        self.tail = bytearray()
+        return bytes(head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +452,22 @@ def _agent_command(size: int) -> str:
     return "exec python3 -I -S -c " + shlex.quote(boot) + ' "${LC_CTYPE+set}" "${LC_CTYPE-}"'
 
 
+@contextlib.contextmanager
+def _open_output(path: str | os.PathLike[str] | None, what: str) -> Iterator[IO[bytes] | None]:
+    """A local file for a command's *what* (stdout/stderr), created or truncated; None: no file."""
+    if path is None:
+        yield None
+        return
+    try:
+        f = open(path, "wb")
+    except OSError as e:
+        raise ValueError(f"cannot open {what} file {os.fspath(path)!r}: {e.strerror or e}") from None
+    try:
+        yield f
+    finally:
+        f.close()
+
+
 def _signal_status(name: str) -> int:
     try:
         return 128 + signal.Signals["SIG" + name].value
@@ -391,27 +491,37 @@ class _Client(asyncssh.SSHClient):
 
 
 class _ExecSession(asyncssh.SSHClientSession[bytes]):
-    """Collects one exec channel's output and exit status."""
+    """Collects one exec channel's output (bounded, see _Capture) and exit status."""
 
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
+    def __init__(
+        self,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        out_file: IO[bytes] | None = None,
+        err_file: IO[bytes] | None = None,
+    ) -> None:
+        self.out = _Capture(max_output, out_file)
+        self.err = _Capture(max_output, err_file)
+        self.pre: bytearray | None = bytearray()  # stderr's start, until the pid marker is found
         self.status: int | None = None
         self.pid: int | None = None
-        self.mark: tuple[int, int] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
-            self.err += data
-            if self.mark is None:  # the login shell's printf comes first; look at the start only
-                m = _PID_MARK.search(self.err, 0, 4096)
-                if m:
-                    self.pid, self.mark = int(m.group(1)), m.span()
-                elif len(self.err) >= 4096:
-                    self.mark = (0, 0)
+            pre = self.pre
+            if pre is None:
+                self.err.feed(data)
+                return
+            pre += data  # the login shell's printf comes first; look at the start only
+            m = _PID_MARK.search(pre, 0, 4096)
+            if m:
+                self.pid = int(m.group(1))
+                del pre[m.start() : m.end()]
+            if m or len(pre) >= 4096:
+                self.pre = None
+                self.err.feed(pre)
         else:
-            self.out += data
+            self.out.feed(data)
 
     def exit_status_received(self, status: int) -> None:
         self.status = status
@@ -423,31 +533,70 @@ class _ExecSession(asyncssh.SSHClientSession[bytes]):
         if not self.done.done():
             self.done.set_result(None)
 
+    def stdout(self) -> bytes:
+        return self.out.value()
+
+    def flush(self) -> None:
+        """Hand stderr's start, still held while looking for the pid marker, to its capture."""
+        if self.pre is not None:
+            self.err.feed(self.pre)
+            self.pre = None
+
     def stderr(self) -> bytes:
-        if self.mark is not None:
-            a, b = self.mark
-            del self.err[a:b]
-            self.mark = (0, 0)
-        return bytes(self.err)
+        self.flush()
+        return self.err.value()
 
 
 @dataclass
 class _Pending:
     fut: asyncio.Future[tuple[int, bytes]]
-    out: bytearray
-    err: bytearray
+    out: _Capture
+    err: _Capture
+
+
+_EXIT_STATUS = re.compile(rb"[0-9]{1,3}")
+_EXIT_FLAGS = re.compile(rb"[t!]{0,2}")
+
+
+def _parse_exit(payload: bytes) -> tuple[int, bytes]:
+    """An EXIT frame's (status, flags); ValueError if it is not exactly what the agent sends."""
+    items: list[bytes] = []
+    pos = 4
+    if len(payload) < 4 or int.from_bytes(payload[:4], "big") != 2:
+        raise ValueError("not 2 items")
+    for _ in range(2):
+        if len(payload) < pos + 4:
+            raise ValueError("short")
+        n = int.from_bytes(payload[pos : pos + 4], "big")
+        pos += 4
+        if len(payload) < pos + n:
+            raise ValueError("short")
+        items.append(payload[pos : pos + n])
+        pos += n
+    status, flags = items
+    if pos != len(payload) or not _EXIT_STATUS.fullmatch(status) or not _EXIT_FLAGS.fullmatch(flags):
+        raise ValueError("bad status or flags")
+    return int(status), flags
 
 
 class _AgentSession(asyncssh.SSHClientSession[bytes]):
-    """Client side of the agent protocol (see ssh_agent.py) over one exec channel."""
+    """Client side of the agent protocol (see ssh_agent.py) over one exec channel.
+
+    The agent runs in the guest and is not trusted: every frame is checked (payload at most
+    MAX_FRAME, a known type, HELLO once with id 0 and before anything else, OUT/ERR/EXIT only for
+    a request we sent and have not seen the EXIT of, a well-formed EXIT). A violation closes the
+    channel and fails every pending command at once with _Broken (`failed` says why).
+    """
 
     def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
         self.conn = conn
         self.chan: asyncssh.SSHClientChannel[bytes] | None = None
         self.buf = bytearray()
         self.pending: dict[int, _Pending] = {}
+        self.abandoned: set[int] = set()  # ids given up on (timeout, cancel): late frames are dropped
         self.hello: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.closed = False
+        self.failed = ""  # the protocol violation that closed the channel
         self.exit = ""
         self.stderr_tail = bytearray()
         self.pid: int | None = None
@@ -461,26 +610,65 @@ class _AgentSession(asyncssh.SSHClientSession[bytes]):
             self.stderr_tail += data
             del self.stderr_tail[:-2000]
             return
+        if self.failed:
+            return
+        self.buf += data
+        try:
+            self._frames()
+        except _Broken as e:
+            self._fail(str(e))
+
+    def _frames(self) -> None:
         buf = self.buf
-        buf += data
         hsize = HDR.size
         while len(buf) >= hsize:
             typ, rid, n = HDR.unpack_from(buf, 0)
+            if n > MAX_FRAME:
+                raise _Broken(f"frame of {n} bytes (type {typ}, id {rid}) exceeds the {MAX_FRAME}-byte limit")
+            if typ not in (HELLO, OUT, ERR, EXIT):
+                raise _Broken(f"unknown frame type {typ} (id {rid})")
             if len(buf) < hsize + n:
-                break
-            p = self.pending.get(rid)
-            if typ == EXIT:
-                status, flags = unpack(bytes(buf[hsize : hsize + n]))
-                if p is not None:
-                    del self.pending[rid]
-                    if not p.fut.done():
-                        p.fut.set_result((int(status), flags))
-            elif p is not None:
-                with memoryview(buf) as view:
-                    (p.out if typ == OUT else p.err).extend(view[hsize : hsize + n])
-            elif typ == HELLO and not self.hello.done():
-                self.hello.set_result(bytes(buf[hsize : hsize + n]))
+                return
+            if typ == HELLO:
+                if rid != 0 or self.hello.done():
+                    raise _Broken(f"unexpected HELLO frame (id {rid})")
+                self.hello.set_result(bytes(buf[hsize : hsize + n]) or b"?")
+            else:
+                if not self.hello.done():
+                    raise _Broken(f"frame type {typ} (id {rid}) before HELLO")
+                p = self.pending.get(rid)
+                if p is None and rid not in self.abandoned:
+                    raise _Broken(f"frame type {typ} for request {rid}, which is not running")
+                if typ == EXIT:
+                    try:
+                        status, flags = _parse_exit(bytes(buf[hsize : hsize + n]))
+                    except ValueError:
+                        head = bytes(buf[hsize : hsize + min(n, 64)])
+                        raise _Broken(f"malformed EXIT frame for request {rid}: {head!r}") from None
+                    if p is not None:
+                        del self.pending[rid]
+                        if not p.fut.done():
+                            p.fut.set_result((status, flags))
+                    else:
+                        self.abandoned.discard(rid)
+                elif p is not None:
+                    with memoryview(buf) as view:
+                        (p.out if typ == OUT else p.err).feed(view[hsize : hsize + n])
             del buf[: hsize + n]
+
+    def _fail(self, why: str) -> None:
+        """A protocol violation: close the channel, fail every pending command now."""
+        self.failed = why
+        self.closed = True
+        self.buf = bytearray()
+        if not self.hello.done():
+            self.hello.set_result(b"")
+        for p in self.pending.values():
+            if not p.fut.done():
+                p.fut.set_exception(_Broken(why))
+        self.pending.clear()
+        if self.chan is not None:
+            self.chan.close()
 
     def exit_status_received(self, status: int) -> None:
         self.exit = f"exit status {status}"
@@ -490,6 +678,8 @@ class _AgentSession(asyncssh.SSHClientSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.failed:
+            return
         why = f"agent channel closed ({self.exit or exc or 'no exit status'})"
         if not self.hello.done():
             self.hello.set_result(b"")  # b"": it never said hello
@@ -504,13 +694,13 @@ class _AgentSession(asyncssh.SSHClientSession[bytes]):
         if payload:
             self.chan.write(payload)
 
-    async def run(self, req: _Request, timeout: float) -> tuple[int, bytes, bytes, bool]:
-        """Run *req*; returns (status, stdout, stderr, killed)."""
+    async def run(self, req: _Request, timeout: float, out: _Capture, err: _Capture) -> tuple[int, bool]:
+        """Run *req*, its output going to *out* and *err*; returns (status, killed)."""
         if self.closed or self.chan is None:
             raise _Lost("agent channel closed", sent=False)
         self._next = self._next % 0xFFFFFFFF + 1
         rid = self._next
-        p = _Pending(asyncio.get_running_loop().create_future(), bytearray(), bytearray())
+        p = _Pending(asyncio.get_running_loop().create_future(), out, err)
         payload = pack(
             [
                 repr(float(timeout)).encode(),
@@ -530,19 +720,351 @@ class _AgentSession(asyncssh.SSHClientSession[bytes]):
             status, flags = await asyncio.wait_for(p.fut, timeout + AGENT_GRACE)
         except asyncio.TimeoutError:
             self._kill(rid)
-            raise _TimedOut(bytes(p.out), bytes(p.err)) from None
+            raise _TimedOut(out.value(), err.value()) from None
         except asyncio.CancelledError:
             self._kill(rid)
             raise
-        return status, bytes(p.out), bytes(p.err), b"t" in flags
+        return status, b"t" in flags
 
     def _kill(self, rid: int) -> None:
-        self.pending.pop(rid, None)
+        if self.pending.pop(rid, None) is not None and not self.closed:
+            self.abandoned.add(rid)  # its EXIT (and any output before it) may still come
         if not self.closed:
             try:
                 self._send(KILL, rid, b"")
             except (OSError, asyncssh.Error):
                 pass
+
+
+# ---------------------------------------------------------------------------------------------
+# file transfers: our own tree walks (the guest's SFTP server is not trusted)
+
+
+class _Refused(Exception):
+    """A transfer stopped on purpose (a cap, a conflict); the message is for the user."""
+
+    def __init__(self, message: str, *, limit: bool = False) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+def _kind(mode: int | None) -> str:
+    """ "file", "dir", "link" or "special" from an lstat mode (None: the server did not say)."""
+    if mode is None:
+        return "special"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "special"
+
+
+def _good_name(name: bytes) -> bool:
+    return bool(name) and name not in (b".", b"..") and b"/" not in name and b"\0" not in name
+
+
+def _link_stays_inside(link_dir: Sequence[bytes], target: bytes) -> bool:
+    """True if the relative link *target*, read from the directory *link_dir* (its path under the
+    copied tree's top, as components), never climbs above the top, component by component."""
+    if not target or target.startswith(b"/") or b"\0" in target:
+        return False
+    parts = list(link_dir)
+    for part in target.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if not parts:
+                return False
+            parts.pop()
+        else:
+            parts.append(part)
+    return True
+
+
+def _inside(path: bytes, root: bytes) -> bool:
+    return path == root or path.startswith(root.rstrip(b"/") + b"/")
+
+
+def _copy_name(path: str, op: str, shown: str) -> str:
+    """The name a copy of *path* gets inside an existing destination directory."""
+    name = posixpath.basename(posixpath.normpath(path))
+    if name in ("", ".", "..", "/"):
+        raise ValueError(f"{op}: cannot name a copy of {shown!r} inside a directory; give the full destination")
+    return name
+
+
+def _force_rmtree(path: str | bytes) -> None:
+    """Remove a tree we created, whatever modes it ended up with."""
+
+    def fix(func: Callable[..., Any], p: str | bytes, exc: Any) -> None:
+        parent = os.path.dirname(p)
+        try:
+            os.chmod(parent, 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=fix)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with memoryview(data) as view:
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+
+class _Download:
+    """One get(): walk the remote tree with lstat/readdir (never following a remote symlink),
+    download into a private staging directory next to the destination, then move it into place.
+
+    - files: created with O_CREAT|O_EXCL|O_NOFOLLOW, modes masked to 0o777 (no set-id, no sticky);
+    - special files (devices, fifos, sockets, unknown): skipped, with a note;
+    - symlinks: reproduced only if relative and, read from their directory, never climbing above
+      the copied tree's top; created after every file and directory (nothing is ever written
+      through one), then each is resolved on the host (realpath) and removed while any resolves
+      outside the tree (repeated until none does); others are skipped with a note;
+    - bytes of file data and directory entries are counted as they arrive and capped.
+    """
+
+    def __init__(self, sftp: asyncssh.SFTPClient, max_bytes: int, max_entries: int) -> None:
+        self.sftp = sftp
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.bytes = 0
+        self.entries = 0
+        self.notes: list[str] = []
+        self.dirs: list[tuple[bytes, asyncssh.SFTPAttrs]] = []  # created, in creation order
+        self.links: list[tuple[bytes, bytes, bytes, tuple[bytes, ...]]] = []  # local, target, remote, dir parts
+
+    def note(self, remote: bytes, why: str) -> None:
+        self.notes.append(f"{os.fsdecode(remote)}: {why}")
+
+    async def run(self, remote: str, target: Path) -> None:
+        rtop = remote.encode()
+        attrs = await self.sftp.stat(rtop)  # the path asked for is resolved by the guest
+        kind = _kind(attrs.permissions)
+        if kind not in ("file", "dir"):
+            raise _Refused(f"{remote} is not a regular file or a directory (refusing to copy it)")
+        staging = os.fsencode(tempfile.mkdtemp(prefix=".ttenv-get-", dir=target.parent))  # mode 0700
+        try:
+            top = os.path.join(staging, os.fsencode(target.name))
+            if kind == "file":
+                await self.fetch(rtop, top, attrs)
+            else:
+                await self.tree(rtop, top, attrs)
+            self.make_links(top)
+            for path, a in reversed(self.dirs[1:]):  # deepest first; the top's after the move
+                self.set_meta(path, a)
+            self.place(top, os.fsencode(target))
+            if kind == "dir":
+                self.set_meta(os.fsencode(target), self.dirs[0][1])
+        finally:
+            _force_rmtree(staging)
+
+    async def tree(self, rtop: bytes, top: bytes, top_attrs: asyncssh.SFTPAttrs) -> None:
+        todo: list[tuple[bytes, bytes, tuple[bytes, ...], asyncssh.SFTPAttrs]] = [(rtop, top, (), top_attrs)]
+        while todo:
+            rdir, ldir, parts, attrs = todo.pop()
+            os.mkdir(ldir, 0o700)
+            self.dirs.append((ldir, attrs))
+            seen: set[bytes] = set()
+            children: list[asyncssh.SFTPName] = []
+            async for entry in self.sftp.scandir(rdir):
+                name = entry.filename
+                assert isinstance(name, bytes)
+                if name in (b".", b".."):
+                    continue
+                self.entries += 1
+                if self.entries > self.max_entries:
+                    raise _Refused(f"more than {self.max_entries} directory entries (max_entries=)", limit=True)
+                rpath = rdir.rstrip(b"/") + b"/" + name
+                if not _good_name(name):
+                    self.note(rpath, f"skipped: bad file name {name!r}")
+                elif name in seen:
+                    self.note(rpath, "skipped: listed twice")
+                else:
+                    seen.add(name)
+                    children.append(entry)
+            for entry in children:
+                name = entry.filename
+                assert isinstance(name, bytes)
+                rpath = rdir.rstrip(b"/") + b"/" + name
+                lpath = os.path.join(ldir, name)
+                attrs = entry.attrs
+                if attrs.permissions is None:
+                    attrs = await self.sftp.lstat(rpath)
+                mode = attrs.permissions
+                kind = _kind(mode)
+                if kind == "dir":
+                    todo.append((rpath, lpath, (*parts, name), attrs))
+                elif kind == "file":
+                    await self.fetch(rpath, lpath, attrs)
+                elif kind == "link":
+                    self.links.append((lpath, await self.sftp.readlink(rpath), rpath, parts))
+                else:
+                    self.note(rpath, f"skipped: special file (mode {mode if mode is None else oct(mode)})")
+
+    async def fetch(self, rpath: bytes, lpath: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(lpath, flags, 0o600)
+        try:
+            async with self.sftp.open(rpath, "rb") as f:
+                offset = 0
+                while True:
+                    data: bytes = await f.read(_XFER_CHUNK, offset)
+                    if not data:
+                        break
+                    self.bytes += len(data)
+                    if self.bytes > self.max_bytes:
+                        raise _Refused(f"more than {self.max_bytes} bytes of file data (max_bytes=)", limit=True)
+                    _write_all(fd, data)
+                    offset += len(data)
+            if attrs.permissions is not None:
+                os.fchmod(fd, attrs.permissions & _DROP_MODE)
+            if attrs.atime is not None and attrs.mtime is not None:
+                os.utime(fd, (attrs.atime, attrs.mtime))
+        finally:
+            os.close(fd)
+
+    def make_links(self, top: bytes) -> None:
+        root = os.path.realpath(top)
+        made: list[tuple[bytes, bytes]] = []
+        for lpath, target, rpath, parts in self.links:
+            if not _link_stays_inside(parts, target):
+                self.note(rpath, f"skipped: symlink to {os.fsdecode(target)!r} leaves the copied tree")
+                continue
+            try:
+                os.symlink(target, lpath)
+            except FileExistsError:
+                self.note(rpath, "skipped: symlink whose name is taken")
+                continue
+            made.append((lpath, rpath))
+        # links resolve through each other (x -> ., y -> x/..): check them all as they now are
+        changed = True
+        while changed:
+            changed = False
+            for lpath, rpath in list(made):
+                if not _inside(os.path.realpath(lpath), root):
+                    os.unlink(lpath)
+                    made.remove((lpath, rpath))
+                    self.note(rpath, "skipped: symlink that resolves outside the copied tree")
+                    changed = True
+
+    @staticmethod
+    def set_meta(path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):  # only our own directories, never through a link
+            return
+        if attrs.permissions is not None:
+            os.chmod(path, attrs.permissions & _DROP_MODE)
+        if attrs.atime is not None and attrs.mtime is not None:
+            os.utime(path, (attrs.atime, attrs.mtime), follow_symlinks=False)
+
+    def place(self, src: bytes, dst: bytes) -> None:
+        """Move the staged *src* to *dst*; into an existing directory, merged entry by entry."""
+        try:
+            dst_st = os.lstat(dst)
+        except FileNotFoundError:
+            os.rename(src, dst)
+            return
+        src_dir = stat.S_ISDIR(os.lstat(src).st_mode)
+        if src_dir != stat.S_ISDIR(dst_st.st_mode):
+            what = "a directory" if src_dir else "a file"
+            raise _Refused(f"cannot copy {what} onto {os.fsdecode(dst)}, which is not")
+        if not src_dir:
+            os.replace(src, dst)  # replaces a symlink itself, never its target
+            return
+        for name in os.listdir(src):
+            self.place(os.path.join(src, name), os.path.join(dst, name))
+
+
+class _Upload:
+    """One put(): walk the local tree with lstat (never following a symlink below the top), upload
+    regular files (read with O_NOFOLLOW, modes masked to 0o777), make directories, reproduce
+    symlinks only if relative and never climbing above the copied tree's top, skip special files
+    (with a note), and never write through a remote symlink."""
+
+    def __init__(self, sftp: asyncssh.SFTPClient) -> None:
+        self.sftp = sftp
+        self.notes: list[str] = []
+
+    async def rkind(self, rpath: bytes) -> str | None:
+        try:
+            return _kind((await self.sftp.lstat(rpath)).permissions)
+        except asyncssh.SFTPNoSuchFile:
+            return None
+
+    async def run(self, src: Path, remote: str) -> None:
+        st = os.stat(src)  # the path asked for is resolved on the host
+        rtop = remote.encode()
+        if stat.S_ISDIR(st.st_mode):
+            await self.tree(os.fsencode(src), rtop, st)
+        elif stat.S_ISREG(st.st_mode):
+            await self.send(os.fsencode(src), rtop, st)
+        else:
+            raise _Refused(f"{src} is not a regular file or a directory (refusing to copy it)")
+
+    async def tree(self, ltop: bytes, rtop: bytes, top_st: os.stat_result) -> None:
+        dirs: list[tuple[bytes, os.stat_result]] = []
+        todo: list[tuple[bytes, bytes, tuple[bytes, ...], os.stat_result]] = [(ltop, rtop, (), top_st)]
+        while todo:
+            ldir, rdir, parts, st = todo.pop()
+            kind = await self.rkind(rdir)
+            if kind is None:
+                await self.sftp.mkdir(rdir)
+            elif kind != "dir":
+                raise _Refused(f"{os.fsdecode(rdir)} exists on the VM and is not a directory")
+            dirs.append((rdir, st))
+            with os.scandir(ldir) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for e in entries:
+                lpath, rpath = e.path, rdir.rstrip(b"/") + b"/" + e.name
+                est = e.stat(follow_symlinks=False)
+                if e.is_symlink():
+                    target = os.readlink(lpath)
+                    if not _link_stays_inside(parts, target):
+                        self.notes.append(f"{os.fsdecode(lpath)}: skipped: symlink leaves the copied tree")
+                    elif await self.rkind(rpath) is not None:
+                        self.notes.append(f"{os.fsdecode(lpath)}: skipped: {os.fsdecode(rpath)} exists on the VM")
+                    else:
+                        await self.sftp.symlink(target, rpath)
+                elif stat.S_ISDIR(est.st_mode):
+                    todo.append((lpath, rpath, (*parts, e.name), est))
+                elif stat.S_ISREG(est.st_mode):
+                    await self.send(lpath, rpath, est)
+                else:
+                    self.notes.append(f"{os.fsdecode(lpath)}: skipped: special file")
+        for rdir, st in reversed(dirs):
+            await self.sftp.setstat(rdir, self.attrs(st))
+
+    @staticmethod
+    def attrs(st: os.stat_result) -> asyncssh.SFTPAttrs:
+        return asyncssh.SFTPAttrs(permissions=st.st_mode & _DROP_MODE, atime=int(st.st_atime), mtime=int(st.st_mtime))
+
+    async def send(self, lpath: bytes, rpath: bytes, st: os.stat_result) -> None:
+        if await self.rkind(rpath) == "link":
+            raise _Refused(f"{os.fsdecode(rpath)} is a symlink on the VM (refusing to write through it)")
+        fd = os.open(lpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode):
+                raise _Refused(f"{os.fsdecode(lpath)} changed while copying")
+            async with self.sftp.open(rpath, "wb") as f:
+                offset = 0
+                while True:
+                    data = os.read(fd, _XFER_CHUNK)
+                    if not data:
+                        break
+                    await f.write(data, offset)
+                    offset += len(data)
+        finally:
+            os.close(fd)
+        await self.sftp.setstat(rpath, self.attrs(fst))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,9 +1174,32 @@ class Connection:
         cwd: str | None = None,
         input: str | bytes | None = None,
         sudo: bool = False,
+        max_output: int | None = None,
+        stdout_file: str | os.PathLike[str] | None = None,
+        stderr_file: str | os.PathLike[str] | None = None,
     ) -> RunResult:
-        """Run *cmd* on the VM and wait for it; see the module docstring for semantics."""
-        return _sync(self._arun(cmd, timeout=timeout, check=check, env=env, cwd=cwd, input=input, sudo=sudo))
+        """Run *cmd* on the VM and wait for it; see the module docstring for semantics.
+
+        At most *max_output* bytes (default DEFAULT_MAX_OUTPUT, 64 MiB) of stdout and of stderr
+        are kept: beyond that, the first and the last half of it, and `RunResult.truncated` is
+        set. *stdout_file* / *stderr_file*: write that stream to this local file (created or
+        truncated, written as it arrives, never held in memory) instead; its bytes in the
+        RunResult are then b"".
+        """
+        return _sync(
+            self._arun(
+                cmd,
+                timeout=timeout,
+                check=check,
+                env=env,
+                cwd=cwd,
+                input=input,
+                sudo=sudo,
+                max_output=max_output,
+                stdout_file=stdout_file,
+                stderr_file=stderr_file,
+            )
+        )
 
     async def arun(
         self,
@@ -666,41 +1211,95 @@ class Connection:
         cwd: str | None = None,
         input: str | bytes | None = None,
         sudo: bool = False,
+        max_output: int | None = None,
+        stdout_file: str | os.PathLike[str] | None = None,
+        stderr_file: str | os.PathLike[str] | None = None,
     ) -> RunResult:
         """Async twin of run(); may be awaited from any event loop."""
-        coro = self._arun(cmd, timeout=timeout, check=check, env=env, cwd=cwd, input=input, sudo=sudo)
+        coro = self._arun(
+            cmd,
+            timeout=timeout,
+            check=check,
+            env=env,
+            cwd=cwd,
+            input=input,
+            sudo=sudo,
+            max_output=max_output,
+            stdout_file=stdout_file,
+            stderr_file=stderr_file,
+        )
         lp = loop()
         if asyncio.get_running_loop() is lp:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, lp))
 
-    def put(self, local: str | Path, remote: str) -> None:
+    def put(self, local: str | Path, remote: str) -> list[str]:
         """Copy a local file or directory (recursively) to *remote* over SFTP, like `cp -rp`.
 
         If *remote* is an existing directory the copy goes inside it; missing parent directories of
-        *remote* are created; modes and times are preserved.
+        *remote* are created; permission bits (not set-id/sticky bits) and times are preserved.
+        Below the top, symlinks are reproduced only if relative and inside the copied tree, special
+        files are skipped; the notes on what was skipped are logged and returned.
         """
         src = Path(local)
         if not src.exists():
             raise FileNotFoundError(f"put: no such local file or directory: {src}")
+        up: _Upload | None = None
 
         async def op(sftp: asyncssh.SFTPClient) -> None:
-            parent = posixpath.dirname(remote.rstrip("/"))
-            if parent:
-                await sftp.makedirs(parent, exist_ok=True)
-            await sftp.put(str(src), remote, recurse=True, preserve=True)
+            nonlocal up
+            dest = remote
+            try:
+                if (await sftp.stat(dest)).type == asyncssh.FILEXFER_TYPE_DIRECTORY:
+                    dest = posixpath.join(dest, _copy_name(src.resolve().name, "put", str(src)))
+            except asyncssh.SFTPNoSuchFile:
+                parent = posixpath.dirname(remote.rstrip("/"))
+                if parent:
+                    await sftp.makedirs(parent, exist_ok=True)
+            up = _Upload(sftp)
+            await up.run(src, dest)
 
-        _sync(self._sftp_op(op, f"put {src} -> {remote}"))
+        self._transfer(op, f"put {src} -> {remote}")
+        notes = up.notes if up is not None else []
+        for n in notes:
+            log.warning("%s: put %s: %s", self.target.name, src, n)
+        return notes
 
-    def get(self, remote: str, local: str | Path) -> None:
-        """Copy a remote file or directory (recursively) to *local*, like `cp -rp`."""
+    def get(
+        self,
+        remote: str,
+        local: str | Path,
+        *,
+        max_bytes: int = GET_MAX_BYTES,
+        max_entries: int = GET_MAX_ENTRIES,
+    ) -> list[str]:
+        """Copy a remote file or directory (recursively) to *local*, like `cp -rp`, safely.
+
+        If *local* is an existing directory the copy goes inside it. The guest is not trusted:
+        the tree is walked here (lstat/readdir, remote symlinks never followed below the path
+        asked for), downloaded into a private directory next to the destination and moved into
+        place only when complete; nothing is created, followed or written through a link that
+        leaves the destination; set-id and sticky bits are dropped; special files are skipped;
+        more than *max_bytes* of file data or *max_entries* directory entries raise LimitExceeded
+        (nothing is left behind). Returns the notes on what was skipped (also logged).
+        """
+        if max_bytes < 0 or max_entries < 0:
+            raise ValueError("max_bytes and max_entries must be >= 0")
         dst = Path(local)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        target = dst / _copy_name(remote, "get", remote) if dst.is_dir() else dst
+        target.parent.mkdir(parents=True, exist_ok=True)
+        down: _Download | None = None
 
         async def op(sftp: asyncssh.SFTPClient) -> None:
-            await sftp.get(remote, str(dst), recurse=True, preserve=True)
+            nonlocal down
+            down = _Download(sftp, max_bytes, max_entries)
+            await down.run(remote, target)
 
-        _sync(self._sftp_op(op, f"get {remote} -> {dst}"))
+        self._transfer(op, f"get {remote} -> {dst}")
+        notes = down.notes if down is not None else []
+        for n in notes:
+            log.warning("%s: get %s: %s", self.target.name, remote, n)
+        return notes
 
     def write_text(self, remote: str, text: str) -> None:
         """Write *text* (UTF-8) to the remote file, replacing it; parent directories are created."""
@@ -714,16 +1313,35 @@ class Connection:
 
         _sync(self._sftp_op(op, f"write {remote}"))
 
-    def read_text(self, remote: str) -> str:
-        """The remote file's content decoded as UTF-8 (strict)."""
+    def read_text(self, remote: str, *, max_size: int = READ_TEXT_MAX) -> str:
+        """The remote file's content decoded as UTF-8 (strict); LimitExceeded beyond *max_size* bytes."""
 
         async def op(sftp: asyncssh.SFTPClient) -> bytes:
+            data = bytearray()
             async with sftp.open(remote, "rb") as f:
-                data: bytes = await f.read()
-                return data
+                while True:
+                    chunk: bytes = await f.read(min(_XFER_CHUNK, max_size + 1 - len(data)), len(data))
+                    if not chunk:
+                        return bytes(data)
+                    data += chunk
+                    if len(data) > max_size:
+                        raise _Refused(f"larger than {max_size} bytes (max_size=)", limit=True)
 
-        data = _sync(self._sftp_op(op, f"read {remote}"))
-        return data.decode()
+        return self._transfer(op, f"read {remote}").decode()
+
+    def _transfer(self, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], what: str) -> T:
+        """_sftp_op, with _Refused and local OSErrors as this module's errors."""
+
+        async def guarded(sftp: asyncssh.SFTPClient) -> T:
+            try:
+                return await op(sftp)
+            except _Refused as e:
+                raise self._err(LimitExceeded if e.limit else SshError, f"{what}: {e}") from None
+            except OSError as e:
+                where = f" ({os.fsdecode(e.filename)})" if e.filename else ""
+                raise self._err(SshError, f"{what}: {e.strerror or e}{where}") from None
+
+        return _sync(self._sftp_op(guarded, what))
 
     def wait_ssh(self, timeout: float) -> None:
         """Retry TCP connect, SSH banner, login and `true` until they work; else raise Unreachable."""
@@ -823,6 +1441,8 @@ class Connection:
         a = self._agent
         if a is not None and not a.closed and a.conn is conn:
             return a
+        if a is not None and a.failed and not self._agent_off:
+            self._disable_agent(f"protocol violation: {a.failed}")
         if not self.use_agent or self._agent_off:
             return None
         async with self._agent_lock:
@@ -864,7 +1484,7 @@ class Connection:
             if conn.is_closed():
                 raise _Lost("connection closed while starting the agent", sent=False)
             err = sess.stderr_tail.decode(errors="replace").strip().splitlines()
-            why = sess.exit or "no answer"
+            why = (f"protocol violation: {sess.failed}" if sess.failed else "") or sess.exit or "no answer"
             self._disable_agent(why + (f": {err[-1]}" if err else ""))
             return None
         m = re.search(rb"pid=(\d+)", hello)
@@ -901,11 +1521,8 @@ class Connection:
             delay = min(delay * 2, 0.25)
         raise AssertionError("unreachable")
 
-    async def _exec(
-        self, conn: asyncssh.SSHClientConnection, req: _Request, timeout: float
-    ) -> tuple[int, bytes, bytes]:
+    async def _exec(self, conn: asyncssh.SSHClientConnection, req: _Request, timeout: float, sess: _ExecSession) -> int:
         async with self._exec_slots:
-            sess = _ExecSession()
             chan = await self._open_channel(conn, sess, _exec_command(req))
             if req.stdin:
                 chan.write(req.stdin)
@@ -914,13 +1531,13 @@ class Connection:
                 await asyncio.wait_for(asyncio.shield(sess.done), timeout)
             except asyncio.TimeoutError:
                 await self._exec_kill(conn, chan, sess, req.sudo)
-                raise _TimedOut(bytes(sess.out), sess.stderr()) from None
+                raise _TimedOut(sess.stdout(), sess.stderr()) from None
             except asyncio.CancelledError:
                 _spawn(self._exec_kill(conn, chan, sess, req.sudo))
                 raise
         if sess.status is None:
             raise _Lost("connection lost while the command ran", sent=True)
-        return sess.status, bytes(sess.out), sess.stderr()
+        return sess.status
 
     async def _exec_kill(
         self,
@@ -962,24 +1579,61 @@ class Connection:
         input: str | bytes | None,
         sudo: bool,
         slots: asyncio.Semaphore | None = None,
+        max_output: int | None = None,
+        stdout_file: str | os.PathLike[str] | None = None,
+        stderr_file: str | os.PathLike[str] | None = None,
     ) -> RunResult:
         limit = min(self.default_timeout if timeout is None else timeout, 1e8)  # 1e8 s: no limit
         if not limit > 0:
             raise ValueError(f"timeout must be > 0, not {limit!r}")
+        cap = DEFAULT_MAX_OUTPUT if max_output is None else max_output
+        if not isinstance(cap, int) or cap < 0:
+            raise ValueError(f"max_output must be an int >= 0, not {max_output!r}")
         req = _build(cmd, env, cwd, input, sudo, self.target.user)
+        if stdout_file is not None and stderr_file is not None and os.fspath(stdout_file) == os.fspath(stderr_file):
+            raise ValueError("stdout_file and stderr_file must differ")
+        with (
+            _open_output(stdout_file, "stdout") as out_f,
+            _open_output(stderr_file, "stderr") as err_f,
+        ):
+            return await self._arun_req(req, limit, check, slots, cap, out_f, err_f)
+
+    async def _arun_req(
+        self,
+        req: _Request,
+        limit: float,
+        check: bool,
+        slots: asyncio.Semaphore | None,
+        cap: int,
+        out_f: IO[bytes] | None,
+        err_f: IO[bytes] | None,
+    ) -> RunResult:
         vm = self.target.name
         for attempt in (1, 2):
             conn = await self._connected(slots)
             closes = self._closes
             start = time.monotonic()
+            agent: _AgentSession | None = None
             try:
                 agent = await self._agent_for(conn, slots)
                 if agent is not None:
-                    status, out, err, killed = await agent.run(req, limit)
+                    out, err = _Capture(cap, out_f), _Capture(cap, err_f)
+                    status, killed = await agent.run(req, limit, out, err)
                     if killed:
-                        raise _TimedOut(out, err)
+                        raise _TimedOut(out.value(), err.value())
                 else:
-                    status, out, err = await self._exec(conn, req, limit)
+                    sess = _ExecSession(cap, out_f, err_f)
+                    status = await self._exec(conn, req, limit, sess)
+                    out, err = sess.out, sess.err
+                    sess.flush()
+            except _Broken as e:
+                if agent is not None and self._agent is agent:
+                    self._disable_agent(f"protocol violation: {e}")
+                raise self._err(
+                    ProtocolError,
+                    f"agent protocol violation while running {_short(req.display)!r}: {e} "
+                    "(the command may have run; exec channels are used from now on)",
+                ) from None
             except _Lost as e:
                 if self._closes != closes:
                     what = f"connection closed by close() while running {_short(req.display)!r}"
@@ -1001,7 +1655,12 @@ class Connection:
                     stdout_bytes=e.stdout,
                     stderr_bytes=e.stderr,
                 ) from None
-            result = RunResult(req.display, status, out, err, time.monotonic() - start, vm)
+            for c, f, name in ((out, out_f, "stdout"), (err, err_f, "stderr")):
+                if c.error is not None:
+                    path = getattr(f, "name", "?")
+                    raise self._err(SshError, f"cannot write {name} of {_short(req.display)!r} to {path}: {c.error}")
+            truncated = out.truncated or err.truncated
+            result = RunResult(req.display, status, out.value(), err.value(), time.monotonic() - start, vm, truncated)
             if check and not result.ok:
                 raise CommandFailed(result)
             return result

@@ -322,9 +322,9 @@ class Sandbox:
             self.login = re.findall(r": (ssh -i .*)$", res.stdout + res.stderr, re.M)[0]
 
     def _serve(self, line: str) -> None:
-        log = (self.root / f"serve-{len(self.servers)}.log").open("wb")
-        proc = subprocess.Popen(["bash", "-c", "exec " + line], cwd=self.work, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        with (self.root / f"serve-{len(self.servers)}.log").open("wb") as log:  # the child keeps its own fd
+            proc = subprocess.Popen(["bash", "-c", "exec " + line], cwd=self.work, env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT)  # fmt: skip
         self.servers.append(proc)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

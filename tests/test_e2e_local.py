@@ -137,6 +137,10 @@ def test_gc_kills_vms_whose_state_was_deleted(tmp_path: Path, images: Callable[.
     env = backend.create_env(spec)
     assert qemu_pids_under(Path(env.rundir))
     shutil.rmtree(state)  # e.g. pytest pruned the temp dir of a crashed run
+    # gc reaps only qemu of its own uid whose run dir lies under its own state dir (issue 16):
+    # a later gc on that state dir kills the stray; another state dir's gc leaves it alone
     LocalBackend(state_root=tmp_path / "other").gc()
+    assert qemu_pids_under(Path(env.rundir))
+    LocalBackend(state_root=state).gc()
     assert qemu_pids_under(Path(env.rundir)) == []
     assert not (runtime_dir() / env.id).exists()

@@ -84,6 +84,8 @@ def test_sigkill_during_boot(tmp_path: Path, debian12: ImageInfo, attempt: int) 
     time.sleep(0.5 * attempt)  # at different points of the boot
     proc.kill()
     proc.wait()
+    assert proc.stdout is not None
+    proc.stdout.close()
     wait_for("qemu to die with its owner (PDEATHSIG)", lambda: not qemu_started(state), 5)
     gc(state)
     assert leftovers(state) == []
@@ -95,6 +97,8 @@ def test_sigkill_during_test(tmp_path: Path, debian12: ImageInfo, attempt: int) 
     wait_for("the test to start on its VM", marker.exists, 300)
     proc.kill()
     proc.wait()
+    assert proc.stdout is not None
+    proc.stdout.close()
     wait_for("qemu to die with its owner (PDEATHSIG)", lambda: not qemu_started(state), 5)
     gc(state)
     assert leftovers(state) == []

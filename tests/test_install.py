@@ -98,7 +98,8 @@ def test_installed_wheel_first_commands(installed: Path, tmp_path: Path) -> None
     )
     libvirt = run([ttenv, "env", "add", "T", "--os-prefix", "deb", "--engine", "libvirt"], env=env)
     assert libvirt.returncode == 1 and len(libvirt.stderr.splitlines()) == 1, libvirt.stderr
-    assert libvirt.stderr.startswith("ttenv: error: the libvirt engine needs libvirt-python (pip install 'pytest-ttenv[libvirt]'")
+    needs = "ttenv: error: the libvirt engine needs libvirt-python (pip install 'pytest-ttenv[libvirt]'"
+    assert libvirt.stderr.startswith(needs), libvirt.stderr
     python = str(installed / "bin" / "python")
     imports = "import pytest_ttenv.cli, pytest_ttenv.plugin, pytest_ttenv.ssh"
     strict = run([python, "-W", "error", "-c", imports], env=env)

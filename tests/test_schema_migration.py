@@ -98,8 +98,8 @@ def indexes_of(path: Path) -> set[str]:
 
 def test_current_versions_are_what_this_test_expects() -> None:
     # a new step changes these; extend the tests below to cover it
-    assert store.SCHEMA.version == 2
-    assert auth.SCHEMA.version == 1
+    assert store.SCHEMA.version == 3
+    assert auth.SCHEMA.version == 2
 
 
 def test_state_dir_of_the_previous_schema_is_read_and_migrated(tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_newer_schema_is_refused_with_one_line(tmp_path: Path, capsys: pytest.Ca
     assert line == (f"state dir {state} was written by a newer pytest-ttenv (state.sqlite: schema 99, this one "
                     f"knows {store.SCHEMA.version}) (upgrade pytest-ttenv, or use another --state-dir / "
                     "TTENV_STATE_DIR)")  # fmt: skip
-    with pytest.raises(TTError, match=r"newer pytest-ttenv \(tokens.sqlite: schema 7, this one knows 1\)"):
+    with pytest.raises(TTError, match=r"newer pytest-ttenv \(tokens.sqlite: schema 7, this one knows 2\)"):
         TokenStore(state)
     with pytest.raises(TTError, match="schema 99"):  # not rewrapped as "cannot open the state store"
         LocalBackend(tmp_path / "images", state)

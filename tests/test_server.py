@@ -29,6 +29,7 @@ from pytest_ttenv.backend.model import EnvSpec, ImageInfo, Resources, VmSpec
 from pytest_ttenv.backend.qemu import QemuConfig, build_argv
 from pytest_ttenv.backend.seed import KeyPair
 from pytest_ttenv.errors import NotFound, QuotaError, UsageError
+from pytest_ttenv.server.auth import TokenStore
 from pytest_ttenv.server.errors import Conflict
 from pytest_ttenv.server.quota import Amounts, Quota
 from pytest_ttenv.server.serve import forward_addr, parse_listen
@@ -444,6 +445,7 @@ def test_twenty_concurrent_clients_never_breach_the_quota_and_leak_nothing(tmp_p
                           options=["--cpu-total", "4", "--mem-total", "1024", "--disk-total", "100000",
                                    "--log-level", "warning"])  # fmt: skip
     totals = {"cpu": 4, "mem_mib": 1024, "disk_mib": 100000}
+    admin = {"Authorization": f"Bearer {TokenStore(server.state).add('ops', admin=True)}"}  # sees every owner
     try:
         stop = threading.Event()
         seen: list[dict[str, int]] = []
@@ -451,7 +453,7 @@ def test_twenty_concurrent_clients_never_breach_the_quota_and_leak_nothing(tmp_p
         def watch() -> None:
             session = requests.Session()
             while not stop.is_set():
-                res = session.get(f"{server.url}/v1/status", headers=server.headers("c0"), timeout=30)
+                res = session.get(f"{server.url}/v1/status", headers=admin, timeout=30)
                 seen.append(res.json()["used"])
                 time.sleep(0.005)
 
@@ -495,8 +497,9 @@ def test_twenty_concurrent_clients_never_breach_the_quota_and_leak_nothing(tmp_p
         assert any(u["cpu"] > 0 for u in seen), seen  # the watcher saw the contention, however briefly
         breaches = [u for u in seen if any(u[k] > totals[k] for k in totals)]
         assert not breaches, breaches
-        final = server.backend("c0").status()
-        assert final["used"] == {"cpu": 0, "mem_mib": 0, "disk_mib": 0} and final["envs"] == final["vms"] == 0
+        final = requests.get(f"{server.url}/v1/status", headers=admin, timeout=30).json()
+        assert final["scope"] == "server" and final["envs"] == final["vms"] == 0
+        assert final["used"] == {"cpu": 0, "mem_mib": 0, "disk_mib": 0}
         assert qemu_of(server.state) == []
         assert not (server.state / "envs").exists() or list((server.state / "envs").iterdir()) == []
         assert [x for x in leftovers(server.state) if not x.startswith("qemu pid ")] == []

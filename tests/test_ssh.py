@@ -269,7 +269,7 @@ def test_default_timeout_applies(sshd: Sshd) -> None:
 
 def test_100_mib_stdout(conn: Connection) -> None:
     size = 100 * MiB
-    r = conn.run(f"yes 0123456789abcdef | head -c {size}", timeout=60)
+    r = conn.run(f"yes 0123456789abcdef | head -c {size}", timeout=60, max_output=size)
     line = b"0123456789abcdef\n"
     assert len(r.stdout_bytes) == size
     assert r.stdout_bytes == (line * (size // len(line) + 1))[:size]

@@ -50,8 +50,9 @@ def test_key_changes_with_every_input(tmp_path: Path) -> None:
         warm.template_inputs(image, "tcg", replace(RES, cpu=1), "alice"),
         warm.template_inputs(image, "kvm", RES, "alice"),
         warm.template_inputs(image, "tcg", RES, "bob"),
+        warm.template_inputs(image, "tcg", RES, "alice") | {"protocol": warm.PROTOCOL - 1},  # the agent's protocol
     ]
-    assert len({key, *(warm.template_key(i) for i in others)}) == 5
+    assert len({key, *(warm.template_key(i) for i in others)}) == 6
     meta = image.file("image.json")
     os.utime(meta, ns=(meta.stat().st_atime_ns, meta.stat().st_mtime_ns + 1000))  # touched: a new identity
     assert warm.template_key(warm.template_inputs(image, "tcg", RES, "alice")) != key
@@ -194,7 +195,9 @@ def test_agent_requests_round_trip(tmp_path: Path) -> None:
 
     threading.Thread(target=serve, daemon=True).start()
     assert warm.agent_request(path, "ping", 5, "VM x", note="a b=c\n") == "0.000"
-    assert seen[0].split(b" ")[1] == b"note=" + base64.b64encode(b"a b=c\n")
+    op, nonce, note = seen[0].split(b" ")
+    assert op == b"ping" and len(nonce) == 32 and int(nonce, 16) >= 0  # a new nonce per request
+    assert note == b"note=" + base64.b64encode(b"a b=c\n")
     with pytest.raises(TTError, match="VM x: the identity agent failed: ValueError: unknown op bogus"):
         warm.agent_request(path, "bogus", 5, "VM x")
     server.close()

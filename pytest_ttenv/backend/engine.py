@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,11 +29,23 @@ from urllib.parse import urlsplit
 
 from pytest_ttenv.backend import qemu, warm
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
-from pytest_ttenv.backend.paths import runtime_dir
+from pytest_ttenv.backend.paths import is_private_dir, runtime_candidates, socket_dir, write_private
 from pytest_ttenv.errors import BootError, NotFound, TTError
 
 ENGINES = ("qemu", "libvirt")
-_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\r")
+TAIL_BYTES = 64 * 1024  # a console tail reads at most this much of the end of a log
+LOG_MAX = 4 * 2**20  # a console log (or qemu's own log) longer than this is rotated ...
+LOG_KEEP = 1 * 2**20  # ... keeping its last MiB in <log>.1, then truncated (see cap_log)
+CAP_INTERVAL = 2.0  # seconds between two checks of the logs of the VMs this process started
+# Terminal escape sequences: CSI (ESC [ or 8-bit CSI ... final byte); the string sequences OSC
+# (ESC ], e.g. OSC 52 clipboard writes, OSC 8 links), DCS (ESC P), SOS (ESC X), PM (ESC ^), APC
+# (ESC _) up to their terminator (BEL or ST) or the end of the line; any other ESC sequence.
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c\n]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]?"
+)
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but \t and \n, DEL, C1
 
 
 @dataclass
@@ -42,7 +55,9 @@ class Start:
     ``info`` is already in the store with its host and SSH port; the engine sets ``pid`` (0 where
     it has no local process), ``console`` and ``boot_seconds`` (the start time, until wait_vm
     turns it into the boot duration). ``move_port()`` reserves another port for the VM and returns
-    it: the engine calls it when the host's port turns out to be taken.
+    it: the engine calls it when the host's port turns out to be taken. ``record()`` stores
+    ``info`` as it is now: an engine that starts a local process calls it as soon as it has the
+    pid, before it waits for anything (a kill of this process then leaves no unrecorded qemu).
     """
 
     env: EnvInfo
@@ -56,6 +71,7 @@ class Start:
     cmdline: str  # kernel command line for direct boot
     move_port: Callable[[], int]
     template: warm.Template | None = None  # warm boot (qemu engine): start from its saved state
+    record: Callable[[], None] = lambda: None
 
 
 class Engine(Protocol):
@@ -117,22 +133,101 @@ class Engine(Protocol):
         ...
 
 
-def tail_file(path: Path, lines: int) -> str:
-    """The last ``lines`` lines of a log file, terminal escapes and CRs removed ('' if absent)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            data = f.read()
-    except OSError:
-        return ""
-    return tail_text(data, lines)
+def clean_text(text: str) -> str:
+    """``text`` safe to print on a terminal: escape sequences removed whole, then every control
+    character but newline and tab (CR, BEL, backspace, DEL, C1). Every console tail ttenv shows
+    goes through this: the guest writes its console, and the code under test is hostile."""
+    return _CONTROLS.sub("", _ESCAPES.sub("", text))
 
 
 def tail_text(data: bytes, lines: int) -> str:
-    """The last ``lines`` lines of console output, terminal escapes and CRs removed."""
-    text = _ANSI.sub(b"", data).decode(errors="replace")
+    """The last ``lines`` lines of console output, made safe to print (``clean_text``)."""
+    text = clean_text(data.decode(errors="replace"))
     return "\n".join(text.splitlines()[-lines:])
+
+
+def _read_end(path: Path, max_bytes: int) -> bytes:
+    """At most the last ``max_bytes`` of ``path`` (b'' if unreadable): seeks, never reads it all."""
+    if max_bytes <= 0:
+        return b""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - max_bytes))
+            return f.read(max_bytes)
+    except OSError:
+        return b""
+
+
+def rotated(path: Path) -> Path:
+    """Where ``cap_log`` keeps the end of ``path`` before truncating it."""
+    return path.with_name(path.name + ".1")
+
+
+def tail_file(path: Path, lines: int, max_bytes: int = TAIL_BYTES) -> str:
+    """The last ``lines`` lines of a log file (with the end of its rotated part, ``<log>.1``, in
+    front when the log itself is short), made safe to print; '' if absent. Reads at most
+    ``max_bytes`` in all."""
+    data = _read_end(path, max_bytes)
+    if data.count(b"\n") < lines and len(data) < max_bytes:
+        data = _read_end(rotated(path), max_bytes - len(data)) + data
+    return tail_text(data, lines)
+
+
+def cap_log(path: Path, limit: int = LOG_MAX, keep: int = LOG_KEEP) -> bool:
+    """If the log ``path`` is longer than ``limit``: its last ``keep`` bytes into ``<log>.1``
+    (replaced), then ``path`` truncated to nothing; returns whether it did. The writer (qemu, a
+    file chardev with ``append=on``; qemu's stderr, opened O_APPEND) goes on at the new end. What is
+    written between the copy and the truncation is lost: a few lines at worst."""
+    try:
+        if os.stat(path).st_size <= limit:
+            return False
+    except OSError:
+        return False
+    old = rotated(path)
+    tmp = old.with_name(f"{old.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    write_private(tmp, _read_end(path, keep))
+    os.replace(tmp, old)
+    os.truncate(path, 0)
+    return True
+
+
+class _LogCapper:
+    """One daemon thread per process: every ``CAP_INTERVAL`` s, ``cap_log`` on the logs of the VMs
+    this process started, while they run (a guest writing its console as fast as it can fills
+    at most its cap plus what it writes in one interval). VMs of no live ttenv process are capped
+    by the next ``gc`` (any ttenv command that creates, and the server's reaper every second)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._logs: dict[int, tuple[str, tuple[Path, ...]]] = {}  # pid -> (marker, logs)
+        self._thread: threading.Thread | None = None
+
+    def watch(self, pid: int, marker: str, logs: tuple[Path, ...]) -> None:
+        with self._lock:
+            self._logs[pid] = (marker, logs)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ttenv-log-capper", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(CAP_INTERVAL)
+            with self._lock:
+                watched = list(self._logs.items())
+            for pid, (marker, logs) in watched:
+                try:
+                    if not qemu.is_running(pid, marker):
+                        with self._lock:
+                            self._logs.pop(pid, None)
+                        continue
+                    for log in logs:
+                        cap_log(log)
+                except Exception:  # noqa: BLE001 - a vanished run dir: the VM is gone
+                    continue
+
+
+_CAPPER = _LogCapper()
 
 
 def host_label(host: str) -> str:
@@ -142,12 +237,12 @@ def host_label(host: str) -> str:
 
 def qmp_path(env_id: str, vm_name: str) -> Path:
     """The VM's QMP socket: in the short private runtime dir, not the (possibly deep) run dir."""
-    return runtime_dir() / env_id / f"{vm_name}.qmp"
+    return socket_dir(env_id) / f"{vm_name}.qmp"
 
 
 def identity_path(env_id: str, vm_name: str) -> Path:
     """A warm VM's identity agent channel (its virtio-serial port's host end), beside its QMP socket."""
-    return runtime_dir() / env_id / f"{vm_name}.id"
+    return socket_dir(env_id) / f"{vm_name}.id"
 
 
 class QemuEngine:
@@ -157,9 +252,12 @@ class QemuEngine:
 
     name = "qemu"
 
-    def __init__(self, bind_addr: str = "127.0.0.1", probe_addr: str = "127.0.0.1") -> None:
+    def __init__(
+        self, bind_addr: str = "127.0.0.1", probe_addr: str = "127.0.0.1", progress: Callable[[str], None] | None = None
+    ) -> None:
         self.bind_addr = bind_addr
         self._probe_addr = probe_addr
+        self.progress = progress or (lambda line: None)
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def place(self, vms: Sequence[VmSpec], held: Sequence[VmInfo]) -> list[str]:
@@ -178,12 +276,12 @@ class QemuEngine:
         overlay = vmdir / "overlay.qcow2"
         if template is not None:
             qemu.create_overlay(template.disk, overlay)
-            (vmdir / "template").write_text(str(template.path))
+            write_private(vmdir / "template", str(template.path))
             made = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(template.meta.get("created", 0)))
-            (vmdir / "console.log").write_text(
+            write_private(vmdir / "console.log",
                 f"ttenv: warm start from the saved state of {image.name} (template {template.key}, made {made}; "
                 f"its boot log: {template.path / 'console.log'})\n"
-            )
+            )  # fmt: skip
         else:
             qemu.create_overlay(image.file(image.disk), overlay, job.vm.resources.disk_mib)
         uefi_vars = None
@@ -207,9 +305,11 @@ class QemuEngine:
                 )  # fmt: skip
             die = job.spec.owner_pid is not None and job.spec.die_with_owner
             proc = qemu.start(cfg, vmdir / "qemu.log", die_with_parent=die)
+            self._procs[proc.pid] = proc
             info.pid, info.console = proc.pid, str(vmdir / "console.log")
             info.boot_seconds = time.time()  # start time until wait_vm turns it into the boot duration
-            self._procs[proc.pid] = proc
+            job.record()  # before any wait: a kill of this process from here on leaves a recorded qemu
+            _CAPPER.watch(proc.pid, str(vmdir), (vmdir / "console.log", vmdir / "qemu.log"))
             if self._wait_monitor(proc, cfg.qmp):
                 return
             log = tail_file(vmdir / "qemu.log", 5)
@@ -241,6 +341,7 @@ class QemuEngine:
 
     def dead(self, env: EnvInfo, vm: VmInfo) -> str | None:
         if qemu.is_running(vm.pid, self._marker(env, vm)):
+            self._cap(env, vm)
             return None
         self._reap(vm.pid)
         return "qemu is not running"
@@ -283,24 +384,56 @@ class QemuEngine:
             raise TTError(f"{command.split()[0]} on VM {vm.name} failed: {out.strip()}")
 
     def console(self, env: EnvInfo, vm: VmInfo, tail: int) -> str:
+        self._cap(env, vm)
         return tail_file(Path(env.rundir) / vm.name / "console.log", tail)
 
-    def reap_strays(self, state: Path, live: Callable[[str], bool]) -> None:
-        """Kill qemu processes and drop socket dirs whose run dir no longer exists (its state
-        was deleted from under it), whichever state dir they belonged to."""
-        for pid, vmdir in qemu.ttenv_processes():
-            if not vmdir.exists():
-                qemu.stop(pid, str(vmdir), qmp_path(vmdir.parent.name, vmdir.name), grace=1.0)
-        for sockets in runtime_dir().iterdir():
+    @staticmethod
+    def _cap(env: EnvInfo, vm: VmInfo) -> None:
+        """Rotate the VM's console and qemu logs if they grew past ``LOG_MAX``."""
+        for log in ("console.log", "qemu.log"):
             try:
-                owner = Path((sockets / "rundir").read_text())
+                cap_log(Path(env.rundir) / vm.name / log)
+            except OSError:
+                pass
+
+    def reap_strays(self, state: Path, live: Callable[[str], bool]) -> None:
+        """Kill qemu processes of state dir ``state`` whose run dir no longer exists (deleted from
+        under them), cap the logs of the others, and drop socket dirs whose run dir is gone.
+
+        Only this user's processes whose run dir is under ``<state>/envs/`` are considered: another
+        user's, or another state dir's (another server, a test session), are never touched. A
+        process that cannot be inspected or stopped is skipped with one progress line."""
+        envs = Path(os.path.abspath(state / "envs"))
+        for pid, vmdir in qemu.ttenv_processes():
+            vmdir = Path(os.path.abspath(vmdir))
+            if vmdir.parent.parent != envs:
+                continue
+            try:
+                if vmdir.exists():
+                    for log in ("console.log", "qemu.log"):
+                        cap_log(vmdir / log)
+                    continue
+                qemu.stop(pid, str(vmdir), qmp_path(vmdir.parent.name, vmdir.name), grace=1.0)
+            except Exception as exc:  # noqa: BLE001 - one process must not stop gc
+                self.progress(f"gc: skipped qemu process {pid} ({vmdir}): {exc}")
+        for root in runtime_candidates():
+            if not is_private_dir(root):  # not made yet, or not ours: nothing of ours in it
+                continue
+            try:
+                dirs = list(root.iterdir())
             except OSError:
                 continue
-            if not owner.exists():
-                shutil.rmtree(sockets, ignore_errors=True)
+            for sockets in dirs:
+                try:
+                    owner = Path((sockets / "rundir").read_text())
+                    if Path(os.path.abspath(owner)).parent == envs and not owner.exists():
+                        shutil.rmtree(sockets, ignore_errors=True)
+                except OSError:
+                    continue
 
     def reap_rundir(self, env_id: str, rundir: Path) -> None:
         """Stop qemu processes of a run dir that never made it into the store."""
+        rundir = Path(os.path.abspath(rundir))
         for pid, vmdir in qemu.ttenv_processes():
-            if vmdir.parent == rundir:
+            if Path(os.path.abspath(vmdir)).parent == rundir:
                 qemu.stop(pid, str(vmdir), qmp_path(env_id, vmdir.name))

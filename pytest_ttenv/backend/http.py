@@ -4,7 +4,9 @@ Every call has a timeout; connection failures are retried (with backoff) for eve
 the request never reached the server, and read failures for GETs only. Error bodies become the
 exceptions the local backend raises, with the server's line: 400/422/413 and a 409 name conflict
 UsageError, 401 UsageError, 404 NotFound, 409 quota QuotaError, 424 BootError/VmDied with the
-console tail, 5xx and an unreachable server TTError naming the URL. The client's private key
+console tail, 5xx and an unreachable server TTError naming the URL. A 429 (this owner has too
+many requests or long polls in flight) or 503 (the server is busy for a moment) is asked again
+after its ``Retry-After`` (at most BUSY_WAIT seconds in all), then a TTError. The client's private key
 never leaves this process: create sends the public key only; ``owner_pid``/``die_with_owner``
 are not sent (the server's ENVs live by their lease).
 """
@@ -29,6 +31,7 @@ from pytest_ttenv.errors import BootError, NotFound, QuotaError, TTError, UsageE
 
 TIMEOUT = 30.0  # seconds for a connection or an answer (the long poll adds its own 30 s)
 LONG_POLL = 30.0  # the server answers a wait within this, then the client asks again
+BUSY_WAIT = 120.0  # seconds a call keeps asking again after 429/503 answers (Retry-After each time)
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$")  # the server's path names
 
 
@@ -88,7 +91,30 @@ class HttpBackend:
     # -- transport ------------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: object = None, params: dict[str, Any] | None = None,
               timeout: float | None = None) -> Any:  # fmt: skip
-        """One API call; the decoded JSON answer (None for 204), or the matching exception."""
+        """One API call; the decoded JSON answer (None for 204), or the matching exception. A 429 or
+        503 is asked again after its Retry-After while BUSY_WAIT lasts."""
+        give_up = time.monotonic() + BUSY_WAIT
+        while True:
+            res = self._send(method, path, body, params, timeout)
+            if res.status_code not in (429, 503):
+                break
+            pause = _retry_after(res.headers.get("Retry-After"))
+            if time.monotonic() + pause > give_up:
+                break
+            res.close()
+            time.sleep(pause)
+        if res.status_code == 204:
+            return None
+        try:
+            data = res.json()
+        except ValueError:
+            data = None
+        if res.ok and data is not None:
+            return data
+        raise self._error(res.status_code, data if isinstance(data, dict) else {}, res.text)
+
+    def _send(self, method: str, path: str, body: object, params: dict[str, Any] | None,
+              timeout: float | None) -> requests.Response:  # fmt: skip
         url = f"{self.url}/v1{path}"
         try:
             res = self.session.request(method, url, json=body, params=params, timeout=timeout or self.timeout)
@@ -102,15 +128,7 @@ class HttpBackend:
                           f"{timeout or self.timeout:.0f} s") from None  # fmt: skip
         except requests.exceptions.RequestException as exc:
             raise TTError(f"ttenv server {self.url}: {exc}") from None
-        if res.status_code == 204:
-            return None
-        try:
-            data = res.json()
-        except ValueError:
-            data = None
-        if res.ok and data is not None:
-            return data
-        raise self._error(res.status_code, data if isinstance(data, dict) else {}, res.text)
+        return res
 
     def _error(self, status: int, body: dict[str, Any], text: str) -> TTError:
         kind = str(body.get("error", ""))
@@ -129,6 +147,9 @@ class HttpBackend:
             return QuotaError(message, {k: int(v) for k, v in free.items()}, hint)
         if status == 424:
             return (VmDied if kind == "died" else BootError)(message, console, hint)
+        if status in (429, 503):
+            return TTError(f"ttenv server {self.url} is busy (HTTP {status}): {message}",
+                           hint or "retry later, or wait for fewer VMs at once")  # fmt: skip
         if 400 <= status < 500:
             return UsageError(message, hint)
         return TTError(f"ttenv server {self.url} failed (HTTP {status}): {message}", hint)
@@ -206,6 +227,14 @@ class HttpBackend:
     def status(self) -> dict[str, Any]:
         """The server's ``/v1/status``: version, engine, public address, totals/used/free, counts."""
         return dict(self._call("GET", "/status"))
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait from a Retry-After header (seconds only; 1 when absent or a date), 0.1 to 30."""
+    try:
+        return min(30.0, max(0.1, float(value or 1)))
+    except ValueError:
+        return 1.0
 
 
 def _reason(exc: requests.exceptions.ConnectionError) -> str:

@@ -1,9 +1,11 @@
 """The local backend: ENVs of VMs run by an engine, state in sqlite, one run dir per ENV.
 
-Run dir layout: ``<state>/envs/<env id>/owner.json`` and one directory per VM holding
-``seed.iso`` and, with the qemu engine, ``overlay.qcow2`` (linked clone of the image),
-``console.log``, ``qemu.log`` and ``qemu.pid``. QMP sockets live in ``$TMPDIR/ttenv-<uid>/<env
-id>/`` (short paths). Deleting an ENV stops its VMs and removes its run dir, socket dir and rows;
+Run dir layout: ``<state>/envs/<env id>/owner.json``, ``creator.json`` (the process that created
+it) and one directory per VM holding ``seed.iso`` and, with the qemu engine, ``overlay.qcow2``
+(linked clone of the image), ``console.log`` (capped: ``engine.cap_log``), ``qemu.log`` and
+``qemu.pid``. QMP sockets live in the user's runtime dir (``$XDG_RUNTIME_DIR/ttenv/<env id>/`` or
+``$TMPDIR/ttenv-<uid>/<env id>/``: short paths). All of it is private to the user: directories
+0700, files 0600. Deleting an ENV stops its VMs and removes its run dir, socket dir and rows;
 with the qemu engine nothing else on the host refers to it (the libvirt engine removes its
 domains and volumes on their hosts: ``libvirt.py``).
 
@@ -50,8 +52,8 @@ from pytest_ttenv.backend.engine import (
 from pytest_ttenv.backend.images import ImageStore
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.backend.naming import check_env_name, match_prefixes
-from pytest_ttenv.backend.owner import is_alive, start_time
-from pytest_ttenv.backend.paths import image_dir, runtime_dir, state_dir
+from pytest_ttenv.backend.owner import current, is_alive, record_alive, start_time
+from pytest_ttenv.backend.paths import image_dir, private_dir, runtime_dir, socket_dir, state_dir, write_private
 from pytest_ttenv.backend.seed import KeyPair, SeedData, write_seed_iso
 from pytest_ttenv.backend.store import Store
 from pytest_ttenv.errors import BootError, NotFound, TTError, UsageError, from_os_error
@@ -65,6 +67,7 @@ PORT_RANGE = (10022, 32767)  # below Linux's ephemeral range, so outgoing connec
 MAX_CPU = 64
 MIN_MEM_MIB = 128
 _SOCKET_PATH_MAX = 107
+CREATOR = "creator.json"  # in a run dir: the process that created the ENV (and starts its VMs)
 _WARNED: set[str] = set()  # TCG fallback reasons already said in this process (said once)
 
 
@@ -119,6 +122,7 @@ class LocalBackend:
         self.image_store = ImageStore(image_dir(image_root))
         self.state = state_dir(state_root)
         try:
+            _private_store(self.state)
             self.store = Store(self.state / "state.sqlite")
         except OSError as exc:
             raise from_os_error(exc, f"open the state store in {self.state}") from None
@@ -132,7 +136,7 @@ class LocalBackend:
         self.names_per_owner = names_per_owner
         self.engine = engine
         self.libvirt_uris = tuple(libvirt_uris)
-        self._qemu = QemuEngine(bind_addr, self._probe_addr)
+        self._qemu = QemuEngine(bind_addr, self._probe_addr, self.progress)
         self._libvirt: LibvirtEngine | None = None
         self._lock = threading.RLock()  # starting a VM vs deleting its ENV, within this process
         self._starter: _Starter | None = None
@@ -140,6 +144,7 @@ class LocalBackend:
             self._libvirt_engine()  # bad URIs and a missing libvirt-python are reported now
         elif self.libvirt_uris:
             raise UsageError("--libvirt-uri needs --engine libvirt")
+        self._fail_abandoned()
 
     # -- engines ----------------------------------------------------------------------------
     def _libvirt_engine(self) -> LibvirtEngine:
@@ -244,11 +249,13 @@ class LocalBackend:
         )  # fmt: skip
         sockets = runtime_dir() / env_id
         try:  # one guard over every step, so an interrupt anywhere (even between steps) cleans up
-            rundir.mkdir(parents=True)
+            private_dir(self.state / "envs")
+            rundir.mkdir(mode=0o700)
             sockets.mkdir(mode=0o700)
-            (sockets / "rundir").write_text(str(rundir))
+            write_private(sockets / "rundir", str(rundir))
             owner_start = start_time(spec.owner_pid) if spec.owner_pid else None
-            (rundir / "owner.json").write_text(json.dumps({"pid": spec.owner_pid, "start": owner_start}))
+            write_private(rundir / "owner.json", json.dumps({"pid": spec.owner_pid, "start": owner_start}))
+            write_private(rundir / CREATOR, json.dumps(current()))  # starts its VMs (warm ones later)
             self.store.add_env(info, spec.owner_pid, owner_start)
             pending: dict[str, list[tuple[VmSpec, ImageInfo, accel_mod.Accel]]] = {}
             for (vm, image), host in zip(plan, hosts, strict=True):
@@ -275,7 +282,7 @@ class LocalBackend:
         """Prepare the VM (run dir, host key, seed, port) and start it: cold, or (``warm_start``) from
         ``template`` - or, with none yet, leave it ``booting`` with pid 0 until its template is made."""
         vmdir = Path(env.rundir) / vm.name
-        vmdir.mkdir()
+        vmdir.mkdir(mode=0o700)
         host_key = KeyPair.generate(f"ttenv-{vm.name}")
         resize = vm.resources.disk_mib > image.disk_mib
         machine_id = secrets.token_hex(16)
@@ -289,7 +296,7 @@ class LocalBackend:
             host_key=host_key.public, resources=vm.resources, accel=acc.name, engine=engine.name, host=host,
             boot="warm" if warm_start else "cold", boot_seconds=time.time(),
         )  # fmt: skip
-        (vmdir / "machine-id").write_text(machine_id)
+        write_private(vmdir / "machine-id", machine_id)
         if warm_start:  # what makes it its own machine once it runs (wait_vm sends it, then deletes this)
             ident = warm.Identity(vm.name, machine_id, image.user, spec.client_pubkey, host_key)
             with open(os.open(vmdir / "identity.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
@@ -314,7 +321,9 @@ class LocalBackend:
         cmdline = warm.machine_cmdline(image, (vmdir / "machine-id").read_text())
         ports = self._ports(engine, host)
         move = lambda: self.store.reserve_port(env.id, info, ports)  # noqa: E731
-        engine.start(Start(env, spec, vm, image, acc.name, info, vmdir, vmdir / "seed.iso", cmdline, move, template))
+        record = lambda: self.store.update_vm(env.id, info)  # noqa: E731
+        engine.start(Start(env, spec, vm, image, acc.name, info, vmdir, vmdir / "seed.iso", cmdline, move, template,
+                           record))  # fmt: skip
         self.store.update_vm(env.id, info)
         where = f" on {host_label(host)}" if host_label(host) else ""
         how = f"warm start from template {template.key}" if template is not None else "booting"
@@ -424,12 +433,20 @@ class LocalBackend:
 
     def _undo_create(self, env_id: str, rundir: Path, sockets: Path) -> None:
         """Remove whatever a failed or interrupted create_env made, whichever step it reached."""
-        try:
-            self.store.get_env(env_id)
-        except TTError:
-            self._qemu.reap_rundir(env_id, rundir)
-        else:
-            self.delete_env(env_id)
+        for last in (False, True):
+            try:
+                try:
+                    self.store.get_env(env_id)
+                except NotFound:
+                    self._qemu.reap_rundir(env_id, rundir)
+                else:
+                    self.delete_env(env_id)
+                break
+            except TTError:  # a full disk: the store cannot even read until the run dir's files go
+                if last:
+                    raise
+                self._qemu.reap_rundir(env_id, rundir)
+                shutil.rmtree(rundir, ignore_errors=True)
         shutil.rmtree(rundir, ignore_errors=True)
         shutil.rmtree(sockets, ignore_errors=True)
 
@@ -571,7 +588,7 @@ class LocalBackend:
                 if note:
                     self.progress(note)
             shutil.rmtree(env.rundir, ignore_errors=True)
-            shutil.rmtree(runtime_dir() / env.id, ignore_errors=True)
+            shutil.rmtree(socket_dir(env.id), ignore_errors=True)
             self.store.delete_env(env.id)
         return self._plain_name(env)
 
@@ -654,6 +671,22 @@ class LocalBackend:
                 continue
         return reaped
 
+    def _fail_abandoned(self) -> None:
+        """VMs never started whose creating process is gone (killed, a server restarted while they
+        waited ``booting`` with pid 0 for their warm template) fail, saying why: nobody would
+        start them, and failed they are shown, deleted and reaped like any other."""
+        for env in self.store.list_envs():
+            for vm in env.vms:
+                if vm.state != "booting" or vm.engine != "qemu" or vm.pid:
+                    continue
+                creator = Path(env.rundir) / CREATOR
+                if record_alive(creator):
+                    continue
+                vm.state = "failed"
+                vm.error = f"VM {vm.name} was never started: the process that created ENV {env.id} is gone"
+                self.store.update_vm(env.id, vm)
+                self.store.set_env_state(env.id, "failed")
+
     def _live(self, env_id: str) -> bool:
         """Whether the store holds ENV ``env_id`` right now."""
         return any(env.id == env_id for env in self.store.list_envs())
@@ -663,6 +696,25 @@ class LocalBackend:
         from pytest_ttenv.backend.libvirt import PENDING_FILE
 
         return (self.state / PENDING_FILE).exists()
+
+
+def _private_store(state: Path) -> None:
+    """The state dir 0700 and its sqlite files 0600 (older versions left them 0755 and 0644): the
+    database file is created 0600 before sqlite opens it, and sqlite gives its WAL and shared
+    memory files the database file's mode."""
+    private_dir(state)
+    db = state / "state.sqlite"
+    try:
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        try:
+            st = path.lstat()
+            if st.st_uid == os.getuid() and st.st_mode & 0o077:
+                path.chmod(0o600)
+        except FileNotFoundError:
+            continue
 
 
 def _vm(env: EnvInfo, name: str) -> VmInfo:

@@ -6,6 +6,8 @@ A process is identified by (pid, start time in clock ticks since boot, from
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 
@@ -31,3 +33,21 @@ def is_alive(pid: int | None, started: int | None) -> bool:
     if fields[0] in ("Z", "X"):
         return False
     return started is None or int(fields[19]) == started
+
+
+def current() -> dict[str, int | None]:
+    """This process as an owner record (``{"pid": ..., "start": ...}``, for ``is_alive``)."""
+    return {"pid": os.getpid(), "start": start_time(os.getpid())}
+
+
+def record_alive(path: Path) -> bool | None:
+    """Whether the process recorded in the owner file ``path`` still runs; None if the file is
+    missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        pid, started = data["pid"], data["start"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(pid, int) or not (started is None or isinstance(started, int)):
+        return None
+    return is_alive(pid, started)

@@ -7,6 +7,7 @@ so a reused pid is never mistaken for the VM.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import re
@@ -26,6 +27,7 @@ QEMU_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm", "risc
 GUEST_MAC = "52:54:00:12:34:56"  # qemu's default for a first NIC, set explicitly: the seed matches on it
 IDENTITY_PORT = "org.ttenv.identity"  # the virtio-serial port name the guest's identity agent serves
 _PR_SET_PDEATHSIG = 1
+PRIVATE_UMASK = 0o077  # qemu and qemu-img run with it: disks, console logs, pidfiles, saved states 0600
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     ``uefi_vars`` is given), booting from the root disk first. No NIC option ROM is loaded
     (iPXE: nothing network-boots, and it costs firmware time under emulation).
     Warm boot adds the identity agent's virtio-serial port, a VM generation ID (x86_64) and, for a
-    VM started from a saved state, ``-incoming`` (its console log is then appended to, not truncated).
+    VM started from a saved state, ``-incoming``.
+    The console log is always opened for appending (``append=on``), so the backend can cap it by
+    truncating it from outside (``engine.cap_log``): qemu's next write then starts at the new end.
     """
     if cfg.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], "host"
@@ -80,7 +84,7 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         "-nodefaults", "-no-user-config", "-display", "none",
         *machine, *accel, "-cpu", cpu,
         "-smp", str(cfg.resources.cpu), "-m", str(cfg.resources.mem_mib),
-        "-chardev", f"file,id=console,path={cfg.console}{',append=on' if cfg.incoming else ''}",
+        "-chardev", f"file,id=console,path={cfg.console},append=on",
         "-serial", "chardev:console",
         "-qmp", f"unix:{cfg.qmp},server=on,wait=off",
         "-pidfile", str(cfg.pidfile),
@@ -151,9 +155,10 @@ def create_overlay(base: Path, overlay: Path, size_mib: int = 0) -> None:
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)]
     if size_mib:
         argv.append(f"{size_mib}M")
-    res = subprocess.run(argv, capture_output=True, text=True)
+    res = subprocess.run(argv, capture_output=True, text=True, umask=PRIVATE_UMASK)
     if res.returncode != 0:
         raise TTError(f"cannot create overlay {overlay}: {res.stderr.strip()}")
+    overlay.chmod(0o600)  # an overlay made by an older qemu-img that ignored the umask
 
 
 def _die_with_parent() -> None:
@@ -168,16 +173,19 @@ def require(arch: str) -> None:
 
 
 def start(cfg: QemuConfig, log: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
-    """Start qemu for ``cfg`` in its own session; stdout/stderr go to ``log``.
+    """Start qemu for ``cfg`` in its own session; stdout/stderr go to ``log`` (0600, appended to).
+    qemu runs with umask 077: every file it creates (console log, pidfile, a saved state) is 0600.
 
     ``die_with_parent``: the kernel kills qemu when the calling thread's process dies
     (call from a long-lived thread: PDEATHSIG follows the forking thread).
     """
-    with open(log, "ab") as out:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "ab") as out:
         try:
             return subprocess.Popen(
                 build_argv(cfg), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None,
+                umask=PRIVATE_UMASK,
             )  # fmt: skip
         except FileNotFoundError:
             raise TTError(
@@ -198,16 +206,22 @@ def is_running(pid: int, marker: str) -> bool:
 
 
 def qmp_command(qmp: Path, command: str, timeout: float = 3.0, **args: object) -> object:
-    """Run one QMP command on the VM's monitor socket and return its result."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    """Run one QMP command on the VM's monitor socket and return its result; connecting and the
+    command each wait at most ``timeout`` s (``TimeoutError``). Each call runs on an event loop of
+    its own that is closed afterwards, with the socket: qemu.qmp's sync shim (``legacy``) keeps a
+    loop per thread open forever, which a project running with ``filterwarnings = error`` sees as
+    an unclosed-resource error in whichever of its tests the garbage collector runs."""
+    from qemu.qmp import QMPClient
 
-    mon = QEMUMonitorProtocol(str(qmp))
-    mon.connect()
-    try:
-        mon.settimeout(timeout)
-        return mon.cmd(command, **args) if args else mon.cmd(command)
-    finally:
-        mon.close()
+    async def call() -> object:
+        client = QMPClient()
+        try:
+            await asyncio.wait_for(client.connect(str(qmp)), timeout)
+            return await asyncio.wait_for(client.execute(command, dict(args) if args else None), timeout)
+        finally:
+            await client.disconnect()
+
+    return asyncio.run(call())
 
 
 def save_state(qmp: Path, dest: Path, timeout: float) -> None:
@@ -295,13 +309,18 @@ def version(arch: str = "x86_64") -> str:
     return _versions[memo]
 
 
-def ttenv_processes() -> list[tuple[int, Path]]:
-    """Every live qemu process started by ttenv on this host, with its VM run dir."""
+def ttenv_processes(uid: int | None = None) -> list[tuple[int, Path]]:
+    """Every live qemu process started by ttenv on this host *as this user* (``uid``, default
+    ours: another user's VMs are never considered), with its VM run dir as given to it (absolute
+    unless its state dir was given as a relative path)."""
+    uid = os.getuid() if uid is None else uid
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
+            if entry.stat().st_uid != uid:
+                continue
             args = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
@@ -309,7 +328,8 @@ def ttenv_processes() -> list[tuple[int, Path]]:
             continue
         for arg in args:
             if arg.startswith(b"file,id=console,path="):
-                console = Path(arg.split(b"path=", 1)[1].decode(errors="replace"))
+                spec = arg.split(b"path=", 1)[1].decode(errors="replace")
+                console = Path(re.sub(r",append=on$", "", spec))
                 if is_running(int(entry.name), str(console.parent)):
                     found.append((int(entry.name), console.parent))
     return found

@@ -123,7 +123,13 @@ def write_seed_iso(seed: SeedData, dest: Path) -> None:
         iso_dir = f"/{parts[0].upper()}" if len(parts) == 2 else ""
         iso.add_fp(io.BytesIO(data), len(data), f"{iso_dir}/F{n}.;1", rr_name=parts[-1], joliet_path=f"/{path}")
     tmp = dest.with_name(dest.name + ".tmp")
-    iso.write(str(tmp))
-    iso.close()
-    tmp.chmod(0o600)
-    tmp.replace(dest)
+    tmp.unlink(missing_ok=True)  # created 0600 below: it holds the VM's host private key
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
+            iso.write_fp(f)
+        tmp.replace(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        iso.close()

@@ -1,6 +1,7 @@
 """sqlite state of the local backend: ENVs, their VMs and the host ports they hold.
 
-Safe for several processes at once (WAL, busy timeout, short IMMEDIATE transactions).
+Safe for several processes at once (WAL, busy timeout, short IMMEDIATE transactions to write,
+deferred ones to read).
 A VM's port is UNIQUE across the store, which is how concurrent creators never hand
 out the same forwarded port twice.
 """
@@ -8,6 +9,7 @@ out the same forwarded port twice.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from pytest_ttenv.backend.model import EnvInfo, VmInfo
 from pytest_ttenv.backend.schema import Schema, migrate
-from pytest_ttenv.errors import NotFound, UsageError
+from pytest_ttenv.errors import NotFound, TTError, UsageError
 
 # Version 1 is the schema before versions existed; append steps, never edit one (backend/schema.py).
 SCHEMA = Schema(steps=[
@@ -43,6 +45,9 @@ SCHEMA = Schema(steps=[
     (  # 1 -> 2: list_envs (every list, show, get_env, gc) reads the ENVs ORDER BY created
         "CREATE INDEX IF NOT EXISTS envs_by_created ON envs(created)",
     ),
+    (  # 2 -> 3: the server reads one owner's ENVs (list, find, status)
+        "CREATE INDEX IF NOT EXISTS envs_by_owner ON envs(owner, created)",
+    ),
 ])  # fmt: skip
 
 
@@ -60,20 +65,41 @@ class Store:
             db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction: IMMEDIATE (the write lock at once) to write, deferred to read (under
+        WAL a reader never waits for a writer and never blocks one)."""
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA foreign_keys=ON")
+                db.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+            except sqlite3.OperationalError as exc:
+                raise self._unwritable(exc) from None
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                raise self._unwritable(exc) from None
         finally:
             db.close()
+
+    def _unwritable(self, exc: sqlite3.OperationalError) -> TTError:
+        """sqlite's own words for a store it cannot write (a full disk is 'disk I/O error' while
+        it makes the WAL file), with the cause when the file system is full."""
+        try:
+            st = os.statvfs(self.path.parent)
+            full = st.f_bavail * st.f_frsize < 256 * 1024
+        except OSError:
+            full = False
+        cause = ": No space left on device" if full else ""
+        return TTError(f"cannot use the state store {self.path} ({exc}){cause}",
+                       "free space there, or use another --state-dir")  # fmt: skip
 
     def add_env(self, env: EnvInfo, owner_pid: int | None, owner_start: int | None) -> None:
         """Insert a new ENV (no VMs yet); a taken name is a UsageError."""
@@ -131,28 +157,38 @@ class Store:
 
     def get_env(self, ref: str) -> EnvInfo:
         """The ENV whose name or id is ``ref``, or NotFound."""
-        envs = [e for e in self.list_envs() if ref in (e.name, e.id)]
+        envs = self._read("WHERE e.name=? OR e.id=?", (ref, ref))
         if not envs:
             raise NotFound(f"no ENV named {ref!r}", "see: ttenv env list")
         return envs[0]
 
     def owner_of(self, env_id: str) -> tuple[int | None, int | None]:
         """(owner pid, owner process start time) recorded for the ENV."""
-        with self._tx() as db:
+        with self._tx(write=False) as db:
             row = db.execute("SELECT owner_pid, owner_start FROM envs WHERE id=?", (env_id,)).fetchone()
         return (row[0], row[1]) if row else (None, None)
 
-    def list_envs(self) -> list[EnvInfo]:
-        """Every ENV with its VMs, oldest first."""
-        with self._tx() as db:
+    def list_envs(self, owner: str | None = None) -> list[EnvInfo]:
+        """Every ENV with its VMs (only ``owner``'s if given), oldest first."""
+        return self._read("WHERE e.owner=?", (owner,)) if owner is not None else self._read("", ())
+
+    def _read(self, where: str, args: tuple[object, ...]) -> list[EnvInfo]:
+        """The ENVs matching ``where`` (over ``envs e``) with their VMs, in one read transaction."""
+        with self._tx(write=False) as db:
             envs = db.execute(
-                "SELECT id, name, owner, created, expires, state, rundir FROM envs ORDER BY created"
+                f"SELECT id, name, owner, created, expires, state, rundir FROM envs e {where} ORDER BY created", args
             ).fetchall()
-            vms = db.execute("SELECT env_id, port, data FROM vms ORDER BY rowid").fetchall()
+            vms = db.execute(
+                f"SELECT v.env_id, v.port, v.data FROM vms v JOIN envs e ON e.id = v.env_id {where} ORDER BY v.rowid",
+                args,
+            ).fetchall()
+        by_env: dict[str, list[VmInfo]] = {}
+        for env_id, port, data in vms:
+            by_env.setdefault(env_id, []).append(VmInfo.from_dict(json.loads(data) | {"port": port}))
         result = []
         for id_, name, owner, created, expires, state, rundir in envs:
             info = EnvInfo(id_, name, owner, created, expires, state, rundir=rundir)
-            info.vms = [VmInfo.from_dict(json.loads(d) | {"port": port}) for e, port, d in vms if e == id_]
+            info.vms = by_env.get(id_, [])
             result.append(info)
         return result
 

@@ -56,6 +56,11 @@ from pytest_ttenv.errors import BootError, TTError
 from pytest_ttenv.quiet import asyncssh
 
 FORMAT = 1  # bump when the layout or the way a template is made changes
+PROTOCOL = 2  # the identity agent's wire format (this file and guest/ttenv-identity): in the key, so a
+# template whose saved agent speaks another protocol is never started by this host side
+REPLY_MAX = 4096  # bytes: the longest reply line the host accepts from the agent
+READ_MAX = 64 * 1024  # bytes the host reads per request at most, stale replies included
+_REPLY = re.compile(rb"(ok|error) ([0-9a-f]{32}) (.*)", re.DOTALL)
 AGENT_PATH = "/run/ttenv-identity"  # in the guest: tmpfs, so the template's disk stays the image's
 META = "meta.json"
 SAVE_TIMEOUT = 300.0
@@ -138,7 +143,8 @@ def template_inputs(image: ImageInfo, accel: str, res: Resources, owner: str) ->
     return {
         "format": FORMAT, "image": image.name, "image_id": image_identity(image), "arch": image.arch,
         "accel": accel, "cpu": res.cpu, "mem_mib": res.mem_mib, "qemu": qemu.version(image.arch),
-        "argv": argv, "agent": hashlib.sha256(agent_source().encode()).hexdigest(), "owner": owner,
+        "argv": argv, "agent": hashlib.sha256(agent_source().encode()).hexdigest(), "protocol": PROTOCOL,
+        "owner": owner,
     }  # fmt: skip
 
 
@@ -317,9 +323,16 @@ def _fsync_dir(path: Path) -> None:
 
 # -- the identity agent's channel ------------------------------------------------------------------
 def agent_request(sock: Path, op: str, timeout: float, what: str, **fields: str | bytes) -> str:
-    """Send one request to the identity agent behind ``sock``; its ``ok`` answer (the rest of the
-    line). TTError naming ``what`` if it answers ``error`` or not within ``timeout`` s."""
-    line = op + "".join(
+    """Send one request to the identity agent behind ``sock``; its ``ok`` answer (the seconds it
+    took). TTError naming ``what`` if it answers ``error``, sends a malformed reply, or gives no
+    reply to *this* request within ``timeout`` s or ``READ_MAX`` bytes.
+
+    Wire format (``PROTOCOL``), one line each way: ``<op> <nonce> key=<base64>...`` and
+    ``ok <nonce> <seconds>`` or ``error <nonce> <text>``; the nonce (32 hex digits, new per
+    request) matches a reply to its request, so a late reply to an earlier request is skipped.
+    """
+    nonce = secrets.token_hex(16)
+    line = f"{op} {nonce}" + "".join(
         f" {k}={base64.b64encode(v if isinstance(v, bytes) else v.encode()).decode()}" for k, v in fields.items()
     )
     deadline = time.monotonic() + timeout
@@ -327,22 +340,57 @@ def agent_request(sock: Path, op: str, timeout: float, what: str, **fields: str 
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(timeout)
             s.connect(str(sock))
-            s.sendall(line.encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                s.settimeout(max(0.01, deadline - time.monotonic()))
-                data = s.recv(4096)
-                if not data:
-                    raise TTError(f"{what}: the identity agent's channel closed before it answered")
-                buf += data
+            return exchange(s, line.encode() + b"\n", nonce, deadline, what)
     except TimeoutError:
         raise TTError(f"{what}: no answer from the identity agent within {timeout:.0f} s") from None
     except OSError as exc:
         raise TTError(f"{what}: cannot reach the identity agent at {sock}: {exc}") from None
-    reply = buf.decode(errors="replace").strip()
-    if not reply.startswith("ok"):
-        raise TTError(f"{what}: the identity agent failed: {reply.removeprefix('error ')}")
-    return reply[2:].strip()
+
+
+def exchange(s: socket.socket, request: bytes, nonce: str, deadline: float, what: str) -> str:
+    """Send ``request`` on the connected socket ``s`` and read the agent's reply to ``nonce``
+    (see ``agent_request``), giving up at ``deadline`` (``time.monotonic()``; TimeoutError) or
+    after ``READ_MAX`` bytes (TTError): a guest that keeps talking never keeps the host reading,
+    nor its memory growing. Every line is checked; a well-formed reply to another nonce is skipped."""
+    s.settimeout(max(0.001, deadline - time.monotonic()))
+    s.sendall(request)
+    buf, total = bytearray(), 0
+    while True:
+        end = buf.find(b"\n")
+        if end < 0 and len(buf) <= REPLY_MAX:
+            if total >= READ_MAX:
+                raise TTError(f"{what}: the identity agent sent {total} bytes without answering this request")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            s.settimeout(remaining)
+            data = s.recv(min(REPLY_MAX + 1, READ_MAX - total))
+            if not data:
+                raise TTError(f"{what}: the identity agent's channel closed before it answered")
+            total += len(data)
+            buf += data
+            continue
+        if end < 0 or end > REPLY_MAX:
+            raise TTError(f"{what}: the identity agent sent a line longer than {REPLY_MAX} bytes")
+        frame = bytes(buf[:end])
+        del buf[: end + 1]
+        status, got, rest = _parse_reply(frame, what)
+        if got != nonce:
+            continue  # a late reply to an earlier request (that one timed out): not ours
+        if status == "error":
+            raise TTError(f"{what}: the identity agent failed: {rest}")
+        return rest
+
+
+def _parse_reply(frame: bytes, what: str) -> tuple[str, str, str]:
+    """(status, nonce, rest) of one reply line; TTError if it is not a well-formed reply."""
+    from pytest_ttenv.backend.engine import clean_text  # engine imports this module
+
+    m = _REPLY.fullmatch(frame.rstrip(b"\r"))
+    if m is None or (m.group(1) == b"ok" and not re.fullmatch(rb"\d{1,9}(\.\d{1,9})?", m.group(3))):
+        shown = clean_text(frame[:80].decode("ascii", errors="replace"))
+        raise TTError(f"{what}: the identity agent sent a malformed reply: {shown!r}")
+    return m.group(1).decode(), m.group(2).decode(), clean_text(m.group(3).decode(errors="replace"))
 
 
 @dataclass(frozen=True)
@@ -468,10 +516,10 @@ def _free_port() -> int:
 
 
 def _tail(path: Path, lines: int = 50) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    """The console tail of a template VM: ``engine.tail_file`` (bounded, made safe to print)."""
+    from pytest_ttenv.backend.engine import tail_file  # engine imports this module
+
+    return tail_file(path, lines)
 
 
 def _wait_banner_or_exit(proc: subprocess.Popen[bytes], port: int, timeout: float, image: str) -> bool:

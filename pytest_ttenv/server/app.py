@@ -1,48 +1,73 @@
-"""The REST API (FastAPI): routes under ``/v1``, bearer auth, body limit, JSON errors.
+"""The REST API (FastAPI): routes under ``/v1``, bearer auth, body limit, JSON errors, fairness.
 
 ``create_app(service)`` builds the app; ``serve.py`` runs it under uvicorn. Routes are plain
-functions run in the worker thread pool (the local backend blocks); every failure leaves as the
-error body of ``errors.py`` - a 4xx for anything the client got wrong, never a traceback.
+functions run in the worker thread pool (the local backend blocks), except the long poll, which
+has its own pool (``Gate``); the token check runs on the event loop against the token store's
+in-memory cache (``auth.py``). Every failure leaves as the error body of ``errors.py`` - a 4xx for
+anything the client got wrong, a 429/503 with ``Retry-After`` for load (one owner over its share,
+a locked database, no descriptor free), never a traceback; unexpected errors are logged with a
+rate limit (``quiet_log``), so a flood of them cannot flood the log.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path as FsPath
 from typing import Annotated, Any
 
+import anyio
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pytest_ttenv import __version__
 from pytest_ttenv.backend.model import Resources
+from pytest_ttenv.backend.paths import runtime_dir
 from pytest_ttenv.errors import NotFound, TTError
 from pytest_ttenv.server import models as m
-from pytest_ttenv.server.auth import TokenStore
-from pytest_ttenv.server.errors import AuthError, TooLarge, error_response, one_line
+from pytest_ttenv.server.auth import Grant, TokenStore
+from pytest_ttenv.server.errors import (
+    AuthError,
+    Busy,
+    TooLarge,
+    TooMany,
+    as_busy,
+    error_response,
+    one_line,
+    retry_after,
+)
 from pytest_ttenv.server.service import Service, spec_of
 
 MAX_BODY = 64 * 1024
-WORKER_THREADS = 128  # routes run in worker threads; a long poll holds one for up to 30 s
+BODY_TIMEOUT = 30.0  # seconds to send a request body once its head is in
+WORKER_THREADS = 128  # routes but the long poll run in these worker threads
 log = logging.getLogger("ttenv.server")
 
 PathName = Annotated[str, Path(min_length=1, max_length=m.NAME_MAX, pattern=m.NAME_PATTERN)]
 _bearer = HTTPBearer(auto_error=False, description="a token from `ttenv token add NAME`")
 
 
-def _owner(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
-    """The token's owner, checked by Guard (``creds`` puts the scheme into the OpenAPI document)."""
+async def _owner(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """The token's owner, checked by Guard (``creds`` puts the scheme into the OpenAPI document).
+    Async, so it takes no worker thread."""
     return str(request.state.owner)
 
 
+async def _grant(request: Request) -> Grant:
+    grant: Grant = request.state.grant
+    return grant
+
+
 Owner = Annotated[str, Depends(_owner)]
+Caller = Annotated[Grant, Depends(_grant)]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -50,38 +75,168 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         400: "bad request", 401: "missing or wrong token", 404: "no such ENV, VM or image (or another owner's)",
         409: "quota exceeded (with what is free) or name taken", 413: "request body over 64 KiB",
         422: "request does not match the schema, or malformed JSON", 424: "the VM failed to boot or died",
+        429: "too many requests or long polls of this owner at once (see Retry-After)",
+        503: "the server is busy for a moment (see Retry-After)",
     }  # fmt: skip
-    return {code: {"model": m.Error, "description": text[code]} for code in codes}
+    return {code: {"model": m.Error, "description": text[code]} for code in (*codes, 429, 503)}
 
 
-def _json_error(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
+class QuietLog:
+    """Rate limit for unexpected errors: at most ``burst`` logged per ``window`` seconds (the
+    first ``tracebacks`` of them with their traceback), then one line saying how many were dropped."""
+
+    def __init__(self, burst: int = 10, window: float = 10.0, tracebacks: int = 3) -> None:
+        self.burst, self.window, self.tracebacks = burst, window, tracebacks
+        self._lock = threading.Lock()
+        self._start, self._count, self._dropped = 0.0, 0, 0
+
+    def error(self, message: str, *args: object, exc: BaseException | None = None) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._start >= self.window:
+                if self._dropped:
+                    log.error("... %d more error(s) not logged in the last %.0f s", self._dropped, self.window)
+                self._start, self._count, self._dropped = now, 0, 0
+            self._count += 1
+            if self._count > self.burst:
+                self._dropped += 1
+                return
+            trace = exc is not None and self._count <= self.tracebacks
+        log.error(message, *args, exc_info=exc if trace else None)
+
+
+quiet_log = QuietLog()
+
+
+class Scrub:
+    """Takes the server's own paths (state, image and socket dirs) out of what a client is told."""
+
+    def __init__(self, *roots: FsPath) -> None:
+        texts = {str(r) for root in roots for r in (root, root.resolve())}
+        self.roots = sorted((t for t in texts if len(t) > 1), key=len, reverse=True)
+
+    def __call__(self, text: str | None) -> str | None:
+        if text is None:
+            return None
+        for root in self.roots:
+            text = text.replace(root, "<server dir>")
+        return text
+
+
+def _json_error(exc: BaseException, scrub: Callable[[str | None], str | None] = lambda t: t) -> JSONResponse:
     status, body = error_response(exc)
+    body = {k: scrub(v) if k in ("message", "hint", "console") else v for k, v in body.items()}
+    headers = None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
+    wait = retry_after(exc)
+    if wait is not None:
+        headers = {"Retry-After": str(wait)}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Gate:
+    """Fair shares: requests in flight per owner (``per_owner``), long polls per owner
+    (``polls_per_owner``) and the long polls' own thread pool (``poll_threads``), so one owner's
+    polls can take neither the other requests' threads nor the other owners' share."""
+
+    def __init__(self, per_owner: int, polls_per_owner: int, poll_threads: int) -> None:
+        self.per_owner, self.polls_per_owner, self.poll_threads = per_owner, polls_per_owner, poll_threads
+        self.requests: dict[str, int] = {}
+        self.polls: dict[str, int] = {}
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        if self._limiter is None:  # made on the event loop, at the first long poll
+            self._limiter = anyio.CapacityLimiter(self.poll_threads)
+        return self._limiter
+
+    @contextmanager
+    def request(self, owner: str) -> Iterator[None]:
+        """One request of ``owner`` in flight (event loop only: no lock needed); TooMany beyond the share."""
+        if self.requests.get(owner, 0) >= self.per_owner:
+            raise TooMany(f"owner {owner} has {self.per_owner} requests in flight already",
+                          "retry after the Retry-After seconds", 1)  # fmt: skip
+        self.requests[owner] = self.requests.get(owner, 0) + 1
+        try:
+            yield
+        finally:
+            self.requests[owner] -= 1
+            if not self.requests[owner]:
+                del self.requests[owner]
+
+    @contextmanager
+    def poll(self, owner: str) -> Iterator[None]:
+        """One long poll of ``owner``: TooMany beyond its share, Busy when the poll pool is full."""
+        if self.polls.get(owner, 0) >= self.polls_per_owner:
+            raise TooMany(f"owner {owner} has {self.polls_per_owner} long polls (wait) in flight already",
+                          "wait for fewer VMs at once, or retry after the Retry-After seconds", 2)  # fmt: skip
+        if self.limiter.available_tokens < 1:
+            raise Busy("every long-poll thread of the server is taken", "retry after the Retry-After seconds", 2)
+        self.polls[owner] = self.polls.get(owner, 0) + 1
+        try:
+            yield
+        finally:
+            self.polls[owner] -= 1
+            if not self.polls[owner]:
+                del self.polls[owner]
 
 
 class Guard:
     """ASGI middleware in front of every route: the bearer token first (401, before any body is
-    read; the owner goes to ``scope["state"]["owner"]``), then the body limit (413 for a body over
-    ``limit`` bytes, announced by Content-Length or streamed in chunks). ``OPEN`` paths need no token.
+    read; the owner goes to ``scope["state"]["owner"]``, its grant to ``["grant"]``), the owner's
+    share of requests in flight (429), then the body limit (413 for a body over ``limit`` bytes,
+    announced by Content-Length or streamed in chunks; a body not sent within BODY_TIMEOUT is 408).
+    Any exception a route lets through becomes a JSON answer here (503 for load, else 500), logged
+    with a rate limit. ``OPEN`` paths need no token.
     """
 
     OPEN = ("/v1/openapi.json", "/v1/docs")
 
-    def __init__(self, app: ASGIApp, tokens: TokenStore, limit: int = MAX_BODY) -> None:
-        self.app, self.tokens, self.limit = app, tokens, limit
+    def __init__(self, app: ASGIApp, tokens: TokenStore, gate: Gate, scrub: Scrub, limit: int = MAX_BODY) -> None:
+        self.app, self.tokens, self.gate, self.scrub, self.limit = app, tokens, gate, scrub, limit
+        self._reload: anyio.CapacityLimiter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.OPEN:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, sending)
+        except Exception as exc:  # noqa: BLE001 - a route's failure no handler answered: JSON, never a traceback
+            busy = as_busy(exc)
+            if busy is None:
+                quiet_log.error("%s %s failed: %r", scope.get("method"), scope.get("path"), exc, exc=exc)
+            if not started:
+                await _json_error(busy or exc)(scope, receive, send)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] in self.OPEN:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
         try:
-            scope.setdefault("state", {})["owner"] = await run_in_threadpool(self._owner, headers.get(b"authorization"))
-        except AuthError as exc:
+            grant = await self._auth(headers.get(b"authorization"))
+        except (AuthError, Busy) as exc:
             await _json_error(exc)(scope, receive, send)
             return
+        state = scope.setdefault("state", {})
+        state["owner"], state["grant"] = grant.name, grant
+        try:
+            with self.gate.request(grant.name):
+                await self._with_body(scope, receive, send, headers)
+        except TooMany as exc:
+            await _json_error(exc)(scope, receive, send)
+
+    async def _with_body(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]) -> None:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             await self._reject(scope, receive, send)
@@ -89,17 +244,23 @@ class Guard:
         chunks: list[bytes] = []
         size = 0
         more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._reject(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+        with anyio.move_on_after(BODY_TIMEOUT) as slow:
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":  # the client went away
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.limit:
+                    await self._reject(scope, receive, send)
+                    return
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+        if slow.cancelled_caught:
+            error = {"error": "usage", "message": f"request body not received within {BODY_TIMEOUT:.0f} s",
+                    "hint": "send the whole body at once", "console": None, "free": None}  # fmt: skip
+            await JSONResponse(error, status_code=408, headers={"Connection": "close"})(scope, receive, send)
+            return
         body, sent = b"".join(chunks), False
 
         async def replay() -> Message:
@@ -111,14 +272,23 @@ class Guard:
 
         await self.app(scope, replay, send)
 
-    def _owner(self, header: bytes | None) -> str:
+    async def _auth(self, header: bytes | None) -> Grant:
+        """The grant of the bearer token in ``header``: on the event loop from the token cache
+        (a ``stat`` per request); the file is re-read, in a thread of its own, only after it changed."""
         scheme, _, token = (header or b"").decode("latin-1").partition(" ")
         if not header or scheme.lower() != "bearer":
             raise AuthError("no bearer token", "send Authorization: Bearer <token>")
-        name = self.tokens.owner(token.strip())
-        if name is None:
+        if not self.tokens.fresh():
+            if self._reload is None:
+                self._reload = anyio.CapacityLimiter(1)
+            try:
+                await anyio.to_thread.run_sync(self.tokens.reload, limiter=self._reload)
+            except Exception as exc:  # noqa: BLE001 - any failure to read it: busy for now, not a 500
+                raise as_busy(exc) or Busy("the token store cannot be read", "retry in a moment") from None
+        grant = self.tokens.cached(token.strip())
+        if grant is None:
             raise AuthError("token rejected by the server", "check --tt-token / TTENV_TOKEN")
-        return name
+        return grant
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         exc = TooLarge(f"request body over {self.limit // 1024} KiB", "send less")
@@ -139,15 +309,18 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
         redoc_url=None, redirect_slashes=False,
         description="ENVs of real VMs on a shared host; see docs/server.md of pytest-ttenv.",
     )  # fmt: skip
-    app.add_middleware(Guard, tokens=service.tokens)
+    cfg = service.cfg
+    gate = Gate(cfg.max_requests_per_owner, cfg.max_polls_per_owner, cfg.poll_threads)
+    scrub = Scrub(cfg.state_dir, cfg.image_dir, runtime_dir())
+    app.add_middleware(Guard, tokens=service.tokens, gate=gate, scrub=scrub)
 
     @app.exception_handler(TTError)
     async def _tt(request: Request, exc: TTError) -> JSONResponse:
-        if error_response(exc)[0] >= 500:
-            log.error("%s %s failed: %s", request.method, request.url.path, exc)
-        return _json_error(exc)
+        if error_response(exc)[0] == 500:
+            quiet_log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return _json_error(exc, scrub)
 
-    @app.exception_handler(Exception)  # a bug: Starlette logs the traceback after this answer
+    @app.exception_handler(Exception)  # Guard answers first; this is for a failure of Guard itself
     async def _any(request: Request, exc: Exception) -> JSONResponse:
         return _json_error(exc)
 
@@ -177,9 +350,10 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/v1/status", response_model=m.Status, responses=_errors(401), tags=["server"])
-    def status(who: Owner) -> dict[str, object]:
-        """Version, engine, public address, resource totals/used/free, ENV and VM counts."""
-        return service.status()
+    def status(who: Caller) -> dict[str, object]:
+        """Version, engine, public address, resource totals/used/free, ENV and VM counts: of the
+        whole server for an admin token, else the caller's own (``free``: what it may still take)."""
+        return service.status(who)
 
     @app.get("/v1/images", response_model=list[m.Image], responses=_errors(401), tags=["server"])
     def images(who: Owner) -> list[m.Image]:
@@ -220,14 +394,18 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
 
     @app.post("/v1/envs/{env}/vms/{vm}/wait", response_model=m.Vm, responses=_errors(401, 404, 422, 424),
               tags=["vms"])  # fmt: skip
-    def wait_vm(
+    async def wait_vm(
         env: PathName, vm: PathName, who: Owner,
         timeout: Annotated[float | None, Query(gt=0, le=m.MAX_LEASE_ANY)] = None,
     ) -> m.Vm:  # fmt: skip
         """Long poll: the VM once ``running``, or still ``booting`` after min(timeout, 30) s; ask
         again until your own deadline. The wait in which ``timeout`` ends stops a VM that is not
-        up and answers 424 with its console tail."""
-        return m.Vm.of(service.wait(who, env, vm, timeout, stopping))
+        up and answers 424 with its console tail. An owner has a share of long polls at once
+        (429 beyond it, with Retry-After); they run in threads of their own."""
+        with gate.poll(who):
+            info = await anyio.to_thread.run_sync(lambda: service.wait(who, env, vm, timeout, stopping),
+                                                  limiter=gate.limiter)  # fmt: skip
+        return m.Vm.of(info)
 
     @app.post("/v1/envs/{env}/vms/{vm}/snapshots", status_code=204, response_class=Response,
               responses=_errors(400, 401, 404, 413, 422, 424), tags=["vms"])  # fmt: skip

@@ -140,13 +140,24 @@ class Amounts(BaseModel):
     disk_mib: int
 
 
+class Limits(BaseModel):
+    cpu: int | None = Field(None, description="vCPUs the owner's ENVs may hold at once (null: no cap)")
+    mem_mib: int | None = Field(None, description="memory (MiB) the owner's ENVs may hold at once")
+    vms: int | None = Field(None, description="VMs the owner's ENVs may hold at once")
+
+
 class Status(BaseModel):
+    """An admin token sees the whole server (``scope`` "server"); any other token its own usage,
+    ENVs and caps, and what it may still take (``free``: the server's free capacity within its caps)."""
+
     version: str
     engine: str
     public_addr: str
+    scope: Literal["server", "owner"]
     totals: Amounts
     used: Amounts
     free: Amounts
+    limits: Limits
     envs: int
     vms: int
     vms_running: int
@@ -160,7 +171,8 @@ class Console(BaseModel):
 class Error(BaseModel):
     """Every error: its kind, one line, what to do, and a console tail for boot failures."""
 
-    error: Literal["usage", "auth", "not_found", "quota", "conflict", "too_large", "boot", "died", "server"]
+    error: Literal["usage", "auth", "not_found", "quota", "conflict", "too_large", "boot", "died", "too_many", "busy",
+                   "server"]  # fmt: skip
     message: str
     hint: str | None
     console: str | None

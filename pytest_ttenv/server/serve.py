@@ -1,8 +1,10 @@
 """Running the server: listen address, default quotas, uvicorn, the reaper, graceful shutdown.
 
-``serve()`` binds the socket itself (a taken port is one TTError line), reports the ENVs it
-re-adopts from the state dir, starts the lease reaper, and runs uvicorn until SIGINT/SIGTERM:
-requests in flight finish (long polls answer within a second), ENVs stay up for the next start.
+``serve()`` binds the socket itself (a taken port is one TTError line), lifts its descriptor
+limit, reports the ENVs it re-adopts from the state dir, starts the lease reaper, and runs
+uvicorn until SIGINT/SIGTERM: requests in flight finish (long polls answer within a second),
+ENVs stay up for the next start. Connections are capped and must send their request head in
+time (``conn.py``); repeated log records are rate-limited.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pytest_ttenv.server.service import ServerConfig, Service
 
 DEFAULT_PORT = 8730
 GRACEFUL_SECONDS = 10
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open after an answer
+MAX_HEADERS = 16 * 1024  # bytes of a request head (h11's buffer for an incomplete event)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -83,13 +87,13 @@ def libvirt_totals(uris: Sequence[str], state: Path) -> Amounts:
     return Amounts(cpu, mem, disk)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(2048)
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise TTError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "pick another --listen port") from None
@@ -123,6 +127,11 @@ def serve(
     default_lease: float | str = 600.0,
     max_lease: float | str = 7 * 24 * 3600.0,
     log_level: str = "info",
+    dead_grace: float | str = 300.0,
+    max_connections: int | None = None,
+    header_timeout: float | str = 10.0,
+    max_requests_per_owner: int = 64,
+    max_polls_per_owner: int = 32,
     out: Callable[[str], None] = print,
 ) -> int:
     """Run the server until SIGINT/SIGTERM; returns the exit code (0 after a graceful stop).
@@ -133,13 +142,20 @@ def serve(
         import uvicorn
     except ImportError:
         raise TTError("ttenv serve needs the server extra", "pip install 'pytest-ttenv[server]'") from None
+    # after the check above: these import uvicorn and h11 (the server extra) at module level
     from pytest_ttenv.server.app import create_app
+    from pytest_ttenv.server.conn import BACKLOG, default_max_connections, guarded_protocol, quiet_logs, raise_nofile
 
     if engine not in ("qemu", "libvirt"):
         raise UsageError(f"--engine {engine!r} is not available", "use --engine qemu or --engine libvirt")
     if libvirt_uris and engine != "libvirt":
         raise UsageError("--libvirt-uri needs --engine libvirt")
     default_s, max_s = parse_seconds(default_lease, "--default-lease"), parse_seconds(max_lease, "--max-lease")
+    grace_s, head_s = parse_seconds(dead_grace, "--dead-grace"), parse_seconds(header_timeout, "--header-timeout")
+    for what, value in (("--max-connections", max_connections), ("--max-requests-per-owner", max_requests_per_owner),
+                        ("--max-polls-per-owner", max_polls_per_owner)):  # fmt: skip
+        if value is not None and value < 1:
+            raise UsageError(f"{what} must be at least 1, got {value}")
     if cpu_total is not None and cpu_total < 0:
         raise UsageError(f"--cpu-total must not be negative, got {cpu_total}")
     mem_mib = parse_mib(mem_total, "--mem-total") if mem_total is not None else None
@@ -152,22 +168,30 @@ def serve(
     totals = Amounts(cpu_total if cpu_total is not None else base.cpu,
                      mem_mib if mem_mib is not None else base.mem_mib,
                      disk_mib if disk_mib is not None else base.disk_mib)  # fmt: skip
+    nofile, _ = raise_nofile()
+    conns = max_connections or default_max_connections(nofile)
     cfg = ServerConfig(state_dir=sdir, image_dir=idir, totals=totals, bind_addr=bind, public_addr=public,
                        engine=engine, libvirt_uris=tuple(libvirt_uris), default_lease=default_s,
-                       max_lease=max_s)  # fmt: skip
+                       max_lease=max_s, dead_grace=grace_s, max_requests_per_owner=max_requests_per_owner,
+                       max_polls_per_owner=max_polls_per_owner, max_connections=conns,
+                       header_timeout=head_s)  # fmt: skip
     service = Service(cfg)
-    sock = _bind(host, port)
+    sock = _bind(host, port, BACKLOG)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}"
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="ttenv serve: %(message)s")
     logging.getLogger("qemu").setLevel(logging.WARNING)  # qemu.qmp logs every monitor disconnect
-    reaper = Reaper(service.backend.gc, cfg.reap_interval)
+    reaper = Reaper(service.reap, cfg.reap_interval)
     server: Any = None
 
     app = create_app(service, stopping=lambda: bool(server is not None and server.should_exit))
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on",
-                            access_log=log_level in ("debug", "info"))  # fmt: skip
+                            access_log=log_level in ("debug", "info"), http=guarded_protocol(conns, head_s),
+                            timeout_keep_alive=KEEP_ALIVE, h11_max_incomplete_event_size=MAX_HEADERS,
+                            backlog=BACKLOG)  # fmt: skip
     server = uvicorn.Server(config)
+    quiet_logs("uvicorn.error", "asyncio", "ttenv.server")  # a flood of one failure is a few lines, not a flood
+    quiet_logs("uvicorn.access", burst=500, window=1.0)
 
     if engine == "libvirt":
         hosts = ", ".join(service.backend.libvirt_uris) or "qemu:///system"
@@ -175,6 +199,9 @@ def serve(
     out(f"ttenv serve: API on {url}/v1 (OpenAPI: {url}/v1/openapi.json); VM ports on {bind}, announced as {public}")
     out(f"ttenv serve: state {sdir}, images {idir} ({len(service.images())}), quotas {totals.text()}, "
         f"{len(service.tokens.list())} token(s)")  # fmt: skip
+    out(f"ttenv serve: up to {conns} connections (descriptor limit {nofile}), request heads within {head_s:g} s; "
+        f"per owner {max_requests_per_owner} requests and {max_polls_per_owner} long polls at once; "
+        f"dead VMs free their quota after {grace_s:g} s")  # fmt: skip
     adopted = readoption_report(service)
     out(f"ttenv serve: re-adopted {len(adopted)} ENV(s) from the state dir" + (":" if adopted else ""))
     for line in adopted:

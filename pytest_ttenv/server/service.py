@@ -5,10 +5,16 @@ Every ENV belongs to an owner (the token's name); another owner's ENV is NotFoun
 not exist. Every ENV has a lease: ``default_lease`` when none is asked for, capped at
 ``max_lease``. VMs run without PDEATHSIG (no owner pid), so a server that dies leaves them up
 for the next server to re-adopt from the store.
+
+Requests read only what they need, in deferred (non-locking) transactions: one owner's ENVs, or
+one ENV, and check only those VMs against their engine. A VM found dead (failed, or its qemu or
+domain gone) for ``dead_grace`` seconds stops counting against the quota (``health``, run by the
+reaper thread); its ENV stays, ``stopped``/``failed``, until it is deleted or its lease ends.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +26,11 @@ from pytest_ttenv.backend import warm
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.errors import NotFound, UsageError
-from pytest_ttenv.server.auth import TokenStore
+from pytest_ttenv.server.auth import Grant, TokenStore
 from pytest_ttenv.server.quota import Amounts, Quota
 
 LONG_POLL = 30.0  # longest single wait answer; the client asks again until its own deadline
+USAGE_TTL = 1.0  # seconds the server-wide usage shown by status may be old
 _LAST_PROBE = 2.0  # the last wait: its final seconds are LocalBackend.wait_vm's (which stops a VM not up)
 
 
@@ -41,6 +48,13 @@ class ServerConfig:
     default_lease: float = 600.0
     max_lease: float = 7 * 24 * 3600.0
     reap_interval: float = 1.0
+    dead_grace: float = 300.0  # a VM dead this long stops counting against the quota
+    health_interval: float = 5.0  # how often the reaper thread checks every VM for death
+    max_requests_per_owner: int = 64  # requests of one owner in flight at once; more are 429
+    max_polls_per_owner: int = 32  # long polls (wait) of one owner at once; more are 429
+    poll_threads: int = 96  # threads serving long polls, apart from the other requests' pool
+    max_connections: int | None = None  # open connections at once (None: from the descriptor limit)
+    header_timeout: float = 10.0  # seconds a connection may take to send a request head
 
 
 class Service:
@@ -54,6 +68,12 @@ class Service:
         self.tokens = TokenStore(cfg.state_dir)
         self.quota = Quota(cfg.totals, self._live)
         self._image_disk: dict[str, int] = {}
+        self._dead_since: dict[tuple[str, str], float] = {}  # (ENV id, VM name) -> when first seen dead
+        self._dead_lock = threading.Lock()
+        self._health_at = 0.0
+        self._usage_lock = threading.Lock()
+        self._usage_at: float | None = None
+        self._usage_snapshot: dict[str, Amounts] = {}
 
     # -- accounting ---------------------------------------------------------------------------
     def _disk_of(self, image: str, disk_mib: int) -> int:
@@ -63,30 +83,81 @@ class Service:
         if image not in self._image_disk:
             try:
                 self._image_disk[image] = self.backend.image_store.get(image).disk_mib
-            except NotFound:
-                return 0  # an image removed under a live VM: nothing to charge it by
+            except NotFound:  # an image removed under a live VM: nothing to charge it by (and no
+                self._image_disk[image] = 0  # directory scan per VM per request to find that out again)
         return self._image_disk[image]
 
     def _demand(self, vms: list[tuple[str, Resources]]) -> Amounts:
         total = Amounts()
         for image, res in vms:
-            total += Amounts(res.cpu, res.mem_mib, self._disk_of(image, res.disk_mib))
+            total += Amounts(res.cpu, res.mem_mib, self._disk_of(image, res.disk_mib), 1)
         return total
 
-    def _live(self) -> dict[str, Amounts]:
-        """Stored ENV name (``<owner>:<name>``) -> what its VMs hold, for every ENV in the store."""
-        return {env.name: self._demand([(vm.image, vm.resources) for vm in env.vms])
-                for env in self.backend.store.list_envs()}  # fmt: skip
+    def _live(self, envs: list[EnvInfo] | None = None) -> dict[str, Amounts]:
+        """Stored ENV name (``<owner>:<name>``) -> what its VMs hold, for every ENV in the store
+        (or in ``envs``); VMs dead for longer than the grace period hold nothing."""
+        if envs is None:
+            envs = self.backend.store.list_envs()
+        cutoff = time.time() - self.cfg.dead_grace
+        with self._dead_lock:
+            gone = {key for key, since in self._dead_since.items() if since <= cutoff}
+        return {env.name: self._demand([(vm.image, vm.resources) for vm in env.vms if (env.id, vm.name) not in gone])
+                for env in envs}  # fmt: skip
 
-    def status(self) -> dict[str, object]:
-        envs = self.backend.store.list_envs()
-        used = self.quota.used()
+    def reap(self) -> list[EnvInfo]:
+        """One round of the reaper thread: expired ENVs deleted (returned); every
+        ``health_interval`` s, every VM checked for death (``health``)."""
+        reaped = self.backend.gc()
+        if time.monotonic() - self._health_at >= self.cfg.health_interval:
+            self._health_at = time.monotonic()
+            self.health()
+        return reaped
+
+    def health(self) -> None:
+        """Note since when each VM is dead: failed, or its qemu/domain gone (not a libvirt host
+        that cannot be reached: its VMs may still run). ``_live`` stops counting them after the grace."""
+        now = time.time()
+        dead: dict[tuple[str, str], float] = {}
+        for env in self.backend.store.list_envs():
+            self.backend._refresh(env)  # the local backend's check of each VM against its engine
+            for vm in env.vms:
+                unknown = vm.state == "stopped" and ("unreachable" in vm.error or "cannot tell" in vm.error)
+                if vm.state in ("failed", "stopped") and not unknown:
+                    with self._dead_lock:
+                        dead[(env.id, vm.name)] = self._dead_since.get((env.id, vm.name), now)
+        with self._dead_lock:
+            self._dead_since = dead
+
+    def _usage(self) -> dict[str, Amounts]:
+        """``_live()`` of every ENV, at most USAGE_TTL seconds old: what ``status`` shows of the
+        whole server costs one read of every VM per second, not per request (admission in
+        ``create`` always reads the store afresh). One thread recomputes; the others wait for it."""
+        with self._usage_lock:
+            if self._usage_at is None or time.monotonic() - self._usage_at > USAGE_TTL:
+                self._usage_snapshot = self._live()
+                self._usage_at = time.monotonic()
+            return self._usage_snapshot
+
+    def status(self, who: Grant) -> dict[str, object]:
+        """The server's state as ``who`` may see it: an admin everything; anyone else their own
+        usage, ENVs and caps (read afresh, from the owner index), and ``free`` = the server's free
+        capacity (at most USAGE_TTL s old) within their caps."""
+        free = self.cfg.totals - self.quota.used(self._usage())
+        if who.admin:
+            envs = self.backend.store.list_envs()
+            used = self.quota.used(self._live(envs))
+        else:
+            envs = self.backend.store.list_envs(who.name)
+            used = self.quota.used(self._live(envs), who.name)
+            room = Quota.room(who.limits, used)
+            free = Amounts(min(free.cpu, room.cpu), min(free.mem_mib, room.mem_mib), free.disk_mib)
         running = sum(vm.state == "running" for env in envs for vm in env.vms)
         return {
             "version": __version__, "engine": self.cfg.engine, "public_addr": self.cfg.public_addr,
-            "totals": self.cfg.totals.as_dict(), "used": used.as_dict(), "free": (self.cfg.totals - used).as_dict(),
-            "envs": len(envs), "vms": sum(len(env.vms) for env in envs), "vms_running": running,
-            "owners": len({env.owner for env in envs}),
+            "scope": "server" if who.admin else "owner", "totals": self.cfg.totals.as_dict(), "used": used.as_dict(),
+            "free": Amounts(max(0, free.cpu), max(0, free.mem_mib), max(0, free.disk_mib)).as_dict(),
+            "limits": who.limits.as_dict(), "envs": len(envs), "vms": sum(len(env.vms) for env in envs),
+            "vms_running": running, "owners": len({env.owner for env in envs}),
         }  # fmt: skip
 
     # -- ENVs ---------------------------------------------------------------------------------
@@ -102,24 +173,34 @@ class Service:
         if len(set(names)) != len(names):  # the request's own fault comes before the quota's verdict
             raise UsageError(f"VM names in an ENV must be unique: {', '.join(names)}")
         for vm in spec.vms:
-            self.backend.image_store.get(vm.image)  # NotFound before anything is reserved
+            try:
+                self.backend.image_store.get(vm.image)  # NotFound before anything is reserved
+            except NotFound:  # its message names the image dir: the client gets the name only
+                raise NotFound(f"no image named {vm.image!r} on the server", "see: GET /v1/images") from None
         demand = self._demand([(vm.image, vm.resources) for vm in spec.vms])
         spec = EnvSpec(name=spec.name, vms=spec.vms, client_pubkey=spec.client_pubkey, owner=owner,
                        ttl=self.lease(spec.ttl), accel=spec.accel, owner_pid=None, die_with_owner=False,
                        boot=spec.boot)  # fmt: skip
-        with self.quota.reserve(f"{owner}:{spec.name}", demand, spec.name):
+        limits = self.tokens.grant_of(owner).limits
+        with self.quota.reserve(f"{owner}:{spec.name}", demand, spec.name, limits):
             return self.backend.create_env(spec)
 
     def find(self, owner: str, ref: str) -> EnvInfo:
-        """``owner``'s ENV whose name or id is ``ref`` (NotFound for any other, another owner's too)."""
+        """``owner``'s ENV whose name or id is ``ref`` (NotFound for any other, another owner's too),
+        its VMs checked against their engine."""
         stored = f"{owner}:{ref}"
-        for env in self.backend.store.list_envs():
+        for key in (stored, ref):  # by name (unique per owner), then by id
+            try:
+                env = self.backend.store.get_env(key)
+            except NotFound:
+                continue
             if env.owner == owner and (env.name == stored or env.id == ref):
-                return self.backend.show_env(env.id)
+                return self.backend._refresh(env)  # only this ENV's VMs are checked
         raise NotFound(f"no ENV named {ref!r}", "see: ttenv env list")
 
     def list(self, owner: str) -> list[EnvInfo]:
-        return [env for env in self.backend.list_envs() if env.owner == owner]
+        """``owner``'s ENVs (one indexed read), their VMs checked against their engine."""
+        return [self.backend._refresh(env) for env in self.backend.store.list_envs(owner)]
 
     def delete(self, owner: str, ref: str) -> EnvInfo:
         return self.backend.delete_env(self.find(owner, ref).id)
