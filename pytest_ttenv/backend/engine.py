@@ -245,6 +245,12 @@ def identity_path(env_id: str, vm_name: str) -> Path:
     return socket_dir(env_id) / f"{vm_name}.id"
 
 
+# The qemu processes this process started, by pid, shared by every QemuEngine of the process: the
+# one that stops a VM (another backend instance, gc) reaps its Popen, so none is left "still
+# running" for the garbage collector to warn about in some unrelated test of the user's.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 class QemuEngine:
     """One direct qemu process per VM on this machine (``qemu.py``), identified by its pid and
     its run dir in its command line; QMP on a socket in the runtime dir. ``bind_addr``: where SSH
@@ -258,7 +264,7 @@ class QemuEngine:
         self.bind_addr = bind_addr
         self._probe_addr = probe_addr
         self.progress = progress or (lambda line: None)
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._procs = _CHILDREN
 
     def place(self, vms: Sequence[VmSpec], held: Sequence[VmInfo]) -> list[str]:
         return ["" for _ in vms]
@@ -414,6 +420,7 @@ class QemuEngine:
                         cap_log(vmdir / log)
                     continue
                 qemu.stop(pid, str(vmdir), qmp_path(vmdir.parent.name, vmdir.name), grace=1.0)
+                self._reap(pid)
             except Exception as exc:  # noqa: BLE001 - one process must not stop gc
                 self.progress(f"gc: skipped qemu process {pid} ({vmdir}): {exc}")
         for root in runtime_candidates():
@@ -437,3 +444,4 @@ class QemuEngine:
         for pid, vmdir in qemu.ttenv_processes():
             if Path(os.path.abspath(vmdir)).parent == rundir:
                 qemu.stop(pid, str(vmdir), qmp_path(env_id, vmdir.name))
+                self._reap(pid)
