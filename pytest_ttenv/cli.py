@@ -47,9 +47,30 @@ def _env_backend(args: argparse.Namespace, progress: bool = True) -> Backend:
     if spec != "local" and (engine != "qemu" or uris):
         raise UsageError("--engine and --libvirt-uri apply to the local backend",
                          "a server runs the engine it was started with: ttenv serve --engine libvirt")  # fmt: skip
+    token = _token(args) if spec != "local" else None
     return get_backend(spec, image_dir=args.image_dir, state_dir=args.state_dir,
-                       progress=_out if progress else None, token=args.token, engine=engine,
-                       libvirt_uris=uris)  # fmt: skip
+                       progress=_out if progress else None, token=token, engine=engine,
+                       libvirt_uris=uris, ca_cert=args.ca_cert)  # fmt: skip
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The server token: ``--token`` (deprecated: the process list shows it), ``--token-file``,
+    else None (the backend takes ``$TTENV_TOKEN``, else ``$TTENV_TOKEN_FILE``'s)."""
+    from pytest_ttenv.config import read_token_file
+
+    if args.token:
+        print("ttenv: warning: --token puts the token in the process list; use TTENV_TOKEN or --token-file",
+              file=sys.stderr)  # fmt: skip
+        return str(args.token)
+    path, where = args.token_file, "--token-file"
+    if not path and not os.environ.get("TTENV_TOKEN"):
+        path, where = os.environ.get("TTENV_TOKEN_FILE"), "TTENV_TOKEN_FILE"
+    if not path:
+        return None
+    token, warning = read_token_file(path, where)
+    if warning:
+        print(f"ttenv: warning: {warning}", file=sys.stderr)
+    return token
 
 
 def _engine_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -495,7 +516,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine=args.engine, libvirt_uris=_uris(args), default_lease=args.default_lease, max_lease=args.max_lease,
         log_level=args.log_level, dead_grace=args.dead_grace, max_connections=args.max_connections,
         header_timeout=args.header_timeout, max_requests_per_owner=args.max_requests_per_owner,
-        max_polls_per_owner=args.max_polls_per_owner, out=_out,
+        max_polls_per_owner=args.max_polls_per_owner, tls_cert=args.tls_cert, tls_key=args.tls_key, out=_out,
     )  # fmt: skip
 
 
@@ -539,7 +560,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "status --server needs the server's URL", "give --backend http://host:8730 or set TTENV_BACKEND"
             )
         return _local_status(args)
-    backend = get_backend(spec, token=args.token)
+    backend = get_backend(spec, token=_token(args), ca_cert=args.ca_cert)
     status = getattr(backend, "status", None)
     if status is None:
         raise UsageError(f"backend {spec} has no server status")
@@ -576,7 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--backend", help="local, or a ttenv server URL http(s)://host:port "
                         "(default: $TTENV_BACKEND or local)")  # fmt: skip
-    remote.add_argument("--token", help="bearer token for a server backend (default: $TTENV_TOKEN)")
+    remote.add_argument("--token", help="deprecated (the process list shows it): use $TTENV_TOKEN or --token-file")
+    remote.add_argument("--token-file", metavar="FILE", help="file whose first line is the server's bearer token "
+                        "(default: $TTENV_TOKEN, else $TTENV_TOKEN_FILE)")  # fmt: skip
+    remote.add_argument("--ca-cert", metavar="FILE", help="CA certificates (PEM) to verify an https server with "
+                        "(default: $TTENV_CA_CERT, else the system's)")  # fmt: skip
     parser = argparse.ArgumentParser(prog="ttenv", description="Real VMs across an OS x arch matrix.")
     parser.add_argument("--version", action="version", version=f"ttenv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -727,6 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests of one owner in flight at once; more are 429 (default 64)")  # fmt: skip
     p.add_argument("--max-polls-per-owner", type=int, default=32, metavar="N",
                    help="long polls (VM waits) of one owner at once; more are 429 (default 32)")  # fmt: skip
+    p.add_argument("--tls-cert", metavar="FILE", help="serve https: the certificate (PEM, with its chain)")
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
     p.set_defaults(func=cmd_serve)
 
     token = sub.add_parser("token", help="bearer tokens of the host server (in its --state-dir)").add_subparsers(

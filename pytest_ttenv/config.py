@@ -45,7 +45,11 @@ SETTINGS = (
     Setting("arch", "restrict the matrix to these arches: x86_64,aarch64 (default: all the prefixes match)", "",
             metavar="ARCHES"),
     Setting("backend", "where ENVs live: local, or a ttenv server URL http(s)://host:port", "local", metavar="URL"),
-    Setting("token", "bearer token for a ttenv server backend", "", metavar="TOKEN"),
+    Setting("token", "bearer token for a ttenv server backend: set TTENV_TOKEN (deprecated as --tt-token, seen in "
+            "the process list, and as ini tt_token, committed with the file)", "", metavar="TOKEN"),
+    Setting("token_file", "file whose first line is the bearer token (keep it mode 0600)", "", metavar="FILE"),
+    Setting("ca_cert", "CA certificates (PEM) to verify an https server with, e.g. its self-signed certificate "
+            "(default: the system's)", "", metavar="FILE"),
     Setting("lease", "how long a server keeps the session's ENV after its last renewal (renewed every quarter "
             "of it while pytest runs; a killed session's VMs are reaped after it): seconds, or 90s, 30m, 2h, 1d; "
             "at least 2 s", "180", metavar="DURATION"),
@@ -80,6 +84,7 @@ class TTConfig:
     arch: tuple[str, ...]
     backend: str
     token: str
+    ca_cert: str | None
     lease: float
     engine: str
     libvirt_uri: tuple[str, ...]
@@ -94,6 +99,7 @@ class TTConfig:
     image_source: str
     dist: str
     matrix_report: str | None
+    notes: tuple[str, ...] = ()  # warnings to show once (a deprecated token source, a token file others can read)
 
 
 class RawValues(dict[str, str]):
@@ -124,6 +130,47 @@ def raw_values(getoption: Any, getini: Any, environ: Mapping[str, str] | None = 
     return values
 
 
+def read_token_file(path: str, where: str) -> tuple[str, str | None]:
+    """The token in file ``path`` (its first line, stripped) and a warning if the group or others
+    may read the file (None otherwise); UsageError naming ``where`` if it cannot be read or is empty."""
+    path = os.path.expanduser(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+            mode = os.fstat(f.fileno()).st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"{where} {path!r}: cannot read it: {reason}") from None
+    if not token:
+        raise UsageError(f"{where} {path!r}: its first line is empty", "put the token on the file's first line")
+    if mode & 0o044:
+        return token, f"{where} {path} can be read by others (mode {mode & 0o777:04o}); chmod 600 it"
+    return token, None
+
+
+def _token(values: Mapping[str, str], where: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The bearer token: ``token`` or the first line of ``token_file``, whichever comes from the
+    stronger source (command line > environment > ini; the token itself at the same level), and
+    warnings: a token on the command line or in the ini file, a token file others can read. A
+    token file is read only for a server backend."""
+
+    def rank(name: str) -> int:
+        if not values[name]:
+            return 0
+        return 3 if where[name].startswith("--") else 2 if where[name].startswith("TTENV_") else 1
+
+    if values["token_file"] and rank("token_file") > rank("token") and values["backend"] not in ("", "local"):
+        token, warning = read_token_file(values["token_file"], where["token_file"])
+        return token, [f"warning: {warning}"] if warning else []
+    if rank("token") == 3:
+        return values["token"], [f"warning: {where['token']} puts the token in the process list; use TTENV_TOKEN "
+                                 "or --tt-token-file"]  # fmt: skip
+    if rank("token") == 1:
+        return values["token"], [f"warning: {where['token']} puts the token in a file that gets committed; use "
+                                 "TTENV_TOKEN or tt_token_file"]  # fmt: skip
+    return values["token"], []
+
+
 def resolve(values: Mapping[str, str], sources: Mapping[str, str] | None = None) -> TTConfig:
     """Validate raw values into a TTConfig (UsageError naming the setting on bad input, by where
     it came from: ``sources``, else ``values.sources`` of a RawValues, else its flag); a setting
@@ -145,11 +192,13 @@ def resolve(values: Mapping[str, str], sources: Mapping[str, str] | None = None)
         raise UsageError(f"{where['lease']}={values['lease']!r} is too short", "give at least 2 seconds (default 180)")
     if values["libvirt_uri"] and values["engine"] != "libvirt":
         raise UsageError("--tt-libvirt-uri needs --tt-engine=libvirt")
+    token, notes = _token(values, where)
     return TTConfig(
         os=tuple(split_prefixes([values["os"]])),
         arch=tuple(canonical_arch(a) for a in split_prefixes([values["arch"]])),
         backend=values["backend"],
-        token=values["token"],
+        token=token,
+        ca_cert=os.path.expanduser(values["ca_cert"]) if values["ca_cert"] else None,
         lease=lease,
         engine=values["engine"],
         libvirt_uri=tuple(u for u in re.split(r"[\s,]+", values["libvirt_uri"]) if u),
@@ -164,4 +213,5 @@ def resolve(values: Mapping[str, str], sources: Mapping[str, str] | None = None)
         image_source=values["image_source"],
         dist=values["dist"],
         matrix_report=values["matrix_report"] or None,
+        notes=tuple(notes),
     )

@@ -96,6 +96,8 @@ def pytest_configure(config: pytest.Config) -> None:
     register_testinfra()  # testinfra.get_host("ttenv://<vm>"), if pytest-testinfra is installed
     config.hook.pytest_ttenv_register_backends(register=register_backend)  # workers too: they attach
     workerinput = getattr(config, "workerinput", None)
+    for note in cfg.notes if workerinput is None else ():  # a token in argv or the ini file: said once
+        _progress(config)(note)
     if workerinput is not None:  # an xdist worker: the controller's matrix; its ENV comes later
         if "ttenv" in workerinput:
             state.vms = [MatrixVm.from_image(name) for name in workerinput["ttenv"]["matrix"]]
@@ -130,7 +132,7 @@ def _matrix(config: pytest.Config, state: PluginState) -> list[MatrixVm]:
         names = _planned_images(cfg)
     else:
         state.backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, progress=_progress(config),
-                                    engine=cfg.engine, libvirt_uris=cfg.libvirt_uri)  # fmt: skip
+                                    engine=cfg.engine, libvirt_uris=cfg.libvirt_uri, ca_cert=cfg.ca_cert)  # fmt: skip
         names = [image.name for image in state.backend.images()]
     vms = session_vms(cfg.os, cfg.arch, names)
     changed = config.hook.pytest_ttenv_modify_matrix(config=config, vms=vms)
@@ -241,7 +243,7 @@ def _start_env(config: pytest.Config, vms: list[MatrixVm]) -> None:
         backend = state.backend
         if backend is None:
             backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, progress=say,
-                                  engine=cfg.engine, libvirt_uris=cfg.libvirt_uri)  # fmt: skip
+                                  engine=cfg.engine, libvirt_uris=cfg.libvirt_uri, ca_cert=cfg.ca_cert)  # fmt: skip
         if isinstance(backend, LocalBackend):
             _obtain_missing(config, cfg, backend, [vm.name for vm in vms])
         state.session = EnvSession.create(cfg, vms, backend, warn=say)

@@ -152,7 +152,7 @@ class EnvSession:
     def attach(cls, cfg: TTConfig, data: dict[str, Any]) -> EnvSession:
         """The ENV the controller created, in an xdist worker."""
         backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, engine=cfg.engine,
-                              libvirt_uris=cfg.libvirt_uri)  # fmt: skip
+                              libvirt_uris=cfg.libvirt_uri, ca_cert=cfg.ca_cert)  # fmt: skip
         return cls(cfg, backend, EnvInfo.from_dict(data["env"]), Path(data["workdir"]), controller=False)
 
     # -- per VM --------------------------------------------------------------------------------

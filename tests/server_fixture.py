@@ -51,10 +51,11 @@ class Server:
     tokens: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[str] | None = None
     starts: int = 0
+    ca: Path | None = None  # with --tls-cert in options: the CA that signed it (https)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def log(self) -> Path:
@@ -72,7 +73,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"ttenv serve exited {self.proc.returncode}:\n{self.output()}")
             try:
-                if requests.get(f"{self.url}/v1/openapi.json", timeout=2).status_code == 200:
+                verify = str(self.ca) if self.ca else True
+                if requests.get(f"{self.url}/v1/openapi.json", timeout=2, verify=verify).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
@@ -90,7 +92,7 @@ class Server:
         return self.tokens[owner]
 
     def backend(self, owner: str = "alice") -> HttpBackend:
-        return HttpBackend(self.url, self.tokens[owner])
+        return HttpBackend(self.url, self.tokens[owner], ca_cert=str(self.ca) if self.ca else None)
 
     def headers(self, owner: str = "alice") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[owner]}"}

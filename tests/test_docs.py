@@ -79,6 +79,9 @@ NOT_RUN: dict[str, tuple[str, tuple[str, ...]]] = {
     r"^bash scripts/lock\.sh": ("re-resolves the locks from PyPI and rewrites requirements/",
                                  ("tests/test_install.py::test_runtime_lock_agrees_with_the_test_lock",)),
     r"^python3? bench/": ("benchmarks are run by hand (minutes, printing figures)", ("bench/",)),
+    r"--tls-cert|ca-cert": ("needs a certificate for the host; the TLS tests make one for 127.0.0.1 and run these",
+                            ("tests/test_server_tls.py::test_https_with_the_ca_and_the_token_from_the_environment",
+                             "tests/test_server_tls.py::test_plugin_over_https_with_the_ini_token_says_one_warning")),
 }  # fmt: skip
 
 

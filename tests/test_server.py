@@ -122,12 +122,21 @@ def srv(tmp_path_factory: pytest.TempPathFactory, image: ImageInfo) -> Iterator[
         server.cleanup()
 
 
-def ttenv(*args: str, state: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    extra = {"TTENV_STATE_DIR": str(state)} if state else {}
+def ttenv(*args: str, state: Path | None = None, timeout: float = 900, token: str | None = None,
+          ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    extra = ({"TTENV_STATE_DIR": str(state)} if state else {}) | ({"TTENV_TOKEN": token} if token else {})
     res = subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True,
                          env=env_vars(**extra), timeout=timeout)  # fmt: skip
     print(f"$ ttenv {' '.join(args)} -> {res.returncode}\n{res.stdout}{res.stderr}")
     return res
+
+
+def token_file(srv: Server, owner: str) -> str:
+    """A file (mode 0600) holding ``owner``'s token, for ``--token-file``."""
+    path = srv.state.parent / f"{owner}.token"
+    path.touch(mode=0o600)
+    path.write_text(srv.tokens[owner] + "\n")
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +148,8 @@ def client_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shared(srv: Server, client_state: Path) -> str:
     """alice's ENV ``SHARED`` of one booted VM, created with ``ttenv env add --backend URL``."""
     res = ttenv("env", "add", "SHARED", "--os-prefix", "debian12", "--arch", HOST_ARCH, "--cpu", "1", "--mem", "256",
-                "--ttl", "3600", "--boot-timeout", "900", "--backend", srv.url, "--token", srv.tokens["alice"],
-                state=client_state)  # fmt: skip
+                "--ttl", "3600", "--boot-timeout", "900", "--backend", srv.url, state=client_state,
+                token=srv.tokens["alice"])  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert f"{IMAGE}: ready - ssh up after" in res.stdout
     return "SHARED"
@@ -217,13 +226,13 @@ def test_token_cli_add_list_rm(srv: Server) -> None:
 def test_wrong_token_through_the_client_is_one_clear_line(srv: Server) -> None:
     with pytest.raises(UsageError, match=r"token rejected by the ttenv server at http://127\.0\.0\.1:"):
         HttpBackend(srv.url, "x" * 43).list_envs()
-    res = ttenv("env", "list", "--backend", srv.url, "--token", "y" * 43)
+    res = ttenv("env", "list", "--backend", srv.url, token="y" * 43)
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
 
 
 def test_unreachable_server_is_one_line_naming_the_url() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    res = ttenv("env", "list", "--backend", url, "--token", "t" * 43)
+    res = ttenv("env", "list", "--backend", url, token="t" * 43)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip() == (f"ttenv: error: cannot reach the ttenv server at {url}: connection refused "
                                   "(check the URL and that `ttenv serve` runs there)")  # fmt: skip
@@ -382,7 +391,7 @@ def test_quota_overflow_is_409_with_what_is_free(srv: Server, shared: str, image
 
 @pytest.mark.vm
 def test_cli_against_the_server(srv: Server, shared: str, client_state: Path) -> None:
-    remote = ["--backend", srv.url, "--token", srv.tokens["alice"]]
+    remote = ["--backend", srv.url, "--token-file", token_file(srv, "alice")]
     listing = ttenv("env", "list", *remote, state=client_state)
     assert listing.returncode == 0 and re.search(r"SHARED\s+[0-9a-f]{12}\s+running\s+1\s+alice", listing.stdout)
     show = ttenv("env", "show", "SHARED", *remote, state=client_state)
@@ -394,7 +403,7 @@ def test_cli_against_the_server(srv: Server, shared: str, client_state: Path) ->
     status = ttenv("status", "--server", *remote)
     assert status.returncode == 0 and re.search(r"CPU\s+4\s+1\s+3", status.stdout)
     assert "1 ENV(s) of 1 owner(s), 1 VM(s), 1 running" in status.stdout
-    bob = ttenv("env", "list", "--backend", srv.url, "--token", srv.tokens["bob"])
+    bob = ttenv("env", "list", "--backend", srv.url, token=srv.tokens["bob"])
     assert bob.stdout.strip() == "no ENVs"
     nope = ttenv("env", "show", "nope", *remote)
     assert nope.returncode == 2 and nope.stderr.strip() == "ttenv: error: no ENV named 'nope' (see: ttenv env list)"
@@ -511,7 +520,7 @@ def test_twenty_concurrent_clients_never_breach_the_quota_and_leak_nothing(tmp_p
 # -- restarts (last: they stop and start the module's server) ------------------------------------------
 @pytest.mark.vm
 def test_stop_and_kill9_then_restart_keeps_envs_usable(srv: Server, shared: str, client_state: Path) -> None:
-    remote = ["--backend", srv.url, "--token", srv.tokens["alice"]]
+    remote = ["--backend", srv.url, "--token-file", token_file(srv, "alice")]
     env = srv.backend("alice").show_env(shared)
     (qemu_pid,) = qemu_of(srv.state / "envs" / env.id)
 

@@ -83,10 +83,12 @@ def get_backend(
     token: str | None = None,
     engine: str = "qemu",
     libvirt_uris: Sequence[str] = (),
+    ca_cert: str | None = None,
 ) -> Backend:
     """The backend named by ``spec``: ``local`` (this host; ``engine`` qemu, or libvirt on the hosts
     ``libvirt_uris``), ``http(s)://host:port`` (a ``ttenv serve`` host server, which chooses its own
-    engine; ``token`` or ``$TTENV_TOKEN`` is its bearer token), or a registered scheme."""
+    engine; ``token`` or ``$TTENV_TOKEN`` is its bearer token, ``ca_cert`` or ``$TTENV_CA_CERT`` the CAs its
+    https certificate is verified with), or a registered scheme."""
     scheme = spec.split("://", 1)[0] if "://" in spec else spec
     factory = _factory(scheme)
     if factory is not None:
@@ -98,6 +100,6 @@ def get_backend(
     if spec.startswith(("http://", "https://")):
         from pytest_ttenv.backend.http import HttpBackend
 
-        return HttpBackend(spec, token or os.environ.get("TTENV_TOKEN"), progress=progress)
+        return HttpBackend(spec, token or os.environ.get("TTENV_TOKEN"), progress=progress, ca_cert=ca_cert)
     known = ", ".join(["local", *sorted(_REGISTRY)])
     raise UsageError(f"unknown backend {spec!r}", f"use one of {known}, or an http(s)://host:port URL")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,7 +57,8 @@ def env_of(data: dict[str, Any]) -> EnvInfo:
 
 class HttpBackend:
     """ENVs on the server at ``url`` (``http(s)://host:port``), as the owner of ``token``
-    (default: ``$TTENV_TOKEN``)."""
+    (default: ``$TTENV_TOKEN``); an https server's certificate is verified against ``ca_cert``
+    (a PEM file; default ``$TTENV_CA_CERT``, else the system's CAs), never skipped."""
 
     name = "http"
 
@@ -68,14 +70,24 @@ class HttpBackend:
         timeout: float = TIMEOUT,
         retries: int = 5,
         progress: Callable[[str], None] | None = None,
+        ca_cert: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         if not re.match(r"^https?://[^/\s]+$", self.url):
             raise UsageError(f"bad server URL {url!r}", "use http(s)://host:port")
         self.token = token or os.environ.get("TTENV_TOKEN", "")
+        self.ca_cert = os.path.expanduser(ca_cert or os.environ.get("TTENV_CA_CERT") or "") or None
+        if self.ca_cert:
+            try:
+                ssl.create_default_context(cafile=self.ca_cert)
+            except (OSError, ssl.SSLError) as exc:
+                reason = "no PEM certificate in it" if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc)
+                raise UsageError(f"CA certificate file {self.ca_cert!r}: {reason}",
+                                 "give a PEM file: --ca-cert / --tt-ca-cert / TTENV_CA_CERT") from None  # fmt: skip
         self.timeout = timeout
         self.progress = progress or (lambda line: None)
         self.session = requests.Session()
+        self.session.verify = self.ca_cert or True  # and per request: $REQUESTS_CA_BUNDLE would beat the session's
         retry = Retry(total=retries, connect=retries, read=2, status=0, other=0, backoff_factor=0.2,
                       allowed_methods=frozenset({"GET"}), raise_on_status=False)  # fmt: skip
         adapter = HTTPAdapter(max_retries=retry, pool_maxsize=32)
@@ -117,9 +129,15 @@ class HttpBackend:
               timeout: float | None) -> requests.Response:  # fmt: skip
         url = f"{self.url}/v1{path}"
         try:
-            res = self.session.request(method, url, json=body, params=params, timeout=timeout or self.timeout)
+            res = self.session.request(method, url, json=body, params=params, timeout=timeout or self.timeout,
+                                       verify=self.session.verify)  # fmt: skip
         except requests.exceptions.RetryError as exc:
             raise TTError(f"ttenv server {self.url}: {exc}") from None
+        except requests.exceptions.SSLError as exc:
+            hint = ("a self-signed or private CA's certificate: give it with --ca-cert / --tt-ca-cert / TTENV_CA_CERT"
+                    if "CERTIFICATE_VERIFY_FAILED" in str(exc)
+                    else "the server may not serve https: use http://, or start it with --tls-cert")  # fmt: skip
+            raise TTError(f"TLS with the ttenv server at {self.url} failed: {_tls_reason(exc)}", hint) from None
         except requests.exceptions.ConnectionError as exc:
             raise TTError(f"cannot reach the ttenv server at {self.url}: {_reason(exc)}",
                           "check the URL and that `ttenv serve` runs there") from None  # fmt: skip
@@ -138,7 +156,7 @@ class HttpBackend:
         if status == 401:
             what = "no token given for" if not self.token else "token rejected by"
             return UsageError(
-                f"{what} the ttenv server at {self.url}", "check --tt-token / TTENV_TOKEN (ttenv: --token)"
+                f"{what} the ttenv server at {self.url}", "check TTENV_TOKEN / --tt-token-file (ttenv: --token-file)"
             )
         if status == 404:
             return NotFound(message, hint)
@@ -237,8 +255,17 @@ def _retry_after(value: str | None) -> float:
         return 1.0
 
 
+def _tls_reason(exc: requests.exceptions.SSLError) -> str:
+    """The TLS failure in a few words: ``certificate verify failed: self-signed certificate``."""
+    text = str(exc)
+    found = re.search(r"\[SSL(?:: [A-Z_]+)?\] ([^(\]']+)", text)
+    return found.group(1).strip() if found else text.split(": ", 1)[-1][:200]
+
+
 def _reason(exc: requests.exceptions.ConnectionError) -> str:
     text = str(exc)
+    if "Remote end closed connection without response" in text:
+        return "it closed the connection without an answer (an https server? then use https://)"
     for marker in ("Connection refused", "Name or service not known", "No route to host", "timed out",
                    "Temporary failure in name resolution", "Connection reset"):  # fmt: skip
         if marker in text:

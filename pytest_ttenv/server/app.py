@@ -287,7 +287,7 @@ class Guard:
                 raise as_busy(exc) or Busy("the token store cannot be read", "retry in a moment") from None
         grant = self.tokens.cached(token.strip())
         if grant is None:
-            raise AuthError("token rejected by the server", "check --tt-token / TTENV_TOKEN")
+            raise AuthError("token rejected by the server", "check TTENV_TOKEN / --tt-token-file")
         return grant
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:

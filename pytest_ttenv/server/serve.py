@@ -4,17 +4,20 @@
 limit, reports the ENVs it re-adopts from the state dir, starts the lease reaper, and runs
 uvicorn until SIGINT/SIGTERM: requests in flight finish (long polls answer within a second),
 ENVs stay up for the next start. Connections are capped and must send their request head in
-time (``conn.py``); repeated log records are rate-limited.
+time (``conn.py``); repeated log records are rate-limited. With ``tls_cert``/``tls_key`` it
+serves https, and a TLS handshake must end within the header timeout too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -101,6 +104,50 @@ def _bind(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+def check_tls(cert: str | None, key: str | None) -> bool:
+    """True for https: both files given, readable and a matching certificate and key (else one
+    UsageError line); False for neither."""
+    if not cert and not key:
+        return False
+    if not cert or not key:
+        raise UsageError("--tls-cert and --tls-key go together", "give both: the certificate (PEM) and its key")
+    for what, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"{what} {path!r}: cannot read it: {exc.strerror or exc}") from None
+    try:  # no password: an encrypted key fails here instead of prompting (uvicorn would prompt)
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=lambda: "")
+    except ssl.SSLError as exc:
+        raise UsageError(f"--tls-cert {cert!r} and --tls-key {key!r} are not a PEM certificate and its "
+                         f"unencrypted key ({exc.reason or exc})") from None  # fmt: skip
+    return True
+
+
+class _HandshakeDeadline(asyncio.SelectorEventLoop):
+    """asyncio's loop whose TLS servers give a handshake ``handshake_timeout`` s (asyncio's default
+    is 60 s; the request-head deadline of ``conn.py`` starts only once the handshake is done)."""
+
+    handshake_timeout = 10.0
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl") is not None and kwargs.get("ssl_handshake_timeout") is None:
+            kwargs["ssl_handshake_timeout"] = self.handshake_timeout
+        return await super().create_server(*args, **kwargs)
+
+
+def _run(server: Any, sock: socket.socket, handshake_timeout: float | None) -> None:
+    """``server.run(sockets=[sock])``; for https (a handshake timeout; Python 3.11+) in a loop
+    that bounds TLS handshakes."""
+    if handshake_timeout is None or sys.version_info < (3, 11):
+        server.run(sockets=[sock])
+        return
+    loop = type("HandshakeDeadlineLoop", (_HandshakeDeadline,), {"handshake_timeout": handshake_timeout})
+    with asyncio.Runner(loop_factory=loop) as runner:
+        runner.run(server.serve(sockets=[sock]))
+
+
 def readoption_report(service: Service) -> list[str]:
     """One line per ENV found in the state dir at start: its VMs running, or why they are stopped."""
     lines = []
@@ -132,12 +179,15 @@ def serve(
     header_timeout: float | str = 10.0,
     max_requests_per_owner: int = 64,
     max_polls_per_owner: int = 32,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
     out: Callable[[str], None] = print,
 ) -> int:
     """Run the server until SIGINT/SIGTERM; returns the exit code (0 after a graceful stop).
 
     Sizes are MiB or strings like ``32G``, leases seconds or strings like ``2h`` (``parse_mib``,
-    ``parse_seconds``: the CLI's forms)."""
+    ``parse_seconds``: the CLI's forms). ``tls_cert`` and ``tls_key`` (PEM files, both or
+    neither) make it serve https."""
     try:
         import uvicorn
     except ImportError:
@@ -161,6 +211,7 @@ def serve(
     mem_mib = parse_mib(mem_total, "--mem-total") if mem_total is not None else None
     disk_mib = parse_mib(disk_total, "--disk-total") if disk_total is not None else None
     host, port = parse_listen(listen)
+    tls = check_tls(tls_cert, tls_key)
     bind = forward_addr(host)
     public = public_addr or (socket.gethostname() if bind == "0.0.0.0" else bind)
     sdir, idir = state_dir(state), image_dir(images)
@@ -177,7 +228,7 @@ def serve(
                        header_timeout=head_s)  # fmt: skip
     service = Service(cfg)
     sock = _bind(host, port, BACKLOG)
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}"
+    url = f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}"
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="ttenv serve: %(message)s")
     logging.getLogger("qemu").setLevel(logging.WARNING)  # qemu.qmp logs every monitor disconnect
@@ -188,7 +239,8 @@ def serve(
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on",
                             access_log=log_level in ("debug", "info"), http=guarded_protocol(conns, head_s),
                             timeout_keep_alive=KEEP_ALIVE, h11_max_incomplete_event_size=MAX_HEADERS,
-                            backlog=BACKLOG)  # fmt: skip
+                            backlog=BACKLOG, ssl_certfile=tls_cert if tls else None,
+                            ssl_keyfile=tls_key if tls else None)  # fmt: skip
     server = uvicorn.Server(config)
     quiet_logs("uvicorn.error", "asyncio", "ttenv.server")  # a flood of one failure is a few lines, not a flood
     quiet_logs("uvicorn.access", burst=500, window=1.0)
@@ -212,7 +264,7 @@ def serve(
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     reaper.start()
     try:
-        server.run(sockets=[sock])
+        _run(server, sock, head_s if tls else None)
     finally:
         reaper.stop()
         sock.close()
