@@ -5,8 +5,6 @@ state dir, private files and directories, pids recorded before any wait, abandon
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import socket
@@ -20,9 +18,9 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from test_warm_unit import _agent  # the guest's identity agent, loaded from its file
 
 from pytest_ttenv.backend import engine, local, paths, qemu, seed, warm
 from pytest_ttenv.backend.local import LocalBackend
@@ -158,16 +156,6 @@ def test_agent_request_over_a_unix_socket_flooded(tmp_path: Path) -> None:
         with pytest.raises(TTError, match="VM z: the identity agent sent a line longer than"):
             warm.agent_request(path, "ping", 5, "VM z")
         thread.join(5)
-
-
-def _agent() -> ModuleType:
-    path = Path(warm.__file__).parent / "guest" / "ttenv-identity"
-    loader = importlib.machinery.SourceFileLoader("ttenv_identity_hostile", str(path))
-    spec = importlib.util.spec_from_loader("ttenv_identity_hostile", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
 
 
 def test_the_agent_answers_with_the_requests_nonce() -> None:
