@@ -25,12 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pytest_ttenv.access import target
-from pytest_ttenv.backend.build import ImageBuilder, parse_target
-from pytest_ttenv.backend.images import ImageStore
+from pytest_ttenv.backend.images.build import ImageBuilder, parse_target
+from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.backend.local import LocalBackend
-from pytest_ttenv.backend.model import EnvSpec, Resources, VmSpec
-from pytest_ttenv.backend.paths import image_dir
-from pytest_ttenv.backend.seed import KeyPair
+from pytest_ttenv.core.keys import KeyPair
+from pytest_ttenv.core.model import EnvSpec, Resources, VmSpec
+from pytest_ttenv.core.paths import image_dir
 from pytest_ttenv.ssh import Connection
 
 

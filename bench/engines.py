@@ -21,13 +21,13 @@ from pathlib import Path
 
 from pytest_ttenv.access import target
 from pytest_ttenv.backend.local import LocalBackend
-from pytest_ttenv.backend.model import EnvSpec, Resources, VmSpec
-from pytest_ttenv.backend.paths import image_dir
-from pytest_ttenv.backend.seed import KeyPair
+from pytest_ttenv.core.keys import KeyPair
+from pytest_ttenv.core.model import EnvSpec, Resources, VmSpec
+from pytest_ttenv.core.paths import image_dir
 from pytest_ttenv.ssh import Connection
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from libvirt_hosts import LibvirtHost, missing
+from helpers.libvirt_hosts import LibvirtHost, missing
 
 STEPS = ("created", "ssh banner", "first command", "snapshot", "revert", "delete")
 

@@ -18,9 +18,9 @@ import statistics
 
 from boot import one_run
 
-from pytest_ttenv.backend import qemu
-from pytest_ttenv.backend.images import ImageStore
-from pytest_ttenv.backend.paths import image_dir
+from pytest_ttenv.backend.engines import qemu
+from pytest_ttenv.backend.images.store import ImageStore
+from pytest_ttenv.core.paths import image_dir
 from pytest_ttenv.errors import TTError
 from pytest_ttenv.ssh import SshError
 

@@ -27,14 +27,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import requests  # noqa: E402
 
-from pytest_ttenv.backend.build import ensure_images  # noqa: E402
-from pytest_ttenv.backend.images import ImageStore  # noqa: E402
+from pytest_ttenv.backend.engines.seed import KeyPair  # noqa: E402
+from pytest_ttenv.backend.images.build import ensure_images  # noqa: E402
+from pytest_ttenv.backend.images.store import ImageStore  # noqa: E402
 from pytest_ttenv.backend.local import LocalBackend  # noqa: E402
-from pytest_ttenv.backend.model import EnvSpec, Resources, VmSpec  # noqa: E402
-from pytest_ttenv.backend.paths import image_dir  # noqa: E402
-from pytest_ttenv.backend.seed import KeyPair  # noqa: E402
+from pytest_ttenv.core.model import EnvSpec, Resources, VmSpec  # noqa: E402
+from pytest_ttenv.core.paths import image_dir  # noqa: E402
 
-from server_fixture import image_dir_with, start_server  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+from helpers.server import image_dir_with, start_server  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
 
 
 def spread(xs: list[float], unit: str = "ms", scale: float = 1000.0) -> str:

@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pytest_ttenv.backend.paths import image_dir  # noqa: E402
+from pytest_ttenv.core.paths import image_dir  # noqa: E402
 
-from leftovers import interactive_signals, leftovers, qemu_pids_under  # noqa: E402
+from helpers.leftovers import interactive_signals, leftovers, qemu_pids_under  # noqa: E402
 
 SUITE = """
 import pathlib, os

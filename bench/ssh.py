@@ -42,7 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from pytest_ttenv.ssh import Connection, RunResult, SshTarget, close_all, fan_out  # noqa: E402
 
-from sshd_fixture import have_sshd, start_farm, start_sshd  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+from helpers.sshd import have_sshd, start_farm, start_sshd  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
 
 Probe = Callable[[], None]
 

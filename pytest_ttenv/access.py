@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pytest_ttenv.backend.model import EnvInfo, VmInfo
-from pytest_ttenv.backend.paths import state_dir
-from pytest_ttenv.backend.seed import KeyPair
+from pytest_ttenv.core.keys import KeyPair
+from pytest_ttenv.core.model import EnvInfo, VmInfo
+from pytest_ttenv.core.paths import state_dir
 from pytest_ttenv.ssh import SshTarget
 
 

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pytest_ttenv import __version__
 from pytest_ttenv.backend import Backend, get_backend
-from pytest_ttenv.backend.images import ImageStore
+from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.backend.local import LocalBackend
-from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
-from pytest_ttenv.backend.naming import canonical_arch, check_env_name, parse_mib, parse_seconds, split_prefixes
-from pytest_ttenv.backend.paths import image_dir
+from pytest_ttenv.core.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
+from pytest_ttenv.core.naming import canonical_arch, check_env_name, parse_mib, parse_seconds, split_prefixes
+from pytest_ttenv.core.paths import image_dir
 from pytest_ttenv.errors import BootError, TTError, UsageError
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def cmd_image_list(args: argparse.Namespace) -> int:
 
 
 def _list_available(args: argparse.Namespace) -> int:
-    from pytest_ttenv.backend.catalog import load_catalog
+    from pytest_ttenv.backend.images.catalog import load_catalog
 
     catalog = load_catalog()
     have = {img.name: img for img in _image_store(args).all()}
@@ -156,8 +156,8 @@ def _list_available(args: argparse.Namespace) -> int:
 
 
 def cmd_image_pull(args: argparse.Namespace) -> int:
-    from pytest_ttenv.backend.catalog import load_catalog
-    from pytest_ttenv.backend.pull import pull
+    from pytest_ttenv.backend.images.catalog import load_catalog
+    from pytest_ttenv.backend.images.pull import pull
 
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
@@ -222,7 +222,7 @@ class _ByteBar:
 
 
 def cmd_image_import(args: argparse.Namespace) -> int:
-    from pytest_ttenv.backend.importer import import_image
+    from pytest_ttenv.backend.images.importer import import_image
 
     import_image(_image_store(args), args.file, args.name, user=args.user, boot=args.boot, force=args.force,
                  kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline or "", progress=_out)  # fmt: skip
@@ -232,7 +232,7 @@ def cmd_image_import(args: argparse.Namespace) -> int:
 def cmd_image_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from pytest_ttenv.backend.build import ImageBuilder, parse_target
+    from pytest_ttenv.backend.images.build import ImageBuilder, parse_target
 
     arch = canonical_arch(args.arch)
     variant = "plain" if args.plain else args.variant or ""
@@ -258,7 +258,7 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
 # -- ENVs ---------------------------------------------------------------------------------------
 def cmd_env_add(args: argparse.Namespace) -> int:
     from pytest_ttenv.access import save_key, target
-    from pytest_ttenv.backend.seed import KeyPair
+    from pytest_ttenv.core.keys import KeyPair
     from pytest_ttenv.ssh import Connection
 
     backend = _env_backend(args)
@@ -405,7 +405,7 @@ def cmd_env_run(args: argparse.Namespace) -> int:
 def _reboot_all(conns: list[Connection], vms: list[VmInfo], timeout: float | None) -> list[Connection]:
     """Reboot the VMs at once, each waiting for SSH in its new boot (default: the boot timeout for
     that many VMs booting); one line per VM; returns the connections of those that came back."""
-    from pytest_ttenv.backend.accel import boot_timeout
+    from pytest_ttenv.backend.engines.accel import boot_timeout
     from pytest_ttenv.ssh import SshError
 
     def reboot(conn: Connection, vm: VmInfo) -> str:
@@ -431,7 +431,7 @@ def _reboot_all(conns: list[Connection], vms: list[VmInfo], timeout: float | Non
 
 
 def cmd_env_console(args: argparse.Namespace) -> int:
-    from pytest_ttenv.backend.engine import clean_text
+    from pytest_ttenv.backend.engines.base import clean_text
 
     # the guest writes its console: control characters never reach the terminal (also from a server)
     _out(clean_text(_env_backend(args, progress=False).console(args.name, args.vm, args.lines)))
@@ -521,7 +521,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _tokens(args: argparse.Namespace) -> Any:
-    from pytest_ttenv.backend.paths import state_dir
+    from pytest_ttenv.core.paths import state_dir
     from pytest_ttenv.server.auth import TokenStore
 
     return TokenStore(state_dir(args.state_dir))

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_ttenv.backend.naming import canonical_arch, parse_mib, parse_seconds, split_prefixes
+from pytest_ttenv.core.naming import canonical_arch, parse_mib, parse_seconds, split_prefixes
 from pytest_ttenv.errors import UsageError
 
 

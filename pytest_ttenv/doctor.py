@@ -7,10 +7,10 @@ import platform
 import shutil
 from dataclasses import dataclass
 
-from pytest_ttenv.backend import accel
-from pytest_ttenv.backend.images import ImageStore
-from pytest_ttenv.backend.naming import ARCHES
-from pytest_ttenv.backend.qemu import QEMU_BINARY, QEMU_PACKAGE, version
+from pytest_ttenv.backend.engines import accel
+from pytest_ttenv.backend.engines.qemu import QEMU_BINARY, QEMU_PACKAGE, version
+from pytest_ttenv.backend.images.store import ImageStore
+from pytest_ttenv.core.naming import ARCHES
 from pytest_ttenv.errors import TTError
 
 MIN_FREE_GIB = 5.0
@@ -86,7 +86,7 @@ def _accel_check(store: ImageStore, probe: bool) -> Check:
 
 def _libvirt_check(uri: str = "qemu:///system") -> Check:
     """The libvirt engine (optional): libvirt-python, and a libvirtd answering at ``uri``."""
-    from pytest_ttenv.backend import virt
+    from pytest_ttenv.backend.engines import virt
 
     why = virt.available()
     if why:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from pytest_ttenv.backend.naming import canonical_arch, match_prefixes, normalize, split_image_name
+from pytest_ttenv.core.naming import canonical_arch, match_prefixes, normalize, split_image_name
 
 BUILDABLE_VERSIONS = ("11", "12", "13")  # Debian releases the image builder knows
 

@@ -141,9 +141,9 @@ def _matrix(config: pytest.Config, state: PluginState) -> list[MatrixVm]:
 
 def _planned_images(cfg: TTConfig) -> list[str]:
     """The store's image names, and those ``_obtain_missing`` would pull or build for the prefixes."""
-    from pytest_ttenv.backend.catalog import available
-    from pytest_ttenv.backend.images import ImageStore
-    from pytest_ttenv.backend.paths import image_dir
+    from pytest_ttenv.backend.images.catalog import available
+    from pytest_ttenv.backend.images.store import ImageStore
+    from pytest_ttenv.core.paths import image_dir
 
     have = ImageStore(image_dir(cfg.image_dir)).names()
     arches = _arches(cfg)
@@ -254,8 +254,8 @@ def _start_env(config: pytest.Config, vms: list[MatrixVm]) -> None:
 
 def _obtain_missing(config: pytest.Config, cfg: TTConfig, backend: LocalBackend, names: list[str]) -> None:
     """Pull (or build, for Debian) the images of ``names`` that the store lacks."""
-    from pytest_ttenv.backend.build import ensure_images
-    from pytest_ttenv.backend.pull import ensure_available
+    from pytest_ttenv.backend.images.build import ensure_images
+    from pytest_ttenv.backend.images.pull import ensure_available
 
     say = _progress(config)
     arches = _arches(cfg)

@@ -28,11 +28,11 @@ from typing import Any
 
 from pytest_ttenv.access import login_command, save_key, target, write_known_hosts
 from pytest_ttenv.backend import Backend, get_backend
-from pytest_ttenv.backend.accel import boot_timeout
-from pytest_ttenv.backend.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
-from pytest_ttenv.backend.paths import state_dir
-from pytest_ttenv.backend.seed import KeyPair
+from pytest_ttenv.backend.engines.accel import boot_timeout
 from pytest_ttenv.config import TTConfig
+from pytest_ttenv.core.keys import KeyPair
+from pytest_ttenv.core.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
+from pytest_ttenv.core.paths import state_dir
 from pytest_ttenv.errors import BootError, TTError, VmDied
 from pytest_ttenv.lease import LeaseKeeper
 from pytest_ttenv.matrix import MatrixVm

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_ttenv.backend.images import write_json_atomic
-from pytest_ttenv.backend.paths import state_dir
 from pytest_ttenv.config import TTConfig
+from pytest_ttenv.core.paths import state_dir, write_json_atomic
 from pytest_ttenv.errors import TTError
 from pytest_ttenv.matrix import MatrixVm
 

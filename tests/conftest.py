@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import pytest
 
-from pytest_ttenv.backend.build import ensure_images
-from pytest_ttenv.backend.images import ImageStore
-from pytest_ttenv.backend.model import ImageInfo
-from pytest_ttenv.backend.paths import image_dir
+from pytest_ttenv.backend.images.build import ensure_images
+from pytest_ttenv.backend.images.store import ImageStore
+from pytest_ttenv.core.model import ImageInfo
+from pytest_ttenv.core.paths import image_dir
 
 HOST_ARCH = platform.machine()
 IMAGE_ROOT = image_dir()  # read before any test moves HOME (pytester does)

@@ -1,7 +1,7 @@
 """The Backend contract and how a backend is chosen from its spec (``local`` or a URL).
 
 The local backend and the HTTP client of the host server implement ``Backend``; one contract
-test suite (tests/test_backend_contract.py) runs against each.
+test suite (tests/vm/test_backend_contract.py) runs against each.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Protocol
 
-from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, VmInfo
+from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo
 from pytest_ttenv.errors import UsageError
 
 

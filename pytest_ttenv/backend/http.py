@@ -26,8 +26,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo
-from pytest_ttenv.backend.naming import match_prefixes
+from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo
+from pytest_ttenv.core.naming import match_prefixes
 from pytest_ttenv.errors import BootError, NotFound, QuotaError, TTError, UsageError, VmDied
 
 TIMEOUT = 30.0  # seconds for a connection or an answer (the long poll adds its own 30 s)

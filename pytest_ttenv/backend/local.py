@@ -37,9 +37,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_ttenv.backend import accel as accel_mod
-from pytest_ttenv.backend import qemu, warm
-from pytest_ttenv.backend.engine import (
+from pytest_ttenv.backend.engines import accel as accel_mod
+from pytest_ttenv.backend.engines import qemu, warm
+from pytest_ttenv.backend.engines.base import (
     ENGINES,
     Engine,
     QemuEngine,
@@ -49,17 +49,18 @@ from pytest_ttenv.backend.engine import (
     qmp_path,
     tail_file,
 )
-from pytest_ttenv.backend.images import ImageStore
-from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
-from pytest_ttenv.backend.naming import check_env_name, match_prefixes
+from pytest_ttenv.backend.engines.seed import SeedData, write_seed_iso
+from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.backend.owner import current, is_alive, record_alive, start_time
-from pytest_ttenv.backend.paths import image_dir, private_dir, runtime_dir, socket_dir, state_dir, write_private
-from pytest_ttenv.backend.seed import KeyPair, SeedData, write_seed_iso
 from pytest_ttenv.backend.store import Store
+from pytest_ttenv.core.keys import KeyPair
+from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
+from pytest_ttenv.core.naming import check_env_name, match_prefixes
+from pytest_ttenv.core.paths import image_dir, private_dir, runtime_dir, socket_dir, state_dir, write_private
 from pytest_ttenv.errors import BootError, NotFound, TTError, UsageError, from_os_error
 
 if TYPE_CHECKING:
-    from pytest_ttenv.backend.libvirt import LibvirtEngine
+    from pytest_ttenv.backend.engines.libvirt import LibvirtEngine
 
 __all__ = ["PORT_RANGE", "LocalBackend", "ssh_banner", "tail_file"]
 
@@ -149,7 +150,7 @@ class LocalBackend:
     # -- engines ----------------------------------------------------------------------------
     def _libvirt_engine(self) -> LibvirtEngine:
         if self._libvirt is None:
-            from pytest_ttenv.backend.libvirt import LibvirtEngine
+            from pytest_ttenv.backend.engines.libvirt import LibvirtEngine
 
             self._libvirt = LibvirtEngine(
                 self.libvirt_uris, self.state, bind_addr=self.bind_addr, probe_addr=self._probe_addr,
@@ -693,7 +694,7 @@ class LocalBackend:
 
     def _libvirt_pending(self) -> bool:
         """Whether libvirt hosts hold leftovers of this state dir (they were unreachable at delete)."""
-        from pytest_ttenv.backend.libvirt import PENDING_FILE
+        from pytest_ttenv.backend.engines.libvirt import PENDING_FILE
 
         return (self.state / PENDING_FILE).exists()
 

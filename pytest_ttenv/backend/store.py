@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pytest_ttenv.backend.model import EnvInfo, VmInfo
 from pytest_ttenv.backend.schema import Schema, migrate
+from pytest_ttenv.core.model import EnvInfo, VmInfo
 from pytest_ttenv.errors import NotFound, TTError, UsageError
 
 # Version 1 is the schema before versions existed; append steps, never edit one (backend/schema.py).

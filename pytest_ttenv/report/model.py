@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pytest_ttenv.backend.naming import ARCHES
+from pytest_ttenv.core.naming import ARCHES
 
 OUTCOMES = ("passed", "failed", "error", "skipped")
 NOT_RUN = "not-run"

@@ -29,8 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pytest_ttenv import __version__
-from pytest_ttenv.backend.model import Resources
-from pytest_ttenv.backend.paths import runtime_dir
+from pytest_ttenv.core.model import Resources
+from pytest_ttenv.core.paths import runtime_dir
 from pytest_ttenv.errors import NotFound, TTError
 from pytest_ttenv.server import models as m
 from pytest_ttenv.server.auth import Grant, TokenStore

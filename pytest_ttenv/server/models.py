@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pytest_ttenv.backend.engine import host_label
-from pytest_ttenv.backend.model import EnvInfo, ImageInfo, VmInfo
+from pytest_ttenv.backend.engines.base import host_label
+from pytest_ttenv.core.model import EnvInfo, ImageInfo, VmInfo
 
 # no lookahead (JSON Schema and pydantic's regex engine have none): a dot is followed by a non-dot
 NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from pytest_ttenv.backend.model import EnvInfo
+from pytest_ttenv.core.model import EnvInfo
 
 log = logging.getLogger("ttenv.server")
 

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_ttenv.backend.naming import parse_mib, parse_seconds
-from pytest_ttenv.backend.paths import image_dir, state_dir
+from pytest_ttenv.core.naming import parse_mib, parse_seconds
+from pytest_ttenv.core.paths import image_dir, state_dir
 from pytest_ttenv.errors import TTError, UsageError
 from pytest_ttenv.server.quota import Amounts
 from pytest_ttenv.server.reaper import Reaper
@@ -82,7 +82,7 @@ def default_totals(state: Path) -> Amounts:
 def libvirt_totals(uris: Sequence[str], state: Path) -> Amounts:
     """The libvirt hosts' vCPUs, 80 % of their memory and of their pools' free space (a host's
     ``#cpu=``/``#mem=`` override counts as given); TTError if no host answers."""
-    from pytest_ttenv.backend.libvirt import host_totals
+    from pytest_ttenv.backend.engines.libvirt import host_totals
 
     cpu, mem, disk = host_totals(uris, state)
     if not cpu:

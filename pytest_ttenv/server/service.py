@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_ttenv import __version__
-from pytest_ttenv.backend import accel as accel_mod
-from pytest_ttenv.backend import warm
+from pytest_ttenv.backend.engines import accel as accel_mod
+from pytest_ttenv.backend.engines import warm
 from pytest_ttenv.backend.local import LocalBackend
-from pytest_ttenv.backend.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
+from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.errors import NotFound, UsageError
 from pytest_ttenv.server.auth import Grant, TokenStore
 from pytest_ttenv.server.quota import Amounts, Quota

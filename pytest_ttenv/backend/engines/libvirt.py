@@ -1,0 +1,694 @@
+"""The libvirt engine: VMs as libvirt domains on one or more hosts, each a libvirt URI.
+
+Hosts: ``qemu:///system`` (this machine) or remote ones through libvirt's own remote protocol
+(``qemu+ssh://root@hostB/system``, ``qemu+tcp://hostB/system``); no protocol of ours. A host may
+carry overrides after ``#``: ``qemu+ssh://root@hostB/system#cpu=16&mem=64G&addr=10.0.0.7`` (its
+capacity instead of libvirt's figures, and the address clients reach its VMs at instead of the
+URI's host name). New VMs go to the reachable host with the most free memory (capacity minus what
+this backend's live VMs there hold, bounded by libvirt's free memory unless ``mem`` is given;
+vCPUs may be overcommitted and only break ties), so an ENV may span hosts.
+
+On each host everything lives in the storage pool ``ttenv`` (a dir pool, defined at
+``/var/lib/libvirt/ttenv`` when the host has none) and is reached through libvirt alone, so a
+remote host needs nothing but libvirtd:
+
+- images: a host whose URI names no host (this machine) uses the image store in place; a remote
+  host gets each image file uploaded once as volume ``ttenv-img-<image>-<created>-<file>``,
+  read back and compared by SHA-256, then marked complete by the volume ``<that>.sha256``;
+- per VM ``ttenv-<env id>-<vm>``: the domain (persistent, with ttenv metadata naming this
+  machine, state dir and ENV) and the volumes ``<domain>-disk.qcow2`` (linked clone: a qcow2 overlay
+  backed by the image), ``<domain>-seed.iso`` (the NoCloud seed, uploaded; a read-only virtio disk
+  as with the qemu engine, where our images look for it) and ``<domain>-console.log`` (the serial
+  console, read back through volume download).
+
+Domains: direct kernel boot or firmware (SeaBIOS, or UEFI with a per-domain NVRAM), TCG tuned as
+the qemu engine (64 MiB translation cache, ``cpu mode='maximum'``), user-mode networking with the
+SSH port forward through ``<qemu:commandline>`` (libvirt 9 has no usable passt ``<portForward>``
+here). Snapshots are libvirt internal snapshots (memory and disk, in the overlay). Deleting a VM
+destroys the domain, deletes its volumes, then undefines it (the domain is the record that owns
+them). A host that cannot be reached reports its VMs ``stopped`` with the reason; deleting them
+succeeds and leaves their remains to ``gc``, which sweeps the hosts once they answer
+(``<state>/libvirt-pending.json`` remembers which).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import io
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pytest_ttenv.backend.engines import qemu
+from pytest_ttenv.backend.engines.base import Start, host_label, tail_text
+from pytest_ttenv.backend.engines.virt import (
+    NO_SNAPSHOT,
+    START_HINT,
+    VOLUME_EXISTS,
+    Conn,
+    HostDown,
+    Pool,
+    VirtError,
+    open_conn,
+)
+from pytest_ttenv.core.model import EnvInfo, ImageInfo, VmInfo, VmSpec
+from pytest_ttenv.core.naming import parse_mib
+from pytest_ttenv.errors import BootError, NotFound, QuotaError, TTError, UsageError
+
+DEFAULT_URI = "qemu:///system"
+POOL = "ttenv"
+POOL_PATH = "/var/lib/libvirt/ttenv"
+PENDING_FILE = "libvirt-pending.json"
+NS = "https://pytest-ttenv.invalid/libvirt/1"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+OPEN_TIMEOUT = 20.0
+DOWN_FOR = 10.0  # after a failed connect, the host counts as down this long without retrying
+_VOLUME_OF_VM = re.compile(r"^(ttenv-[0-9a-f]{12}-.+?)-(disk\.qcow2|seed\.iso|console\.log(\.\d+)?)$")
+_URI_HINT = "e.g. qemu:///system, qemu+ssh://root@hostB/system, qemu+tcp://hostB/system#cpu=8&mem=16G"
+_RUNS = {1, 2, 3, 4, 7}  # running, blocked, paused (snapshot in progress), shutting down, pm-suspended
+_SHUTOFF_WHY = {
+    1: "the guest powered off",
+    2: "its domain was destroyed",
+    3: "qemu crashed or was killed, or the guest panicked",
+    4: "its domain was migrated away",
+    5: "its domain was saved",
+    6: "qemu failed",
+    7: "its domain was restored from a snapshot that is shut off",
+}
+
+ET.register_namespace("qemu", QEMU_NS)
+ET.register_namespace("ttenv", NS)
+
+
+@dataclass(frozen=True)
+class Host:
+    """A libvirt host: its URI and optional overrides (capacity, the address of its VMs)."""
+
+    uri: str
+    cpu: int | None = None
+    mem_mib: int | None = None
+    addr: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Whether the URI names a host (images are then uploaded to it, ports forwarded on all
+        its addresses); ``qemu:///system`` and ``qemu+unix://`` are this machine."""
+        return bool(urlsplit(self.uri).hostname)
+
+    @property
+    def label(self) -> str:
+        return host_label(self.uri) or "this machine"
+
+
+def parse_host(text: str) -> Host:
+    """``URI[#cpu=N&mem=SIZE&addr=ADDRESS]`` -> Host; UsageError saying what is accepted."""
+    uri, _, overrides = text.strip().partition("#")
+    parts = urlsplit(uri)
+    if not parts.scheme.startswith("qemu") or parts.path not in ("/system", "/session"):
+        raise UsageError(f"--libvirt-uri {text!r} is not a libvirt qemu URI", _URI_HINT)
+    values: dict[str, str] = {}
+    for item in filter(None, overrides.split("&")):
+        key, sep, value = item.partition("=")
+        if key not in ("cpu", "mem", "addr") or not sep or not value:
+            raise UsageError(f"--libvirt-uri {text!r}: bad override {item!r}", "use #cpu=N&mem=MiB|4G&addr=ADDRESS")
+        values[key] = value
+    cpu = None
+    if "cpu" in values:
+        if not values["cpu"].isdigit() or int(values["cpu"]) < 1:
+            raise UsageError(f"--libvirt-uri {text!r}: cpu must be a positive number")
+        cpu = int(values["cpu"])
+    mem = parse_mib(values["mem"], f"--libvirt-uri {text!r} mem") if "mem" in values else None
+    return Host(uri, cpu, mem, values.get("addr"))
+
+
+def parse_hosts(texts: Sequence[str]) -> list[Host]:
+    """The hosts of ``--libvirt-uri`` values (default: this machine's ``qemu:///system``)."""
+    hosts = [parse_host(t) for t in texts] or [Host(DEFAULT_URI)]
+    uris = [h.uri for h in hosts]
+    dup = sorted({u for u in uris if uris.count(u) > 1})
+    if dup:
+        raise UsageError(f"--libvirt-uri given twice: {', '.join(dup)}")
+    return hosts
+
+
+# -- placement (pure) ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Capacity:
+    """What a host offers: vCPUs and memory (MiB), and what libvirt says is free now (None when
+    the host's memory was overridden: the override alone counts)."""
+
+    uri: str
+    cpu: int
+    mem_mib: int
+    free_now_mib: int | None = None
+
+
+def place(vms: Sequence[VmSpec], hosts: Sequence[Capacity], held: Sequence[VmInfo]) -> list[str]:
+    """The host URI for each VM, in order: the host with the most free memory that fits it
+    (ties: most free vCPUs, then the order of ``hosts``). ``held``: live VMs already placed.
+    QuotaError naming what each host has free when a VM fits none."""
+    mem = {h.uri: h.mem_mib - sum(v.resources.mem_mib for v in held if v.host == h.uri) for h in hosts}
+    cpu = {h.uri: h.cpu - sum(v.resources.cpu for v in held if v.host == h.uri) for h in hosts}
+    now = {h.uri: h.free_now_mib for h in hosts}
+    order = {h.uri: i for i, h in enumerate(hosts)}
+
+    def free(uri: str) -> int:
+        live = now[uri]
+        return mem[uri] if live is None else min(mem[uri], live)
+
+    chosen = []
+    for vm in vms:
+        fits = [h.uri for h in hosts if free(h.uri) >= vm.resources.mem_mib]
+        if not fits:
+            room = "; ".join(f"{host_label(h.uri) or h.uri}: {max(0, free(h.uri))} MiB" for h in hosts)
+            raise QuotaError(
+                f"no libvirt host has {vm.resources.mem_mib} MiB free for VM {vm.name} (free: {room})",
+                hint="delete ENVs, add hosts (--libvirt-uri) or ask for less memory",
+            )
+        best = max(fits, key=lambda u: (free(u), cpu[u], -order[u]))
+        chosen.append(best)
+        mem[best] -= vm.resources.mem_mib
+        cpu[best] -= vm.resources.cpu
+        if now[best] is not None:
+            now[best] = (now[best] or 0) - vm.resources.mem_mib
+    return chosen
+
+
+# -- domain XML (pure) --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DomainConfig:
+    """Everything one domain definition needs; paths are paths on the host."""
+
+    name: str
+    uuid: str
+    title: str
+    metadata: dict[str, str]
+    arch: str
+    accel: str  # kvm | tcg
+    cpu: int
+    mem_mib: int
+    pool: str
+    disk_volume: str
+    seed_volume: str
+    console: str
+    port: int
+    bind_addr: str
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = ""
+    uefi: bool = False
+    tcg_cx16: bool = True
+
+
+def domain_xml(cfg: DomainConfig) -> str:
+    """The libvirt domain XML for ``cfg``: the qemu engine's VM (same devices as the guest sees
+    them) in libvirt's terms, with the SSH port forward through the qemu:commandline passthrough."""
+    x86 = cfg.arch == "x86_64"
+    dom = ET.Element("domain", type="kvm" if cfg.accel == "kvm" else "qemu")
+    ET.SubElement(dom, "name").text = cfg.name
+    ET.SubElement(dom, "uuid").text = cfg.uuid
+    ET.SubElement(dom, "title").text = cfg.title
+    meta = ET.SubElement(dom, "metadata")
+    ET.SubElement(meta, f"{{{NS}}}vm", cfg.metadata)
+    ET.SubElement(dom, "memory", unit="MiB").text = str(cfg.mem_mib)
+    ET.SubElement(dom, "vcpu").text = str(cfg.cpu)
+    os_ = ET.SubElement(dom, "os")
+    ET.SubElement(os_, "type", arch=cfg.arch, machine="q35" if x86 else "virt").text = "hvm"
+    if cfg.kernel:
+        ET.SubElement(os_, "kernel").text = cfg.kernel
+        if cfg.initrd:
+            ET.SubElement(os_, "initrd").text = cfg.initrd
+        ET.SubElement(os_, "cmdline").text = cfg.cmdline
+    elif cfg.uefi:
+        code, template = qemu.UEFI_FIRMWARE[cfg.arch]
+        ET.SubElement(os_, "loader", readonly="yes", type="pflash").text = code
+        ET.SubElement(os_, "nvram", template=template)
+    if not cfg.kernel:
+        ET.SubElement(os_, "boot", dev="hd")
+    features = ET.SubElement(dom, "features")
+    if x86 or cfg.uefi:
+        ET.SubElement(features, "acpi")
+    if cfg.accel == "kvm":
+        ET.SubElement(dom, "cpu", mode="host-passthrough")
+    else:
+        ET.SubElement(ET.SubElement(features, "tcg"), "tb-cache", unit="MiB").text = "64"
+        cpu = ET.SubElement(dom, "cpu", mode="maximum")
+        if x86 and not cfg.tcg_cx16:
+            ET.SubElement(cpu, "feature", policy="disable", name="cx16")
+    ET.SubElement(dom, "on_poweroff").text = "destroy"
+    ET.SubElement(dom, "on_reboot").text = "restart"
+    ET.SubElement(dom, "on_crash").text = "destroy"
+    dev = ET.SubElement(dom, "devices")
+    disk = ET.SubElement(dev, "disk", type="volume", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
+    ET.SubElement(disk, "source", pool=cfg.pool, volume=cfg.disk_volume)
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    seed = ET.SubElement(dev, "disk", type="volume", device="disk", snapshot="no")
+    ET.SubElement(seed, "driver", name="qemu", type="raw")
+    ET.SubElement(seed, "source", pool=cfg.pool, volume=cfg.seed_volume)
+    ET.SubElement(seed, "target", dev="vdb", bus="virtio")
+    ET.SubElement(seed, "readonly")
+    serial = ET.SubElement(dev, "serial", type="file")
+    ET.SubElement(serial, "source", path=cfg.console, append="on")  # survives a revert's qemu restart
+    rng = ET.SubElement(dev, "rng", model="virtio")
+    ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
+    if x86:
+        ET.SubElement(dev, "panic", model="isa")  # a guest panic ends the domain at once
+    ET.SubElement(dev, "controller", type="usb", model="none")
+    ET.SubElement(dev, "memballoon", model="none")
+    ET.SubElement(ET.SubElement(dev, "video"), "model", type="none")
+    # libvirt 9 here rejects <interface type='user'><backend type='passt'/> (no passt): qemu's own
+    # user networking through the passthrough. The device is JSON so qemu creates it after
+    # libvirt's own (JSON) devices and gives it a free slot.
+    nic = {"driver": "virtio-net-pci", "netdev": "ttnet0", "mac": qemu.GUEST_MAC, "romfile": ""}  # as the qemu engine's
+    net = json.dumps(nic, separators=(",", ":"))
+    cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+    for arg in ("-netdev", f"user,id=ttnet0,hostfwd=tcp:{cfg.bind_addr}:{cfg.port}-:22", "-device", net):
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=arg)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def snapshot_xml(name: str) -> str:
+    """An internal snapshot of memory and the root disk (the seed disk is read-only: not saved)."""
+    snap = ET.Element("domainsnapshot")
+    ET.SubElement(snap, "name").text = name
+    ET.SubElement(snap, "memory", snapshot="internal")
+    disks = ET.SubElement(snap, "disks")
+    ET.SubElement(disks, "disk", name="vda", snapshot="internal")
+    ET.SubElement(disks, "disk", name="vdb", snapshot="no")
+    return ET.tostring(snap, encoding="unicode")
+
+
+def volume_xml(name: str, capacity: int, fmt: str = "raw", backing: str | None = None) -> str:
+    """A volume of ``capacity`` bytes; with ``backing``, a qcow2 overlay of that qcow2 file."""
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
+    ET.SubElement(ET.SubElement(vol, "target"), "format", type=fmt)
+    if backing is not None:
+        store = ET.SubElement(vol, "backingStore")
+        ET.SubElement(store, "path").text = backing
+        ET.SubElement(store, "format", type="qcow2")
+    return ET.tostring(vol, encoding="unicode")
+
+
+def qcow2_virtual_size(path: Path) -> int:
+    """The virtual size of a qcow2 file (its header), or the file's size for anything else."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head[:4] == b"QFI\xfb" and len(head) == 32:
+        return int.from_bytes(head[24:32], "big")
+    return path.stat().st_size
+
+
+def domain_name(env_id: str, vm_name: str) -> str:
+    return f"ttenv-{env_id}-{vm_name}"
+
+
+def machine_id() -> str:
+    """This machine, as domain metadata names it (gc reaps only domains of this machine)."""
+    try:
+        return Path("/etc/machine-id").read_text().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+class LibvirtEngine:
+    """VMs as libvirt domains on ``uris`` (see the module doc). ``state``: the backend's state dir
+    (named in domain metadata, holds the pending-sweep file). ``bind_addr``/``probe_addr``: where
+    a VM on this machine's libvirt forwards its SSH port and where it is reached from here."""
+
+    name = "libvirt"
+
+    def __init__(
+        self, uris: Sequence[str], state: Path, *, bind_addr: str = "127.0.0.1", probe_addr: str = "127.0.0.1",
+        progress: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
+        from pytest_ttenv.backend.engines.virt import available
+
+        self.hosts = parse_hosts(uris)
+        why = available()
+        if why:
+            raise TTError(why)
+        self.state = state
+        self.bind_addr = bind_addr
+        self._probe_addr = probe_addr
+        self.progress = progress or (lambda line: None)
+        self.machine = machine_id()
+        self._conns: dict[str, Conn] = {}
+        self._down: dict[str, tuple[float, str]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    # -- hosts ---------------------------------------------------------------------------------
+    def _host(self, uri: str) -> Host:
+        return next((h for h in self.hosts if h.uri == uri), None) or Host(uri)
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def conn(self, uri: str) -> Conn:
+        """The open connection to ``uri`` (reconnecting once it died); HostDown when it cannot be
+        reached (then not retried for DOWN_FOR seconds)."""
+        with self._lock(f"conn {uri}"):
+            conn = self._conns.get(uri)
+            if conn is not None and conn.alive():
+                return conn
+            if conn is not None:
+                conn.close()
+                del self._conns[uri]
+            down = self._down.get(uri)
+            if down is not None and down[0] > time.monotonic():
+                raise HostDown(down[1])
+            try:
+                conn = open_conn(uri, OPEN_TIMEOUT)
+            except HostDown as exc:
+                self._down[uri] = (time.monotonic() + DOWN_FOR, exc.message)
+                raise
+            self._down.pop(uri, None)
+            self._conns[uri] = conn
+            return conn
+
+    def _pool(self, conn: Conn) -> Pool:
+        return conn.pool(POOL, POOL_PATH)
+
+    def capacities(self) -> tuple[list[Capacity], list[str]]:
+        """Each reachable host's capacity (overrides applied), and one line per unreachable host."""
+        caps, down = [], []
+        for host in self.hosts:
+            try:
+                conn = self.conn(host.uri)
+                cpus, mem = conn.node()
+                free = None if host.mem_mib is not None else conn.free_mem_mib()
+            except HostDown as exc:
+                down.append(exc.message)
+                continue
+            caps.append(Capacity(host.uri, host.cpu or cpus, host.mem_mib or mem, free))
+        return caps, down
+
+    def totals(self) -> tuple[int, int, int]:
+        """(vCPUs, memory MiB, pool space MiB) of the reachable hosts: 80 % of memory and space
+        where not overridden. For the host server's default quotas."""
+        cpu = mem = disk = 0
+        caps, _ = self.capacities()
+        for cap in caps:
+            host = self._host(cap.uri)
+            cpu += cap.cpu
+            mem += cap.mem_mib if host.mem_mib is not None else int(cap.mem_mib * 0.8)
+            with contextlib.suppress(TTError):
+                disk += int(self._pool(self.conn(cap.uri)).space()[1] / 2**20 * 0.8)
+        return cpu, mem, disk
+
+    def place(self, vms: Sequence[VmSpec], held: Sequence[VmInfo]) -> list[str]:
+        caps, down = self.capacities()
+        if not caps:
+            raise TTError(f"no libvirt host reachable: {'; '.join(down)}", START_HINT)
+        for line in down:
+            self.progress(f"{line}; placing VMs on the other hosts")
+        live = [vm for vm in held if vm.state in ("creating", "booting", "running")]
+        return place(vms, caps, live)
+
+    def address(self, host: str) -> str:
+        h = self._host(host)
+        if h.addr:
+            return h.addr
+        return (urlsplit(host).hostname or "") if h.remote else ""
+
+    def probe_addr(self, vm: VmInfo) -> str:
+        return vm.address if self._host(vm.host).remote else self._probe_addr
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self, job: Start) -> None:
+        host = self._host(job.info.host)
+        conn = self.conn(host.uri)
+        pool = self._pool(conn)
+        image, info = job.image, job.info
+        name = domain_name(job.env.id, job.vm.name)
+        disk, kernel, initrd = self._base(host, pool, image)
+        uefi = image.kernel is None and (image.boot == "uefi" or image.arch == "aarch64")
+        if uefi and not host.remote and not Path(qemu.UEFI_FIRMWARE.get(image.arch, ("/nonexistent",))[0]).exists():
+            pkg = qemu.UEFI_PACKAGE.get(image.arch)
+            raise TTError(f"no UEFI firmware for {image.arch} guests", f"apt-get install -y {pkg}" if pkg else None)
+        meta = {"machine": self.machine, "state": str(self.state), "env": job.env.id, "vm": job.vm.name}
+        size = max(qcow2_virtual_size(image.file(image.disk)), job.vm.resources.disk_mib * 2**20)
+        cfg = DomainConfig(
+            name=name, uuid=str(uuid.uuid4()), title=f"ttenv {job.spec.name}/{job.vm.name}", metadata=meta,
+            arch=image.arch, accel=job.accel, cpu=job.vm.resources.cpu, mem_mib=job.vm.resources.mem_mib,
+            pool=POOL, disk_volume=f"{name}-disk.qcow2", seed_volume=f"{name}-seed.iso",
+            console=f"{pool.path}/{name}-console.log", port=info.port,
+            bind_addr="0.0.0.0" if host.remote else self.bind_addr,
+            kernel=kernel, initrd=initrd, cmdline=job.cmdline, uefi=uefi, tcg_cx16=qemu.tcg_cx16_safe(image.arch),
+        )  # fmt: skip
+        conn.define(domain_xml(cfg))  # first: the domain is the record that owns the volumes below
+        pool.create(volume_xml(cfg.disk_volume, size, "qcow2", backing=disk), cfg.disk_volume)
+        seed = job.seed.read_bytes()
+        pool.create(volume_xml(cfg.seed_volume, len(seed)), cfg.seed_volume)
+        with open(job.seed, "rb") as f:
+            for _ in pool.upload(cfg.seed_volume, f, len(seed)):
+                pass
+        pool.create(volume_xml(f"{name}-console.log", 0), f"{name}-console.log")
+        info.pid, info.console = 0, cfg.console
+        for _attempt in range(5):
+            info.boot_seconds = time.time()  # start time until wait_vm turns it into the boot duration
+            try:
+                conn.start(name)
+                return
+            except VirtError as exc:
+                if "host forwarding" not in exc.message:
+                    raise BootError(f"libvirt could not start VM {job.vm.name} on {host.label}: {exc.message}",
+                                    self.console_of(conn, name, 20)) from None  # fmt: skip
+            info.port = job.move_port()  # its port was taken on that host: move it
+            cfg = dataclasses.replace(cfg, port=info.port)
+            conn.define(domain_xml(cfg))
+        raise TTError(f"no usable port on {host.label} for VM {job.vm.name} after 5 tries")
+
+    def _base(self, host: Host, pool: Pool, image: ImageInfo) -> tuple[str, str | None, str | None]:
+        """Paths on the host of the image's disk, kernel and initrd (uploaded once to a remote host)."""
+
+        def path(file: str | None) -> str | None:
+            if file is None:
+                return None
+            return self._upload_once(host, pool, image, file) if host.remote else str(image.file(file))
+
+        return path(image.disk) or "", path(image.kernel), path(image.initrd)
+
+    def _upload_once(self, host: Host, pool: Pool, image: ImageInfo, file: str) -> str:
+        """The path on the host of image file ``file``: uploaded and verified if no complete copy
+        is there. A copy another process is uploading is waited for (as long as an upload at
+        2 MiB/s would take, at least 2 minutes); one left incomplete by a dead upload is replaced."""
+        src = image.file(file)
+        vol = f"ttenv-img-{image.name}-{int(image.created)}-{file}"
+        mark = f"{vol}.sha256"
+        path = f"{pool.path}/{vol}"
+        with self._lock(f"image {host.uri} {vol}"):
+            if pool.exists(mark):
+                return path
+            size = src.stat().st_size
+            try:
+                pool.create(volume_xml(vol, size), vol)
+            except VirtError as exc:
+                if exc.code != VOLUME_EXISTS:
+                    raise
+                deadline = time.monotonic() + max(120.0, size / (2 * 2**20))
+                self.progress(f"{image.name}: waiting for another upload of {file} to {host.label}")
+                while time.monotonic() < deadline:
+                    if pool.exists(mark):
+                        return path
+                    time.sleep(1.0)
+                self.progress(f"{image.name}: the copy of {file} on {host.label} is incomplete; uploading it again")
+                pool.delete(vol)
+                pool.create(volume_xml(vol, size), vol)
+            started = time.monotonic()
+            self.progress(f"{image.name}: copying {file} ({size / 2**20:.0f} MiB) to {host.label} (once)")
+            digest = hashlib.sha256()
+            try:
+                with open(src, "rb") as f:
+                    for chunk in pool.upload(vol, f, size):
+                        digest.update(chunk)
+                copy = hashlib.sha256()
+                for chunk in pool.download(vol):
+                    copy.update(chunk)
+            except BaseException:
+                with contextlib.suppress(TTError):
+                    pool.delete(vol)
+                raise
+            if copy.hexdigest() != digest.hexdigest():
+                pool.delete(vol)
+                got, want = copy.hexdigest()[:16], digest.hexdigest()[:16]
+                raise TTError(f"the copy of {image.name}/{file} on {host.label} does not match (sha256 {got} "
+                              f"!= {want}); nothing was kept", "retry")  # fmt: skip
+            text = f"{digest.hexdigest()}  {file}\n".encode()
+            pool.create(volume_xml(mark, len(text)), mark)
+            for _ in pool.upload(mark, io.BytesIO(text), len(text)):
+                pass
+            self.progress(f"{image.name}: {file} copied to {host.label} in {time.monotonic() - started:.1f} s, "
+                          f"sha256 verified")  # fmt: skip
+            return path
+
+    # -- state ---------------------------------------------------------------------------------
+    def dead(self, env: EnvInfo, vm: VmInfo) -> str | None:
+        try:
+            state = self.conn(vm.host).state(domain_name(env.id, vm.name))
+        except HostDown as exc:
+            return f"host {host_label(vm.host) or vm.host} unreachable: {exc.message}"
+        except VirtError as exc:
+            return f"libvirt cannot tell its state: {exc.message}"
+        if state is None:
+            return "its libvirt domain is gone"
+        kind, reason = state
+        if kind in _RUNS:
+            return None
+        if kind == 6:
+            return "the guest crashed"
+        return _SHUTOFF_WHY.get(reason, "its domain is shut off")
+
+    def boot_log(self, env: EnvInfo, vm: VmInfo) -> str:
+        return ""
+
+    def halt(self, env: EnvInfo, vm: VmInfo) -> None:
+        with contextlib.suppress(HostDown):
+            self.conn(vm.host).destroy(domain_name(env.id, vm.name))
+
+    def remove(self, env: EnvInfo, vm: VmInfo) -> str | None:
+        try:
+            conn = self.conn(vm.host)
+            self._remove_domain(conn, domain_name(env.id, vm.name))
+        except HostDown as exc:
+            self._pending(add=vm.host, why=exc.message)
+            return (f"VM {vm.name}: host {host_label(vm.host) or vm.host} unreachable ({exc.message}); its domain "
+                    f"and volumes there are removed by ttenv gc once it answers")  # fmt: skip
+        return None
+
+    def _remove_domain(self, conn: Conn, name: str) -> None:
+        """Destroy, delete the volumes, undefine: the domain goes last (it owns the volumes).
+        Its volumes are every one named ``<domain>-...`` (virtlogd may have rotated the console)."""
+        conn.destroy(name)
+        pool = conn.pool(POOL, POOL_PATH)
+        for vol in pool.volumes():
+            m = _VOLUME_OF_VM.match(vol)
+            if m and m.group(1) == name:
+                pool.delete(vol)
+        conn.undefine(name)
+
+    # -- snapshots, console --------------------------------------------------------------------
+    def snapshot(self, env: EnvInfo, vm: VmInfo, name: str) -> None:
+        conn, dom = self.conn(vm.host), domain_name(env.id, vm.name)
+        conn.delete_snapshot(dom, name)
+        conn.snapshot(dom, snapshot_xml(name))
+
+    def revert(self, env: EnvInfo, vm: VmInfo, name: str) -> None:
+        try:
+            self.conn(vm.host).revert(domain_name(env.id, vm.name), name)
+        except VirtError as exc:
+            if exc.code == NO_SNAPSHOT:
+                raise NotFound(f"VM {vm.name} has no snapshot named {name!r}", "snapshot it first") from None
+            raise
+
+    def console(self, env: EnvInfo, vm: VmInfo, tail: int) -> str:
+        try:
+            return self.console_of(self.conn(vm.host), domain_name(env.id, vm.name), tail)
+        except HostDown:
+            return ""
+
+    def console_of(self, conn: Conn, name: str, tail: int) -> str:
+        """The console tail of domain ``name``, read through volume download ('' if none yet)."""
+        vol = f"{name}-console.log"
+        try:
+            pool = self._pool(conn)
+            size, _ = pool.size(vol)
+            data = b"".join(pool.download(vol, max(0, size - 64 * 1024)))
+        except VirtError:
+            return ""
+        return tail_text(data, tail)
+
+    # -- gc ------------------------------------------------------------------------------------
+    def reap_strays(self, state: Path, live: Callable[[str], bool]) -> None:
+        """Sweep the configured hosts and those with leftovers of deletes they missed: remove
+        domains (and their volumes) of this machine whose state dir is gone, or that belong to
+        ``state`` but to no live ENV, and volumes of VMs whose domain is gone. Hosts that cannot
+        be reached are skipped (and remain pending)."""
+        pending = self._pending()
+        for uri in dict.fromkeys([*(h.uri for h in self.hosts), *pending]):
+            try:
+                self._sweep(self.conn(uri), state, live)
+            except HostDown:
+                continue
+            if uri in pending:
+                self._pending(drop=uri)
+
+    def _sweep(self, conn: Conn, state: Path, live: Callable[[str], bool]) -> None:
+        pool = conn.pool(POOL, POOL_PATH)
+        volumes = pool.volumes()  # before the domains: a volume's domain is always defined first
+        domains = set(conn.domains())
+        for name in sorted(domains):
+            if not name.startswith("ttenv-"):
+                continue
+            meta = _parse_meta(conn.metadata(name, NS))
+            if meta is None or meta.get("machine") != self.machine:
+                continue
+            owner = Path(meta.get("state", ""))
+            if not owner.is_absolute():
+                continue
+            if owner.exists() and not (owner == state and not live(meta.get("env", ""))):
+                continue
+            self.progress(f"gc: removing stray domain {name} on {host_label(conn.uri) or 'this machine'}")
+            self._remove_domain(conn, name)
+            domains.discard(name)
+        for vol in volumes:
+            m = _VOLUME_OF_VM.match(vol)
+            if m and m.group(1) not in domains:
+                pool.delete(vol)
+
+    @contextlib.contextmanager
+    def _pending_file(self) -> Iterator[Path]:
+        self.state.mkdir(parents=True, exist_ok=True)
+        with open(self.state / (PENDING_FILE + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield self.state / PENDING_FILE
+
+    def _pending(self, add: str | None = None, why: str = "", drop: str | None = None) -> dict[str, str]:
+        """Hosts that hold leftovers of deletes they missed (URI -> why); add or drop one."""
+        with self._pending_file() as path:
+            try:
+                data: dict[str, str] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            if add is None and drop is None:
+                return data
+            if add is not None:
+                data[add] = why
+            if drop is not None:
+                data.pop(drop, None)
+            if data:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(data, indent=1))
+                tmp.replace(path)
+            else:
+                path.unlink(missing_ok=True)
+            return data
+
+
+def _parse_meta(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    try:
+        return dict(ET.fromstring(text).attrib)
+    except ET.ParseError:
+        return None
+
+
+def host_totals(uris: Sequence[str], state: Path) -> tuple[int, int, int]:
+    """(vCPUs, memory MiB, pool space MiB) the hosts offer, for the server's default quotas."""
+    return LibvirtEngine(uris, state).totals()

@@ -1,0 +1,335 @@
+"""The qemu engine: one direct qemu process per VM, no daemon.
+
+``build_argv`` is pure (unit-tested); the rest starts, inspects and stops processes.
+A VM's process is identified by its pid *and* its run dir appearing in its command line,
+so a reused pid is never mistaken for the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_ttenv.core.model import Resources
+from pytest_ttenv.errors import TTError
+
+QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64", "riscv64": "qemu-system-riscv64"}
+QEMU_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm", "riscv64": "qemu-system-misc"}
+GUEST_MAC = "52:54:00:12:34:56"  # qemu's default for a first NIC, set explicitly: the seed matches on it
+IDENTITY_PORT = "org.ttenv.identity"  # the virtio-serial port name the guest's identity agent serves
+_PR_SET_PDEATHSIG = 1
+PRIVATE_UMASK = 0o077  # qemu and qemu-img run with it: disks, console logs, pidfiles, saved states 0600
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """Everything one qemu invocation needs; paths are absolute."""
+
+    name: str
+    arch: str
+    accel: str  # kvm | tcg
+    resources: Resources
+    disk: Path
+    seed: Path | None
+    kernel: Path | None
+    initrd: Path | None
+    cmdline: str
+    port: int
+    console: Path
+    qmp: Path
+    pidfile: Path
+    uefi_vars: Path | None = None  # UEFI boot: this VM's writable copy of the firmware variables
+    tcg_cx16: bool = True  # False: hide CMPXCHG16B from x86_64 TCG guests (see tcg_cx16_safe)
+    bind_addr: str = "127.0.0.1"  # host address the SSH port is forwarded on (a server: its listen address)
+    identity: Path | None = None  # warm boot: unix socket of the virtio-serial port the identity agent serves
+    vmgenid: str | None = None  # warm boot (x86_64): the VM generation ID, a GUID new for every VM
+    incoming: str | None = None  # warm boot: the migration stream to start from (``exec:...``)
+
+
+def build_argv(cfg: QemuConfig) -> list[str]:
+    """The qemu command line for ``cfg``: direct kernel boot, virtio disk/net/rng, user-mode
+    networking with guest port 22 forwarded from ``bind_addr``:``port``, serial console to a file,
+    QMP on a unix socket. TCG uses multi-threaded translation with a 64 MiB translation cache.
+    Without a kernel the image's own boot loader runs under the firmware (SeaBIOS, or UEFI when
+    ``uefi_vars`` is given), booting from the root disk first. No NIC option ROM is loaded
+    (iPXE: nothing network-boots, and it costs firmware time under emulation).
+    Warm boot adds the identity agent's virtio-serial port, a VM generation ID (x86_64) and, for a
+    VM started from a saved state, ``-incoming``.
+    The console log is always opened for appending (``append=on``), so the backend can cap it by
+    truncating it from outside (``engine.cap_log``): qemu's next write then starts at the new end.
+    """
+    if cfg.accel == "kvm":
+        accel, cpu = ["-accel", "kvm"], "host"
+    else:
+        accel, cpu = ["-accel", "tcg,thread=multi,tb-size=64"], "max" if cfg.tcg_cx16 else "max,-cx16"
+    if cfg.arch == "x86_64":
+        machine = ["-machine", "q35"]
+    elif cfg.arch == "aarch64":
+        machine = ["-machine", "virt,gic-version=max" if cfg.accel == "kvm" else "virt"]
+        cpu = "host" if cfg.accel == "kvm" else "max,pauth-impdef=on"
+    else:
+        machine = ["-machine", "virt"]
+        cpu = "rv64" if cfg.accel != "kvm" else "host"
+    argv = [
+        QEMU_BINARY[cfg.arch], "-name", f"ttenv:{cfg.name}",
+        "-nodefaults", "-no-user-config", "-display", "none",
+        *machine, *accel, "-cpu", cpu,
+        "-smp", str(cfg.resources.cpu), "-m", str(cfg.resources.mem_mib),
+        "-chardev", f"file,id=console,path={cfg.console},append=on",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{cfg.qmp},server=on,wait=off",
+        "-pidfile", str(cfg.pidfile),
+        "-drive", f"if=none,id=root,file={cfg.disk},format=qcow2,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-pci,drive=root" + (",bootindex=0" if cfg.kernel is None else ""),
+        "-netdev", f"user,id=net0,hostfwd=tcp:{cfg.bind_addr}:{cfg.port}-:22",
+        "-device", f"virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile=",
+        "-device", "virtio-rng-pci",
+        # A guest kernel panic ends qemu, so a dead guest is seen at once, not after a timeout.
+        "-device", "pvpanic" if cfg.arch == "x86_64" else "pvpanic-pci", "-action", "panic=exit-failure",
+    ]  # fmt: skip
+    if cfg.identity is not None:
+        argv += ["-device", "virtio-serial-pci,id=vser"]
+        argv += ["-chardev", f"socket,id=identity,path={cfg.identity},server=on,wait=off"]
+        argv += ["-device", f"virtserialport,chardev=identity,name={IDENTITY_PORT}"]
+    if cfg.vmgenid is not None and cfg.arch == "x86_64":
+        argv += ["-device", f"vmgenid,id=vmgenid0,guid={cfg.vmgenid}"]
+    if cfg.seed is not None:
+        argv += ["-drive", f"if=none,id=seed,file={cfg.seed},format=raw,readonly=on"]
+        argv += ["-device", "virtio-blk-pci,drive=seed"]
+    if cfg.kernel is not None:
+        argv += ["-kernel", str(cfg.kernel), "-append", cfg.cmdline]
+        if cfg.initrd is not None:
+            argv += ["-initrd", str(cfg.initrd)]
+    elif cfg.uefi_vars is not None:  # the image's own boot loader, under UEFI firmware
+        code, _ = UEFI_FIRMWARE[cfg.arch]
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}"]
+        argv += ["-drive", f"if=pflash,format=raw,unit=1,file={cfg.uefi_vars}"]
+    # else: the image's own boot loader under the default BIOS (SeaBIOS boots virtio-blk)
+    if cfg.incoming is not None:
+        argv += ["-incoming", cfg.incoming]
+    return argv
+
+
+# (firmware code, template of its variable store) per arch, from Debian's ovmf / qemu-efi-aarch64
+UEFI_FIRMWARE = {
+    "x86_64": ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    "aarch64": ("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
+}
+UEFI_PACKAGE = {"x86_64": "ovmf", "aarch64": "qemu-efi-aarch64"}
+
+
+def uefi_vars_copy(arch: str, dest: Path) -> Path:
+    """A per-VM writable copy of the UEFI variable store for ``arch`` (TTError if not installed)."""
+    if arch not in UEFI_FIRMWARE or not Path(UEFI_FIRMWARE[arch][0]).exists():
+        pkg = UEFI_PACKAGE.get(arch)
+        raise TTError(f"no UEFI firmware for {arch} guests", f"apt-get install -y {pkg}" if pkg else None)
+    shutil.copyfile(UEFI_FIRMWARE[arch][1], dest)
+    return dest
+
+
+def tcg_cx16_safe(arch: str) -> bool:
+    """Whether an x86_64 TCG guest may see CMPXCHG16B.
+
+    QEMU 7.2's multi-threaded TCG intermittently double-faults Linux 6.12 guests (Debian 13)
+    in SLUB's per-CPU ``cmpxchg16b`` (measured: 4 of 5 boots panicked; 0 of 3 without cx16,
+    0 of 2 single-threaded but 50 % slower). So QEMU < 8 hides the flag under TCG; newer QEMUs
+    keep it (not verified on them). Guests that require x86-64-v2 (EL9) need cx16: KVM or QEMU >= 8.
+    """
+    if arch != "x86_64":
+        return True
+    m = re.search(r"version (\d+)\.", version(arch))
+    return m is None or int(m.group(1)) >= 8
+
+
+def create_overlay(base: Path, overlay: Path, size_mib: int = 0) -> None:
+    """Create a qcow2 linked clone of ``base`` (backing file, never a copy), optionally larger."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)]
+    if size_mib:
+        argv.append(f"{size_mib}M")
+    res = subprocess.run(argv, capture_output=True, text=True, umask=PRIVATE_UMASK)
+    if res.returncode != 0:
+        raise TTError(f"cannot create overlay {overlay}: {res.stderr.strip()}")
+    overlay.chmod(0o600)  # an overlay made by an older qemu-img that ignored the umask
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def require(arch: str) -> None:
+    """TTError, one line with the apt command, if qemu for ``arch`` guests is not installed."""
+    if shutil.which(QEMU_BINARY[arch]) is None:
+        raise TTError(f"{QEMU_BINARY[arch]} not found", f"apt-get install -y {QEMU_PACKAGE[arch]}")
+
+
+def start(cfg: QemuConfig, log: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
+    """Start qemu for ``cfg`` in its own session; stdout/stderr go to ``log`` (0600, appended to).
+    qemu runs with umask 077: every file it creates (console log, pidfile, a saved state) is 0600.
+
+    ``die_with_parent``: the kernel kills qemu when the calling thread's process dies
+    (call from a long-lived thread: PDEATHSIG follows the forking thread).
+    """
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "ab") as out:
+        try:
+            return subprocess.Popen(
+                build_argv(cfg), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None,
+                umask=PRIVATE_UMASK,
+            )  # fmt: skip
+        except FileNotFoundError:
+            raise TTError(
+                f"{QEMU_BINARY[cfg.arch]} not found", f"apt-get install -y {QEMU_PACKAGE[cfg.arch]}"
+            ) from None
+
+
+def is_running(pid: int, marker: str) -> bool:
+    """True if ``pid`` is a live (non-zombie) process whose command line contains ``marker``."""
+    if pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X") and marker.encode() in cmdline
+
+
+def qmp_command(qmp: Path, command: str, timeout: float = 3.0, **args: object) -> object:
+    """Run one QMP command on the VM's monitor socket and return its result; connecting and the
+    command each wait at most ``timeout`` s (``TimeoutError``). Each call runs on an event loop of
+    its own that is closed afterwards, with the socket: qemu.qmp's sync shim (``legacy``) keeps a
+    loop per thread open forever, which a project running with ``filterwarnings = error`` sees as
+    an unclosed-resource error in whichever of its tests the garbage collector runs."""
+    from qemu.qmp import QMPClient
+
+    async def call() -> object:
+        client = QMPClient()
+        try:
+            await asyncio.wait_for(client.connect(str(qmp)), timeout)
+            return await asyncio.wait_for(client.execute(command, dict(args) if args else None), timeout)
+        finally:
+            await client.disconnect()
+
+    return asyncio.run(call())
+
+
+def save_state(qmp: Path, dest: Path, timeout: float) -> None:
+    """Migrate the running VM's state (devices and RAM) into the file ``dest``; the VM is left
+    paused (``postmigrate``). TTError if the migration fails or is not done within ``timeout`` s."""
+    qmp_command(qmp, "migrate", uri=f"exec:cat > {shlex.quote(str(dest))}")
+    deadline = time.monotonic() + timeout
+    while True:
+        info = qmp_command(qmp, "query-migrate")
+        info = info if isinstance(info, dict) else {}
+        status = str(info.get("status", ""))
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise TTError(f"saving the VM state to {dest} failed: {info.get('error-desc', status)}")
+        if time.monotonic() >= deadline:
+            raise TTError(f"saving the VM state to {dest} did not finish within {timeout:.0f} s ({status})")
+        time.sleep(0.05)
+
+
+def run_state(qmp: Path) -> str:
+    """The VM's run state from QMP ``query-status``: ``inmigrate`` while it loads a saved state,
+    then ``running`` (``postmigrate``, ``paused``, ...); '' if the monitor does not answer."""
+    try:
+        info = qmp_command(qmp, "query-status", timeout=2.0)
+    except Exception:  # noqa: BLE001 - not up yet, or gone: the caller checks the process
+        return ""
+    return str(info.get("status", "")) if isinstance(info, dict) else ""
+
+
+def stop(pid: int, marker: str, qmp: Path, grace: float = 2.0) -> None:
+    """Stop the VM's qemu: QMP ``quit``, then SIGTERM, then SIGKILL; returns once it is gone."""
+    if not is_running(pid, marker):
+        _reap(pid)
+        return
+    try:
+        qmp_command(qmp, "quit", timeout=1.0)
+    except Exception:  # noqa: BLE001 - a dead or wedged monitor just means we escalate
+        pass
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None and is_running(pid, marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and is_running(pid, marker):
+            _reap(pid)
+            time.sleep(0.02)
+        if not is_running(pid, marker):
+            break
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid`` if it is our exited child (no zombie left behind); ignore otherwise."""
+    if pid <= 0:  # never waitpid(0) or (-1): that would collect some other child
+        return
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+_versions: dict[tuple[str, int], str] = {}  # (binary, mtime) -> version line: asked once per process
+
+
+def version(arch: str = "x86_64") -> str:
+    """qemu's version string (``QEMU emulator version 7.2.x``), or '' if qemu is missing."""
+    binary = shutil.which(QEMU_BINARY[arch])
+    try:
+        memo = (str(binary), os.stat(binary).st_mtime_ns) if binary else None
+    except OSError:
+        memo = None
+    if memo is None:
+        return ""
+    if memo not in _versions:
+        try:
+            out = subprocess.run([memo[0], "--version"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        if not out:
+            return ""
+        _versions[memo] = out.splitlines()[0].strip()
+    return _versions[memo]
+
+
+def ttenv_processes(uid: int | None = None) -> list[tuple[int, Path]]:
+    """Every live qemu process started by ttenv on this host *as this user* (``uid``, default
+    ours: another user's VMs are never considered), with its VM run dir as given to it (absolute
+    unless its state dir was given as a relative path)."""
+    uid = os.getuid() if uid is None else uid
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(args) < 3 or args[1:3] != [b"-name", args[2]] or not args[2].startswith(b"ttenv:"):
+            continue
+        for arg in args:
+            if arg.startswith(b"file,id=console,path="):
+                spec = arg.split(b"path=", 1)[1].decode(errors="replace")
+                console = Path(re.sub(r",append=on$", "", spec))
+                if is_running(int(entry.name), str(console.parent)):
+                    found.append((int(entry.name), console.parent))
+    return found

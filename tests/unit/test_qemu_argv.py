@@ -1,0 +1,96 @@
+"""The qemu command line built for a VM (pure)."""
+
+import itertools
+from pathlib import Path
+
+from pytest_ttenv.backend.engines.qemu import QemuConfig, build_argv
+from pytest_ttenv.core.model import Resources
+
+
+def cfg(arch: str = "x86_64", accel: str = "tcg", seed: bool = True) -> QemuConfig:
+    d = Path("/run/env/vm")
+    return QemuConfig(
+        name="T/vm", arch=arch, accel=accel, resources=Resources(cpu=3, mem_mib=768), disk=d / "overlay.qcow2",
+        seed=d / "seed.iso" if seed else None, kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.img"),
+        cmdline="root=/dev/vda console=ttyS0", port=23456, console=d / "console.log", qmp=d / "qmp.sock",
+        pidfile=d / "qemu.pid",
+    )  # fmt: skip
+
+
+def pairs(argv: list[str]) -> list[tuple[str, str]]:
+    return list(zip(argv[1::2], argv[2::2], strict=False))
+
+
+def test_x86_tcg_argv() -> None:
+    argv = build_argv(cfg())
+    assert argv[0] == "qemu-system-x86_64"
+    joined = " ".join(argv)
+    assert "-accel tcg,thread=multi,tb-size=64" in joined
+    assert "-cpu max" in joined and "-machine q35" in joined
+    assert "-smp 3" in joined and "-m 768" in joined
+    assert "hostfwd=tcp:127.0.0.1:23456-:22" in joined  # forward bound to loopback only
+    assert "file=/run/env/vm/overlay.qcow2,format=qcow2" in joined
+    assert "file=/run/env/vm/seed.iso,format=raw,readonly=on" in joined
+    assert "-qmp unix:/run/env/vm/qmp.sock,server=on,wait=off" in joined
+    assert "path=/run/env/vm/console.log" in joined
+    assert ("-kernel", "/img/vmlinuz") in itertools.pairwise(argv)
+    assert ("-initrd", "/img/initrd.img") in itertools.pairwise(argv)
+    assert ("-append", "root=/dev/vda console=ttyS0") in itertools.pairwise(argv)
+    assert "-nodefaults" in argv
+
+
+def test_kvm_uses_host_cpu() -> None:
+    joined = " ".join(build_argv(cfg(accel="kvm")))
+    assert "-accel kvm" in joined and "-cpu host" in joined and "tcg" not in joined
+
+
+def test_aarch64_tcg() -> None:
+    argv = build_argv(cfg(arch="aarch64"))
+    joined = " ".join(argv)
+    assert argv[0] == "qemu-system-aarch64"
+    assert "-machine virt" in joined and "-cpu max,pauth-impdef=on" in joined
+
+
+def test_no_seed_no_seed_drive() -> None:
+    assert "seed.iso" not in " ".join(build_argv(cfg(seed=False)))
+
+
+def test_tcg_without_cx16_when_asked() -> None:
+    from dataclasses import replace
+
+    joined = " ".join(build_argv(replace(cfg(), tcg_cx16=False)))
+    assert "-cpu max,-cx16" in joined
+    assert "-cpu host" in " ".join(build_argv(replace(cfg(accel="kvm"), tcg_cx16=False)))
+
+
+def test_firmware_boot_without_kernel() -> None:
+    from dataclasses import replace
+
+    bios = build_argv(replace(cfg(), kernel=None, initrd=None))
+    assert "-kernel" not in bios and "pflash" not in " ".join(bios)
+    uefi = " ".join(build_argv(replace(cfg(arch="aarch64"), kernel=None, initrd=None, uefi_vars=Path("/v/vars.fd"))))
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd" in uefi
+    assert "if=pflash,format=raw,unit=1,file=/v/vars.fd" in uefi
+
+
+def test_firmware_boot_starts_from_the_root_disk_and_nic_has_the_seeds_mac() -> None:
+    from dataclasses import replace
+
+    from pytest_ttenv.backend.engines.qemu import GUEST_MAC
+
+    direct, bios = build_argv(cfg()), build_argv(replace(cfg(), kernel=None, initrd=None))
+    assert "virtio-blk-pci,drive=root" in direct  # the kernel is given: no boot order needed
+    assert "virtio-blk-pci,drive=root,bootindex=0" in bios  # SeaBIOS/OVMF must not try the seed disk
+    assert not any("drive=seed" in a and "bootindex" in a for a in bios)
+    for argv in (direct, bios):
+        assert f"virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile=" in argv  # no iPXE option ROM
+
+
+def test_riscv64_tcg_direct_boot_through_opensbi() -> None:
+    argv = build_argv(cfg(arch="riscv64"))
+    joined = " ".join(argv)
+    assert argv[0] == "qemu-system-riscv64"
+    assert "-machine virt" in joined and "-cpu rv64" in joined and "-accel tcg,thread=multi,tb-size=64" in joined
+    assert "-bios" not in argv  # qemu's default firmware for virt (OpenSBI) hands over to -kernel
+    assert ("-kernel", "/img/vmlinuz") in itertools.pairwise(argv)
+    assert "pvpanic-pci" in argv and "virtio-blk-pci,drive=root" in argv

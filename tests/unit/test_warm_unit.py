@@ -1,0 +1,238 @@
+"""Warm boot without VMs: template keys, eligibility, the template store (atomic install, reaping,
+checks, lock), verified state streaming, the agent's request format, settings and argv."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pytest_ttenv.backend.engines import qemu, statecat, warm
+from pytest_ttenv.backend.local import LocalBackend
+from pytest_ttenv.config import SETTINGS, resolve
+from pytest_ttenv.core.model import EnvSpec, ImageInfo, Resources, VmSpec
+from pytest_ttenv.errors import TTError, UsageError
+
+from helpers.guest import identity_agent
+
+RES = Resources(cpu=2, mem_mib=512)
+
+
+def fake_image(root: Path, name: str = "debian-12-x86_64", **changes: object) -> ImageInfo:
+    """An image directory with placeholder files (nothing here boots it)."""
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    for f in ("disk.qcow2", "vmlinuz", "initrd.img"):
+        (d / f).write_bytes(b"x" * 16)
+    info = replace(ImageInfo(name, "debian", "12", "x86_64", cmdline="root=/dev/vda", created=1.0), **changes)
+    (d / "image.json").write_text(json.dumps(info.to_dict()))
+    return replace(info, path=d)
+
+
+def test_key_changes_with_every_input(tmp_path: Path) -> None:
+    image = fake_image(tmp_path)
+    key = warm.template_key(warm.template_inputs(image, "tcg", RES, "alice"))
+    assert key == warm.template_key(warm.template_inputs(image, "tcg", RES, "alice"))
+    assert key == warm.template_key(warm.template_inputs(image, "tcg", replace(RES, disk_mib=3072), "alice"))
+    others = [
+        warm.template_inputs(image, "tcg", replace(RES, mem_mib=1024), "alice"),
+        warm.template_inputs(image, "tcg", replace(RES, cpu=1), "alice"),
+        warm.template_inputs(image, "kvm", RES, "alice"),
+        warm.template_inputs(image, "tcg", RES, "bob"),
+        warm.template_inputs(image, "tcg", RES, "alice") | {"protocol": warm.PROTOCOL - 1},  # the agent's protocol
+    ]
+    assert len({key, *(warm.template_key(i) for i in others)}) == 6
+    meta = image.file("image.json")
+    os.utime(meta, ns=(meta.stat().st_atime_ns, meta.stat().st_mtime_ns + 1000))  # touched: a new identity
+    assert warm.template_key(warm.template_inputs(image, "tcg", RES, "alice")) != key
+
+
+def test_ineligible_images_say_why(tmp_path: Path) -> None:
+    image = fake_image(tmp_path)
+    assert warm.ineligible(image, RES) == ""
+    assert "cloud-init" in warm.ineligible(replace(image, access="cloud-init"), RES)
+    assert "firmware" in warm.ineligible(replace(image, kernel=None, initrd=None, boot="bios"), RES)
+    assert "root" in warm.ineligible(replace(image, user="debian"), RES)
+    assert "larger" in warm.ineligible(image, replace(RES, disk_mib=image.disk_mib + 1))
+
+
+def test_cold_fallback_is_one_line(tmp_path: Path) -> None:
+    lines: list[str] = []
+    backend = LocalBackend(tmp_path / "images", tmp_path / "state", progress=lines.append)
+    image = fake_image(tmp_path / "images", access="cloud-init")
+    vm = VmSpec("vm1", image.name, RES)
+    warm_spec, qemu_engine = EnvSpec("E", (vm,), "k", boot="warm"), backend._qemu
+    assert backend._warm_key(warm_spec, vm, image, "tcg", "me", qemu_engine) is None
+    assert lines == ["vm1: cold boot (debian-12-x86_64 is set up by cloud-init; warm starts need an image ttenv built)"]
+    assert backend._warm_key(EnvSpec("E", (vm,), "k", boot="cold"), vm, image, "tcg", "me", qemu_engine) is None
+    assert len(lines) == 1  # cold asked for: nothing to explain
+    libvirt = SimpleNamespace(name="libvirt")
+    assert backend._warm_key(warm_spec, vm, fake_image(tmp_path / "images"), "tcg", "me", libvirt) is None
+    assert lines[-1] == "vm1: cold boot (warm starts need the qemu engine, not libvirt)"
+
+
+def _installed(store: warm.TemplateStore, key: str) -> warm.Template:
+    work = store.root / f".tmp-{key}-{os.getpid()}"
+    work.mkdir(parents=True)
+    (work / "disk.qcow2").write_bytes(b"disk")
+    (work / "state").write_bytes(b"state" * 1000)
+    return store.install(work, key, {"image_id": warm.image_identity(store.image)}, time.time())
+
+
+def test_store_installs_finds_verifies_and_reaps(tmp_path: Path) -> None:
+    image = fake_image(tmp_path)
+    store = warm.TemplateStore(image)
+    assert store.find("k1") is None
+    template = _installed(store, "k1")
+    assert store.find("k1") == template and not list(store.root.glob(".tmp-*"))
+    assert template.meta["state_sha256"] == hashlib.sha256(b"state" * 1000).hexdigest()
+    assert oct(template.state.stat().st_mode & 0o777) == "0o400"
+    store.verify(template)
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (store.root / f".tmp-k2-{dead.pid}").mkdir()  # killed while making k2: a half template
+    (store.root / f".tmp-k3-{os.getpid()}").mkdir()  # being made by a live process
+    (store.root / "k4").mkdir()  # no metadata: never complete
+    assert store.find("k4") is None
+    assert sorted(p.name for p in store.reap()) == sorted([f".tmp-k2-{dead.pid}", "k4"])
+    assert store.find("k1") is not None and (store.root / f".tmp-k3-{os.getpid()}").exists()
+
+    old = _installed(store, "k5")
+    store.mark_used(template)
+    past = time.time() - 8 * 86400
+    for f in (old.path / warm.META, template.path / warm.META):
+        os.utime(f, (past, past))
+    assert [p.name for p in store.reap()] == ["k5"]  # unused for 8 days; k1 was used just now
+
+    meta = image.file("image.json")
+    meta.write_text(meta.read_text().replace('"created": 1.0', '"created": 2.0'))  # the image changed
+    assert [p.name for p in store.reap()] == ["k1"] and store.find("k1") is None
+
+
+def test_verify_catches_a_changed_disk_or_state(tmp_path: Path) -> None:
+    store = warm.TemplateStore(fake_image(tmp_path))
+    template = _installed(store, "k1")
+    template.disk.chmod(0o600)
+    template.disk.write_bytes(b"DISK")
+    with pytest.raises(TTError, match="its disk fails its checksum"):
+        store.verify(template)
+    template = _installed(store, "k2")
+    template.state.chmod(0o600)
+    with open(template.state, "ab") as f:
+        f.write(b"!")
+    with pytest.raises(TTError, match="its state is 5001 bytes, not the 5000 saved"):
+        store.verify(template)
+
+
+def test_lock_timeout_names_what_it_waited_for(tmp_path: Path) -> None:
+    store = warm.TemplateStore(fake_image(tmp_path))
+    with store.lock("k1", 1.0):
+        done = threading.Event()
+        errors: list[str] = []
+
+        def other() -> None:  # another open file description: excluded like another process
+            try:
+                with store.lock("k1", 0.3):
+                    pass
+            except TTError as exc:
+                errors.append(str(exc))
+            done.set()
+
+        threading.Thread(target=other).start()
+        assert done.wait(5)
+    assert errors == ["waited 0 s for the lock of warm template k1 of debian-12-x86_64 (another process is making it)"]
+
+
+def test_statecat_withholds_the_end_of_a_corrupt_state(tmp_path: Path) -> None:
+    data = os.urandom(statecat.HOLD + 3 * statecat.CHUNK + 123)
+    state = tmp_path / "state"
+    state.write_bytes(data)
+    good = hashlib.sha256(data).hexdigest()
+    out = subprocess.run([sys.executable, "-I", "-S", statecat.__file__, str(state), good], capture_output=True)
+    assert out.returncode == 0 and out.stdout == data
+    out = subprocess.run([sys.executable, "-I", "-S", statecat.__file__, str(state), "0" * 64], capture_output=True)
+    assert out.returncode == 1 and b"refusing the saved VM state" in out.stderr
+    assert len(out.stdout) < len(data) - statecat.HOLD + statecat.CHUNK and data.startswith(out.stdout)
+
+
+def test_agent_requests_round_trip(tmp_path: Path) -> None:
+    agent = identity_agent()
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    seen: list[bytes] = []
+
+    def serve() -> None:  # the agent's request handling, over a socket instead of the virtio port
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                line = conn.makefile("rb").readline().rstrip(b"\n")
+                seen.append(line)
+                conn.sendall(agent.handle(line))
+
+    threading.Thread(target=serve, daemon=True).start()
+    assert warm.agent_request(path, "ping", 5, "VM x", note="a b=c\n") == "0.000"
+    op, nonce, note = seen[0].split(b" ")
+    assert op == b"ping" and len(nonce) == 32 and int(nonce, 16) >= 0  # a new nonce per request
+    assert note == b"note=" + base64.b64encode(b"a b=c\n")
+    with pytest.raises(TTError, match="VM x: the identity agent failed: ValueError: unknown op bogus"):
+        warm.agent_request(path, "bogus", 5, "VM x")
+    server.close()
+
+
+def test_agent_request_timeout_names_the_vm(tmp_path: Path) -> None:
+    path = tmp_path / "silent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    with pytest.raises(TTError, match="VM y: no answer from the identity agent within 0 s"):
+        warm.agent_request(path, "ping", 0.2, "VM y")
+    server.close()
+
+
+def test_boot_setting() -> None:
+    values = {s.name: s.default for s in SETTINGS}
+    assert resolve(values).boot == "warm"
+    assert resolve(values | {"boot": "cold"}).boot == "cold"
+    with pytest.raises(UsageError, match="--tt-boot='hot' is not valid"):
+        resolve(values | {"boot": "hot"})
+
+
+def test_argv_of_a_warm_vm(tmp_path: Path) -> None:
+    image = fake_image(tmp_path)
+    x = tmp_path / "x"
+    cfg = warm.qemu_config(image, "tcg", RES, name="e/vm", disk=x, seed=x, port=2222, rundir=tmp_path, qmp=x,
+                           identity=tmp_path / "vm.id", cmdline=warm.machine_cmdline(image, "ab" * 16),
+                           vmgenid="g-u-i-d", incoming="exec:cat state")  # fmt: skip
+    argv = " ".join(qemu.build_argv(cfg))
+    assert f"socket,id=identity,path={tmp_path / 'vm.id'},server=on,wait=off" in argv
+    assert "virtserialport,chardev=identity,name=org.ttenv.identity" in argv
+    assert "vmgenid,id=vmgenid0,guid=g-u-i-d" in argv and argv.endswith("-incoming exec:cat state")
+    assert "systemd.machine_id=" + "ab" * 16 in argv and ",append=on" in argv
+    arm = qemu.build_argv(replace(cfg, arch="aarch64"))
+    assert not any("vmgenid" in a for a in arm)  # x86 ACPI only
+
+
+def test_the_server_passes_the_boot_mode_through() -> None:
+    from pytest_ttenv.core.model import VmInfo
+    from pytest_ttenv.server import models as m
+    from pytest_ttenv.server.service import spec_of
+
+    body = {"name": "e", "vms": [{"name": "vm1", "image": "debian-12-x86_64"}], "client_pubkey": "ssh-ed25519 AAAA"}
+    assert m.EnvCreate.model_validate(body).boot == "cold"  # an API caller that says nothing
+    create = m.EnvCreate.model_validate(body | {"boot": "warm"})
+    assert spec_of("e", [], "k", None, "auto", create.boot).boot == "warm"
+    assert m.Vm.of(VmInfo("vm1", "i", "debian", "12", "x86_64", boot="warm")).boot == "warm"
