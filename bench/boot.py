@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pytest_ttenv.access import target
-from pytest_ttenv.backend.images.build import ImageBuilder, parse_target
+from pytest_ttenv.backend.images.build import ImageBuilder
+from pytest_ttenv.backend.images.recipe import parse_target
 from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.core.keys import KeyPair
@@ -90,8 +91,9 @@ def resets(images_root: Path, image: str, boot: str, count: int) -> list[float]:
         key = KeyPair.generate("bench")
         key_file = Path(state) / "id"
         key.write_private(key_file)
-        env = backend.create_env(EnvSpec("RESET", (VmSpec("vm0", image, Resources(cpu=2, mem_mib=512)),), key.public,
-                                         boot=boot))  # fmt: skip
+        env = backend.create_env(
+            EnvSpec("RESET", (VmSpec("vm0", image, Resources(cpu=2, mem_mib=512)),), key.public, boot=boot)
+        )
         try:
             vm = backend.wait_vm(env.id, "vm0", 900)
             Connection(target(vm, key_file), use_agent=False).close()
@@ -175,8 +177,10 @@ def main() -> None:
     print(f"{'image':<7} {'VMs':>3} {'env add -> first command':>28} {'disk/VM (MiB, % image)':>30} {'RSS/VM':>22}")
     for (name, count), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "tuned")):
         pct = 100 * statistics.median(r["disk"]) / image_mib[name]
-        print(f"{name:<7} {count:>3} {fmt(r['first'], 's'):>28} {fmt(r['disk'], '') + f' ({pct:.1f} %)':>30} "
-              f"{fmt(r['rss'], 'Mi'):>22}")  # fmt: skip
+        print(
+            f"{name:<7} {count:>3} {fmt(r['first'], 's'):>28} {fmt(r['disk'], '') + f' ({pct:.1f} %)':>30} "
+            f"{fmt(r['rss'], 'Mi'):>22}"
+        )
 
 
 if __name__ == "__main__":

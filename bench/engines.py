@@ -3,7 +3,7 @@ libvirt engine, interleaved in one run (the engine order alternates per run), on
 
     python3 bench/engines.py --runs 3 [--image debian-12-x86_64] [--libvirt-uri qemu:///system]
 
-Without ``--libvirt-uri`` a libvirtd of its own is started for the run (tests/libvirt_hosts.py).
+Without ``--libvirt-uri`` a libvirtd of its own is started for the run (tests/helpers/libvirt_hosts.py).
 Per run and engine: ``env add`` (create_env returns), SSH banner (wait_vm), first SSH command,
 snapshot, revert, delete. Prints medians with min-max; ``--markdown FILE`` also writes them as a
 table. Nothing here is asserted.

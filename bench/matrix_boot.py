@@ -25,9 +25,13 @@ from pytest_ttenv.errors import TTError
 from pytest_ttenv.ssh import SshError
 
 MATRIX = (
-    "debian-11-x86_64", "debian-12-x86_64", "debian-13-x86_64", "debian-12-aarch64", "debiancloud-12-x86_64",
+    "debian-11-x86_64",
+    "debian-12-x86_64",
+    "debian-13-x86_64",
+    "debian-12-aarch64",
+    "debiancloud-12-x86_64",
     "debian-13-riscv64",
-)  # fmt: skip
+)
 
 
 def main() -> None:
@@ -54,9 +58,11 @@ def main() -> None:
                 continue
             times[name].append(got["first"][0])
             print(f"run {run + 1} {name}: first command after {got['first'][0]:.1f} s", flush=True)
-    print(f"\n{args.runs} runs interleaved, 1 VM of 2 vCPUs / {args.mem} MiB each, on {platform.machine()} "
-          f"({qemu.version()}); env add -> first command over SSH, median [min-max]; host load average "
-          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")  # fmt: skip
+    print(
+        f"\n{args.runs} runs interleaved, 1 VM of 2 vCPUs / {args.mem} MiB each, on {platform.machine()} "
+        f"({qemu.version()}); env add -> first command over SSH, median [min-max]; host load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    )
     print(f"{'image':<24} {'boot':<7} {'access':<11} {'median':>8} {'range':>14}")
     for name, image in images.items():
         t = times[name]
@@ -65,8 +71,10 @@ def main() -> None:
         if not t:
             print(f"{name:<24} {boot:<7} {image.access:<11} {'-':>8} {'-':>14}{note}")
             continue
-        print(f"{name:<24} {boot:<7} {image.access:<11} {statistics.median(t):7.1f}s "
-              f"{f'[{min(t):.1f}-{max(t):.1f}]':>14}{note}")  # fmt: skip
+        print(
+            f"{name:<24} {boot:<7} {image.access:<11} {statistics.median(t):7.1f}s "
+            f"{f'[{min(t):.1f}-{max(t):.1f}]':>14}{note}"
+        )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest(*args: str, cwd: Path = ROOT) -> float:
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=cwd,
-                         capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=cwd, capture_output=True, text=True
+    )
     if res.returncode != 0:
         print(res.stdout[-3000:], res.stderr[-2000:])
         raise SystemExit(f"pytest {' '.join(args)} failed ({res.returncode})")
@@ -48,7 +49,8 @@ def overhead(n: int, os_prefix: str) -> tuple[list[float], list[float]]:
             "timeout=0",
             cwd=Path(tmp),
         )
-        vm, plain = [], []
+        vm: list[float] = []
+        plain: list[float] = []
         for case in ET.parse(junit).getroot().iter("testcase"):
             (vm if case.get("name", "").startswith("test_vm_") else plain).append(float(case.get("time", 0)))
         return vm[1:], plain

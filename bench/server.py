@@ -27,19 +27,18 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import requests  # noqa: E402
 
-from pytest_ttenv.backend.engines.seed import KeyPair  # noqa: E402
 from pytest_ttenv.backend.images.build import ensure_images  # noqa: E402
 from pytest_ttenv.backend.images.store import ImageStore  # noqa: E402
 from pytest_ttenv.backend.local import LocalBackend  # noqa: E402
+from pytest_ttenv.core.keys import KeyPair  # noqa: E402
 from pytest_ttenv.core.model import EnvSpec, Resources, VmSpec  # noqa: E402
 from pytest_ttenv.core.paths import image_dir  # noqa: E402
 
-from helpers.server import image_dir_with, start_server  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+from helpers.server import image_dir_with, start_server  # noqa: E402
 
 
 def spread(xs: list[float], unit: str = "ms", scale: float = 1000.0) -> str:
-    return (f"{statistics.median(xs) * scale:.1f} {unit} [{min(xs) * scale:.1f}-{max(xs) * scale:.1f}] "
-            f"(n={len(xs)})")  # fmt: skip
+    return f"{statistics.median(xs) * scale:.1f} {unit} [{min(xs) * scale:.1f}-{max(xs) * scale:.1f}] (n={len(xs)})"
 
 
 def create_delete(rounds: int, tmp: Path, images: Path) -> None:
@@ -108,11 +107,15 @@ def status_rps(clients: int, seconds: float, tmp: Path) -> None:
     per_client = [len(lat) / wall for lat in latencies]
     flat = sorted(x for lat in latencies for x in lat)
     total = len(flat)
-    print(f"GET /v1/status, {clients} concurrent clients for {wall:.1f} s: {total / wall:.0f} requests/s "
-          f"({total} requests, {errors[0]} errors)")  # fmt: skip
+    print(
+        f"GET /v1/status, {clients} concurrent clients for {wall:.1f} s: {total / wall:.0f} requests/s "
+        f"({total} requests, {errors[0]} errors)"
+    )
     print(f"  per client: {statistics.median(per_client):.1f} req/s [{min(per_client):.1f}-{max(per_client):.1f}]")
-    print(f"  latency: {spread(flat)}, p90 {flat[int(0.9 * total)] * 1000:.1f} ms, "
-          f"p99 {flat[int(0.99 * total)] * 1000:.1f} ms")  # fmt: skip
+    print(
+        f"  latency: {spread(flat)}, p90 {flat[int(0.9 * total)] * 1000:.1f} ms, "
+        f"p99 {flat[int(0.99 * total)] * 1000:.1f} ms"
+    )
 
 
 def main() -> None:

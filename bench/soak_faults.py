@@ -44,10 +44,25 @@ def session(tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
     (tmp / "test_soak.py").write_text(SUITE)
     state, marker = tmp / "state", tmp / "marker"
     env = dict(os.environ, TTENV_STATE_DIR=str(state), TTENV_IMAGE_DIR=str(image_dir()), MARKER=str(marker))
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tt-os=debian12",
-                             f"--tt-arch={platform.machine()}",
-                             "-o", "timeout=0", str(tmp)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=interactive_signals)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--tt-os=debian12",
+            f"--tt-arch={platform.machine()}",
+            "-o",
+            "timeout=0",
+            str(tmp),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=interactive_signals,
+    )
     return proc, state, marker
 
 
@@ -62,6 +77,10 @@ def wait(check: Callable[[], object], timeout: float) -> bool:
 
 def vms_running(state: Path) -> bool:
     return bool(qemu_pids_under(state))
+
+
+def vms_stopped(state: Path) -> bool:
+    return not vms_running(state)
 
 
 def gc(state: Path) -> None:
@@ -85,7 +104,7 @@ def main() -> None:
                     wait(marker.exists, 300)
                 sent = time.monotonic()
                 proc.send_signal(signal.SIGKILL if mode.startswith("kill") else signal.SIGINT)
-                wait(lambda s=state: not vms_running(s), 30)
+                wait(functools.partial(vms_stopped, state), 30)
                 down = time.monotonic() - sent
                 proc.wait(timeout=60)
                 if mode == "sigint-test":

@@ -15,7 +15,7 @@ Then fan-out of `true` to N = 10, 100, 1000 asyncssh servers (in a child process
 the first call (connect, agent probe, command) and of a second one (connections reused), errors.
 
 By default everything runs against an OpenSSH sshd started on 127.0.0.1 (needs root and
-openssh-server; commands run as root through bash with SHLVL=1, see tests/sshd_fixture.py).
+openssh-server; commands run as root through bash with SHLVL=1, see tests/helpers/sshd.py).
 `--target HOST:PORT:USER:KEYFILE:HOSTKEYFILE` runs the round-trip comparison against another SSH
 server (e.g. a VM; HOSTKEYFILE holds its public host key line) instead.
 paramiko and pytest-testinfra are optional: `pip install paramiko pytest-testinfra`.
@@ -42,7 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from pytest_ttenv.ssh import Connection, RunResult, SshTarget, close_all, fan_out  # noqa: E402
 
-from helpers.sshd import have_sshd, start_farm, start_sshd  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+from helpers.sshd import have_sshd, start_farm, start_sshd  # noqa: E402
 
 Probe = Callable[[], None]
 

@@ -71,19 +71,38 @@ def main() -> int:
         (work / "test_bench.py").write_text(TEST)
         out = work / "samples.json"
         env = dict(os.environ, ROUNDS=str(args.rounds), BENCH_OUT=str(out), TTENV_STATE_DIR=str(work / "state"))
-        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=0",
-                              f"--tt-os={args.os}", f"--tt-arch={platform.machine()}", "test_bench.py"],
-                             cwd=work, env=env, capture_output=True, text=True)  # fmt: skip
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-o",
+                "timeout=0",
+                f"--tt-os={args.os}",
+                f"--tt-arch={platform.machine()}",
+                "test_bench.py",
+            ],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             print(res.stdout[-3000:], res.stderr[-2000:])
             return 1
         samples: dict[str, list[float]] = json.loads(out.read_text())
-    print(f"host.run('true') on {args.os} ({platform.machine()}), {args.rounds} interleaved rounds, "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
+    print(
+        f"host.run('true') on {args.os} ({platform.machine()}), {args.rounds} interleaved rounds, {os.cpu_count()} CPUs"
+    )
     print(f"{'peer':<10}{'n':>5}{'median ms':>11}{'p10':>9}{'p90':>9}{'min':>9}{'max':>9}")
     for name, xs in samples.items():
-        print(f"{name:<10}{len(xs):>5}{statistics.median(xs):>11.1f}{pct(xs, 10):>9.1f}{pct(xs, 90):>9.1f}"
-              f"{min(xs):>9.1f}{max(xs):>9.1f}")  # fmt: skip
+        print(
+            f"{name:<10}{len(xs):>5}{statistics.median(xs):>11.1f}{pct(xs, 10):>9.1f}{pct(xs, 90):>9.1f}"
+            f"{min(xs):>9.1f}{max(xs):>9.1f}"
+        )
     return 0
 
 

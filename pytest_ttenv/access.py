@@ -1,12 +1,14 @@
 """Client-side access to an ENV: its private client key and the SSH targets of its VMs.
 
-The key pair is generated on the client; only the public half goes to the backend. Private
-keys live in ``<state>/keys/<env id>`` with mode 0600 inside a 0700 directory.
+The key pair is generated on the client (``envflow.create``); only the public half goes to the
+backend. ``ClientKeys`` keeps private keys in ``<state>/keys/<env id>`` with mode 0600 inside a
+0700 directory (a pytest session keeps its own in its session dir: ``session.py``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_ttenv.core.keys import KeyPair
@@ -15,27 +17,33 @@ from pytest_ttenv.core.paths import state_dir
 from pytest_ttenv.ssh import SshTarget
 
 
-def keys_dir(state: str | os.PathLike[str] | None = None) -> Path:
-    path = state_dir(state) / "keys"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+@dataclass(frozen=True)
+class ClientKeys:
+    """The private login keys of the ENVs this client made outside a pytest session (``ttenv env
+    add``, ENVs kept by ``--tt-keep``): ``<state>/keys/<env id>``, with the ``.known_hosts`` file
+    ``write_known_hosts`` puts beside each. An ``envflow.KeyHome``."""
 
+    state: str | os.PathLike[str] | None = None
 
-def save_key(env_id: str, key: KeyPair, state: str | os.PathLike[str] | None = None) -> Path:
-    """Store the ENV's private client key (0600) and return its path."""
-    path = keys_dir(state) / env_id
-    key.write_private(path)
-    return path
+    @property
+    def dir(self) -> Path:
+        path = state_dir(self.state) / "keys"
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
 
+    def path(self, env: EnvInfo) -> Path:
+        return self.dir / env.id
 
-def key_path(env: EnvInfo, state: str | os.PathLike[str] | None = None) -> Path:
-    return keys_dir(state) / env.id
+    def store(self, env: EnvInfo, key: KeyPair) -> Path:
+        """Store the ENV's private client key (0600) and return its path."""
+        path = self.path(env)
+        key.write_private(path)
+        return path
 
-
-def forget_key(env: EnvInfo, state: str | os.PathLike[str] | None = None) -> None:
-    key = key_path(env, state)
-    key.unlink(missing_ok=True)
-    _known_hosts_path(key).unlink(missing_ok=True)
+    def forget(self, env: EnvInfo) -> None:
+        key = self.path(env)
+        key.unlink(missing_ok=True)
+        _known_hosts_path(key).unlink(missing_ok=True)
 
 
 def _known_hosts_path(key: Path) -> Path:
@@ -56,8 +64,10 @@ def write_known_hosts(env: EnvInfo, key: Path) -> Path:
 def login_command(vm: VmInfo, key: Path, known_hosts: Path) -> str:
     """An OpenSSH command line that logs into ``vm`` with the client key ``key`` and checks the
     VM's host key strictly against ``known_hosts`` (from ``write_known_hosts``)."""
-    return (f"ssh -i {key} -o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes -p {vm.port} "
-            f"{vm.user}@{vm.address}")  # fmt: skip
+    return (
+        f"ssh -i {key} -o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes -p {vm.port} "
+        f"{vm.user}@{vm.address}"
+    )
 
 
 def target(vm: VmInfo, key: Path) -> SshTarget:

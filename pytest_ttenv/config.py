@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pytest_ttenv.backend import Backend, get_backend
 from pytest_ttenv.core.naming import canonical_arch, parse_mib, parse_seconds, split_prefixes
 from pytest_ttenv.errors import UsageError
 
@@ -40,40 +41,93 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("os", "OS prefixes of the VMs to test on, comma-separated (TTStack rule): debian12,deb,cent", "",
-            metavar="PREFIXES"),
-    Setting("arch", "restrict the matrix to these arches: x86_64,aarch64 (default: all the prefixes match)", "",
-            metavar="ARCHES"),
+    Setting(
+        "os",
+        "OS prefixes of the VMs to test on, comma-separated (TTStack rule): debian12,deb,cent",
+        "",
+        metavar="PREFIXES",
+    ),
+    Setting(
+        "arch",
+        "restrict the matrix to these arches: x86_64,aarch64 (default: all the prefixes match)",
+        "",
+        metavar="ARCHES",
+    ),
     Setting("backend", "where ENVs live: local, or a ttenv server URL http(s)://host:port", "local", metavar="URL"),
-    Setting("token", "bearer token for a ttenv server backend: set TTENV_TOKEN (deprecated as --tt-token, seen in "
-            "the process list, and as ini tt_token, committed with the file)", "", metavar="TOKEN"),
+    Setting(
+        "token",
+        "bearer token for a ttenv server backend: set TTENV_TOKEN (deprecated as --tt-token, seen in "
+        "the process list, and as ini tt_token, committed with the file)",
+        "",
+        metavar="TOKEN",
+    ),
     Setting("token_file", "file whose first line is the bearer token (keep it mode 0600)", "", metavar="FILE"),
-    Setting("ca_cert", "CA certificates (PEM) to verify an https server with, e.g. its self-signed certificate "
-            "(default: the system's)", "", metavar="FILE"),
-    Setting("lease", "how long a server keeps the session's ENV after its last renewal (renewed every quarter "
-            "of it while pytest runs; a killed session's VMs are reaped after it): seconds, or 90s, 30m, 2h, 1d; "
-            "at least 2 s", "180", metavar="DURATION"),
-    Setting("engine", "how VMs run (local backend): qemu processes, or libvirt domains on --tt-libvirt-uri hosts",
-            "qemu", ("qemu", "libvirt")),
-    Setting("libvirt_uri", "with --tt-engine=libvirt: the hosts, libvirt URIs separated by commas or spaces, each "
-            "optionally URI#cpu=N&mem=SIZE&addr=ADDRESS (default qemu:///system)", "", metavar="URIS"),
+    Setting(
+        "ca_cert",
+        "CA certificates (PEM) to verify an https server with, e.g. its self-signed certificate "
+        "(default: the system's)",
+        "",
+        metavar="FILE",
+    ),
+    Setting(
+        "lease",
+        "how long a server keeps the session's ENV after its last renewal (renewed every quarter "
+        "of it while pytest runs; a killed session's VMs are reaped after it): seconds, or 90s, 30m, 2h, 1d; "
+        "at least 2 s",
+        "180",
+        metavar="DURATION",
+    ),
+    Setting(
+        "engine",
+        "how VMs run (local backend): qemu processes, or libvirt domains on --tt-libvirt-uri hosts",
+        "qemu",
+        ("qemu", "libvirt"),
+    ),
+    Setting(
+        "libvirt_uri",
+        "with --tt-engine=libvirt: the hosts, libvirt URIs separated by commas or spaces, each "
+        "optionally URI#cpu=N&mem=SIZE&addr=ADDRESS (default qemu:///system)",
+        "",
+        metavar="URIS",
+    ),
     Setting("accel", "accelerator: auto probes KVM and falls back to TCG", "auto", ("auto", "kvm", "tcg")),
     Setting("cpu", "vCPUs per VM", "2", metavar="N"),
     Setting("mem", "memory per VM: MiB, or 512M, 2G, 2GiB, 1T", "512", metavar="SIZE"),
     Setting("disk", "overlay disk size per VM, as --tt-mem (default: the image's)", "", metavar="SIZE"),
-    Setting("boot", "how VMs start: warm (from a saved post-boot state of their image, made once) or cold",
-            "warm", ("warm", "cold")),
-    Setting("boot_timeout", "how long to wait for a VM's SSH: seconds, or 90s, 30m, 2h, 1d (default: scaled by "
-            "accelerator and arch)", "", metavar="DURATION"),
-    Setting("keep", "keep VMs after the session: never, failed (VMs with failed tests), always", "never",
-            ("never", "failed", "always")),
+    Setting(
+        "boot",
+        "how VMs start: warm (from a saved post-boot state of their image, made once) or cold",
+        "warm",
+        ("warm", "cold"),
+    ),
+    Setting(
+        "boot_timeout",
+        "how long to wait for a VM's SSH: seconds, or 90s, 30m, 2h, 1d (default: scaled by accelerator and arch)",
+        "",
+        metavar="DURATION",
+    ),
+    Setting(
+        "keep",
+        "keep VMs after the session: never, failed (VMs with failed tests), always",
+        "never",
+        ("never", "failed", "always"),
+    ),
     Setting("image_dir", "image store (default: ~/.cache/ttenv/images)", "", metavar="DIR"),
-    Setting("image_source", "how missing images are obtained: pull (vendor cloud images; Debian is built if "
-            "pulling fails) or build (Debian built locally)", "pull", ("pull", "build")),
-    Setting("dist", "under xdist: shared (any worker uses any VM) or vm (each VM's tests on one worker)", "shared",
-            ("shared", "vm")),
+    Setting(
+        "image_source",
+        "how missing images are obtained: pull (vendor cloud images; Debian is built if "
+        "pulling fails) or build (Debian built locally)",
+        "pull",
+        ("pull", "build"),
+    ),
+    Setting(
+        "dist",
+        "under xdist: shared (any worker uses any VM) or vm (each VM's tests on one worker)",
+        "shared",
+        ("shared", "vm"),
+    ),
     Setting("matrix_report", "write the tests x VMs matrix to this file (.json, .md or .txt)", "", metavar="PATH"),
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +154,20 @@ class TTConfig:
     dist: str
     matrix_report: str | None
     notes: tuple[str, ...] = ()  # warnings to show once (a deprecated token source, a token file others can read)
+
+
+def open_backend(cfg: TTConfig, progress: Callable[[str], None] | None = None) -> Backend:
+    """The backend ``--tt-backend`` names, made with the session's settings (image dir, token,
+    CA certificates, engine and libvirt hosts)."""
+    return get_backend(
+        cfg.backend,
+        image_dir=cfg.image_dir,
+        token=cfg.token,
+        progress=progress,
+        engine=cfg.engine,
+        libvirt_uris=cfg.libvirt_uri,
+        ca_cert=cfg.ca_cert,
+    )
 
 
 class RawValues(dict[str, str]):
@@ -163,11 +231,13 @@ def _token(values: Mapping[str, str], where: Mapping[str, str]) -> tuple[str, li
         token, warning = read_token_file(values["token_file"], where["token_file"])
         return token, [f"warning: {warning}"] if warning else []
     if rank("token") == 3:
-        return values["token"], [f"warning: {where['token']} puts the token in the process list; use TTENV_TOKEN "
-                                 "or --tt-token-file"]  # fmt: skip
+        return values["token"], [
+            f"warning: {where['token']} puts the token in the process list; use TTENV_TOKEN or --tt-token-file"
+        ]
     if rank("token") == 1:
-        return values["token"], [f"warning: {where['token']} puts the token in a file that gets committed; use "
-                                 "TTENV_TOKEN or tt_token_file"]  # fmt: skip
+        return values["token"], [
+            f"warning: {where['token']} puts the token in a file that gets committed; use TTENV_TOKEN or tt_token_file"
+        ]
     return values["token"], []
 
 

@@ -71,16 +71,21 @@ def _accel_check(store: ImageStore, probe: bool) -> Check:
     host = platform.machine()
     problem = accel.kvm_usable()
     if problem:
-        return Check("accelerator", True, f"tcg (KVM unusable: {problem}); VMs are emulated, several times slower",
-                     required=False)  # fmt: skip
+        return Check(
+            "accelerator",
+            True,
+            f"tcg (KVM unusable: {problem}); VMs are emulated, several times slower",
+            required=False,
+        )
     verdict = accel.cached_verdict(host)
     if verdict is None and probe:
         image = next((i for i in store.all() if i.arch == host and i.kernel), None)
         if image is not None:
             verdict = accel.choose("auto", image)
     if verdict is None:
-        return Check("accelerator", True, "/dev/kvm opens; not probed yet (needs an image: probed at first boot)",
-                     required=False)  # fmt: skip
+        return Check(
+            "accelerator", True, "/dev/kvm opens; not probed yet (needs an image: probed at first boot)", required=False
+        )
     return Check("accelerator", True, f"{verdict.name} ({verdict.reason})", required=False)
 
 
@@ -90,8 +95,9 @@ def _libvirt_check(uri: str = "qemu:///system") -> Check:
 
     why = virt.available()
     if why:
-        return Check("libvirt", False, "libvirt-python missing (only for --engine libvirt)", virt.INSTALL_HINT,
-                     required=False)  # fmt: skip
+        return Check(
+            "libvirt", False, "libvirt-python missing (only for --engine libvirt)", virt.INSTALL_HINT, required=False
+        )
     try:
         conn = virt.open_conn(uri, timeout=5.0)
     except virt.HostDown as exc:
@@ -112,9 +118,12 @@ def _disk_check(store: ImageStore) -> Check:
     free = shutil.disk_usage(where).free / 2**30
     ok = free >= MIN_FREE_GIB
     return Check(
-        "disk", ok, f"{free:.1f} GiB free for the image store {store.root}",
-        f"free space or set TTENV_IMAGE_DIR (want >= {MIN_FREE_GIB:.0f} GiB)", required=False,
-    )  # fmt: skip
+        "disk",
+        ok,
+        f"{free:.1f} GiB free for the image store {store.root}",
+        f"free space or set TTENV_IMAGE_DIR (want >= {MIN_FREE_GIB:.0f} GiB)",
+        required=False,
+    )
 
 
 def usable(checks: list[Check]) -> bool:

@@ -1,4 +1,6 @@
-"""Errors that reach the user as one clear line (what is wrong, what to do)."""
+"""Errors that reach the user as one clear line (what is wrong, what to do).
+
+``TTError`` is the one root: the command channel's ``pytest_ttenv.ssh.SshError`` derives from it too."""
 
 from __future__ import annotations
 

@@ -53,7 +53,6 @@ class LeaseKeeper:
                     self.warn(f"renewing the lease of ENV {self.env_id} failed, retrying: {exc}")
                 continue
             if failing_since is not None:
-                self.warn(f"lease of ENV {self.env_id} renewed again after "
-                          f"{time.monotonic() - failing_since:.0f} s")  # fmt: skip
+                self.warn(f"lease of ENV {self.env_id} renewed again after {time.monotonic() - failing_since:.0f} s")
                 failing_since = None
             self.renewals += 1

@@ -21,16 +21,17 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_ttenv import hookspecs
-from pytest_ttenv.backend import _factory, get_backend, register_backend
-from pytest_ttenv.config import SETTINGS, TTConfig, raw_values, resolve
+from pytest_ttenv.backend import register_backend, uses_local_images
+from pytest_ttenv.config import SETTINGS, TTConfig, open_backend, raw_values, resolve
 from pytest_ttenv.errors import TTError
-from pytest_ttenv.fixtures import register_testinfra, tt_env, tt_vm, tt_vm_fresh
-from pytest_ttenv.matrix import MatrixVm, buildable, missing_images, select, session_vms
+from pytest_ttenv.fixtures import tt_env, tt_vm, tt_vm_fresh
+from pytest_ttenv.fixtures.hosts import register_testinfra
+from pytest_ttenv.matrix import MatrixVm, select, session_vms
 from pytest_ttenv.report import outcome_of, summary_lines, test_key, vm_properties, write_matrix
 from pytest_ttenv.state import STATE, Handoff, PluginState
 
 if TYPE_CHECKING:
-    from pytest_ttenv.backend.local import LocalBackend
+    from pytest_ttenv.backend.images.store import ImageStore
 
 __all__ = ["tt_env", "tt_vm", "tt_vm_fresh"]
 VM_FIXTURES = ("tt_vm", "tt_vm_fresh")
@@ -61,8 +62,13 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ttenv", "pytest-ttenv: run tests on VMs across an OS x arch matrix")
     for s in SETTINGS:
-        group.addoption(s.flag, dest=s.dest, default=None, metavar=s.metavar,
-                        help=f"{s.help} (ini {s.dest}, env {s.env}; default {s.default or 'unset'})")  # fmt: skip
+        group.addoption(
+            s.flag,
+            dest=s.dest,
+            default=None,
+            metavar=s.metavar,
+            help=f"{s.help} (ini {s.dest}, env {s.env}; default {s.default or 'unset'})",
+        )
         parser.addini(s.dest, s.help, default=None)
 
 
@@ -115,39 +121,32 @@ def pytest_configure(config: pytest.Config) -> None:
     state.handoff = Handoff.new()  # used only under xdist, and created only if a worker needs a VM
 
 
-def _local(cfg: TTConfig) -> bool:
-    """The built-in local backend (not a server, nor a backend a plugin registered)."""
-    return cfg.backend in ("", "local") and _factory(cfg.backend or "local") is None
-
-
 def _matrix(config: pytest.Config, state: PluginState) -> list[MatrixVm]:
     """The session's VMs (the ids of the VM tests), with no image obtained and no VM started.
 
-    Local backend: the images of the store plus those a prefix asks for that the store lacks
-    and that would be pulled or built after collection — the names follow from the catalog and
-    the builder's releases, so this only reads the store and the catalog. A server (or
-    registered) backend: its images (one request); the backend is kept for the ENV."""
+    A backend that boots from this host's image store (``uses_local_images``): the store's
+    images plus those a prefix asks for that the store lacks and that would be pulled or built
+    after collection (``acquire.plan``: it reads only the store and the catalog). Any other
+    backend: its images (one request); the backend is kept for the ENV."""
     cfg = state.cfg
-    if _local(cfg):
-        names = _planned_images(cfg)
+    if uses_local_images(cfg.backend):
+        from pytest_ttenv.backend.images.acquire import plan
+
+        names = plan(_image_store(cfg), cfg.os, _arches(cfg))
     else:
-        state.backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, progress=_progress(config),
-                                    engine=cfg.engine, libvirt_uris=cfg.libvirt_uri, ca_cert=cfg.ca_cert)  # fmt: skip
+        state.backend = open_backend(cfg, _progress(config))
         names = [image.name for image in state.backend.images()]
     vms = session_vms(cfg.os, cfg.arch, names)
     changed = config.hook.pytest_ttenv_modify_matrix(config=config, vms=vms)
     return list(changed) if changed is not None else vms
 
 
-def _planned_images(cfg: TTConfig) -> list[str]:
-    """The store's image names, and those ``_obtain_missing`` would pull or build for the prefixes."""
-    from pytest_ttenv.backend.images.catalog import available
+def _image_store(cfg: TTConfig) -> ImageStore:
+    """This host's image store (``--tt-image-dir``), which a local backend boots from."""
     from pytest_ttenv.backend.images.store import ImageStore
     from pytest_ttenv.core.paths import image_dir
 
-    have = ImageStore(image_dir(cfg.image_dir)).names()
-    arches = _arches(cfg)
-    return [*have, *missing_images(cfg.os, have, arches, [*buildable(arches), *available(arches)])]
+    return ImageStore(image_dir(cfg.image_dir))
 
 
 def _arches(cfg: TTConfig) -> list[str]:
@@ -227,10 +226,9 @@ def pytest_xdist_node_collection_finished(node: Any, ids: Sequence[str]) -> None
 
 
 def _start_env(config: pytest.Config, vms: list[MatrixVm]) -> None:
-    """Obtain the images of ``vms`` the local store lacks, then create the ENV (VMs start
-    booting); errors are one line. The leak guards go in first: a SIGTERM during a build or
-    boot cleans up too."""
-    from pytest_ttenv.backend.local import LocalBackend
+    """Obtain the images of ``vms`` that this host's store lacks (for a backend that boots from
+    it), then create the ENV (VMs start booting); errors are one line. The leak guards go in
+    first: a SIGTERM during a build or boot cleans up too."""
     from pytest_ttenv.session import EnvSession
 
     state = config.stash[STATE]
@@ -240,39 +238,15 @@ def _start_env(config: pytest.Config, vms: list[MatrixVm]) -> None:
     _install_guards(config)
     try:
         say = _progress(config)
-        backend = state.backend
-        if backend is None:
-            backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, progress=say,
-                                  engine=cfg.engine, libvirt_uris=cfg.libvirt_uri, ca_cert=cfg.ca_cert)  # fmt: skip
-        if isinstance(backend, LocalBackend):
-            _obtain_missing(config, cfg, backend, [vm.name for vm in vms])
-        state.session = EnvSession.create(cfg, vms, backend, warn=say)
+        backend = state.backend if state.backend is not None else open_backend(cfg, say)
+        if uses_local_images(cfg.backend):
+            from pytest_ttenv.backend.images.acquire import obtain
+
+            obtain(_image_store(cfg), [vm.name for vm in vms], cfg.image_source, progress=say)
+        state.session = EnvSession.create(cfg, [vm.name for vm in vms], backend, warn=say)
         state.session.snapshots = state.snapshots
     except TTError as exc:
         raise pytest.UsageError(f"ttenv: {exc}") from None
-
-
-def _obtain_missing(config: pytest.Config, cfg: TTConfig, backend: LocalBackend, names: list[str]) -> None:
-    """Pull (or build, for Debian) the images of ``names`` that the store lacks."""
-    from pytest_ttenv.backend.images.build import ensure_images
-    from pytest_ttenv.backend.images.pull import ensure_available
-
-    say = _progress(config)
-    arches = _arches(cfg)
-    store = backend.image_store
-    can_build = set(buildable(arches))
-    have = set(store.names())
-    for name in (n for n in names if n not in have):
-        if cfg.image_source == "build" and name in can_build:
-            ensure_images(store, [name], progress=say)
-            continue
-        try:
-            ensure_available(store, [name], progress=say)
-        except TTError as exc:
-            if name not in can_build:
-                raise
-            say(f"pulling {name} failed ({exc}); building it instead")
-            ensure_images(store, [name], progress=say)
 
 
 def _install_guards(config: pytest.Config) -> None:
@@ -309,8 +283,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     state = metafunc.config.stash[STATE]
     if not state.planned:
-        metafunc.parametrize("_tt_vm_name", [pytest.param(None, marks=pytest.mark.skip(reason=state.skip_reason))],
-                             ids=["no-vm"])  # fmt: skip
+        metafunc.parametrize(
+            "_tt_vm_name", [pytest.param(None, marks=pytest.mark.skip(reason=state.skip_reason))], ids=["no-vm"]
+        )
         return
     os_f = [a for m in metafunc.definition.iter_markers("tt_os") for a in m.args]
     arch_f = [a for m in metafunc.definition.iter_markers("tt_arch") for a in m.args]
@@ -320,8 +295,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(f"ttenv: {metafunc.definition.nodeid}: {exc}") from None
     if not chosen:
         reason = f"tt_os{tuple(os_f)}/tt_arch{tuple(arch_f)} leave no VM of this session's matrix"
-        metafunc.parametrize("_tt_vm_name", [pytest.param(None, marks=pytest.mark.skip(reason=reason))],
-                             ids=["no-vm"])  # fmt: skip
+        metafunc.parametrize("_tt_vm_name", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["no-vm"])
         return
     metafunc.parametrize("_tt_vm_name", [vm.name for vm in chosen], ids=[vm.name for vm in chosen])
 
@@ -349,13 +323,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     name = callspec.params.get("_tt_vm_name") if callspec else None
     if not report.failed or state.session is None or not name:
         return
-    vm = state.session.vms.get(name)
-    if vm is None:
-        return
-    if vm.last_command:
-        report.sections.append((f"ttenv last command on {name}", vm.last_command))
-    console = vm.console or state.session.console(name, 50)
-    report.sections.append((f"ttenv console of {name} (last 50 lines)", console or "(empty)"))
+    report.sections.extend(state.session.failure_sections(name))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

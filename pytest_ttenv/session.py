@@ -26,26 +26,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_ttenv.access import login_command, save_key, target, write_known_hosts
-from pytest_ttenv.backend import Backend, get_backend
+from pytest_ttenv import envflow
+from pytest_ttenv.access import ClientKeys, login_command, target, write_known_hosts
+from pytest_ttenv.backend import Backend
 from pytest_ttenv.backend.engines.accel import boot_timeout
-from pytest_ttenv.config import TTConfig
+from pytest_ttenv.config import TTConfig, open_backend
 from pytest_ttenv.core.keys import KeyPair
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
 from pytest_ttenv.core.paths import state_dir
 from pytest_ttenv.errors import BootError, TTError, VmDied
 from pytest_ttenv.lease import LeaseKeeper
-from pytest_ttenv.matrix import MatrixVm
 from pytest_ttenv.ssh import Connection
 
 BOOT_SNAPSHOT = "ttenv-boot"
+KEY_FILE = "id_ed25519"  # the session's private login key, in its session dir
 KEEP_TTL = 24 * 3600.0  # lease of an ENV kept by --tt-keep, renewable with the CLI
 DEATH_GRACE = 15.0  # seconds a VM that lost SSH may take to finish powering off
 
 
 @dataclass
 class VmState:
-    """What this process knows of one VM: its info once ready, its connection, why it failed."""
+    """What this process knows of one VM: its info once ready, its connection, why it failed,
+    the last command a test ran on it (``EnvSession.note_command``)."""
 
     info: VmInfo | None = None
     conn: Connection | None = None
@@ -62,12 +64,34 @@ def sessions_dir() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class SessionKeys:
+    """Session dirs as an ``envflow.KeyHome``: ``<root>/<env id>/`` (0700) holds the session's
+    private key and the spec of its backend (what ``reap_session_dirs`` goes by)."""
+
+    root: Path
+    backend: str
+
+    def store(self, env: EnvInfo, key: KeyPair) -> Path:
+        workdir = self.root / env.id
+        workdir.mkdir(mode=0o700)
+        (workdir / "backend").write_text(self.backend)
+        key.write_private(workdir / KEY_FILE)
+        return workdir / KEY_FILE
+
+    def forget(self, env: EnvInfo) -> None:
+        shutil.rmtree(self.root / env.id, ignore_errors=True)
+
+
 def reap_session_dirs(backend: Backend, spec: str = "local") -> int:
     """Remove session dirs of backend ``spec`` whose ENV no longer exists (their session was
     killed); returns how many. Dirs of other backends are left alone."""
     live = {env.id for env in backend.list_envs()}
-    stale = [d for d in sessions_dir().iterdir()
-             if d.is_dir() and d.name not in live and _backend_of(d) == spec and not _live_handoff(d)]  # fmt: skip
+    stale = [
+        d
+        for d in sessions_dir().iterdir()
+        if d.is_dir() and d.name not in live and _backend_of(d) == spec and not _live_handoff(d)
+    ]
     for d in stale:
         shutil.rmtree(d, ignore_errors=True)
     return len(stale)
@@ -103,46 +127,43 @@ class EnvSession:
 
     @property
     def key_file(self) -> Path:
-        return self.workdir / "id_ed25519"
+        return self.workdir / KEY_FILE
+
+    @property
+    def _keys(self) -> SessionKeys:
+        return SessionKeys(self.workdir.parent, self.cfg.backend)
 
     @classmethod
     def create(
-        cls, cfg: TTConfig, vms: Sequence[MatrixVm], backend: Backend, warn: Callable[[str], None] = print
+        cls, cfg: TTConfig, images: Sequence[str], backend: Backend, warn: Callable[[str], None] = print
     ) -> EnvSession:
-        """Create the ENV (VMs start booting) owned by this process; returns at once.
+        """Create the ENV (VMs start booting) owned by this process; returns at once. One VM per
+        name of ``images``, named as its image, with the resources of ``cfg``.
 
         The session dir ``<state>/sessions/<env id>`` holds the private key (0600) and the
         per-VM records; a dir whose ENV is gone is removed by the next session or ``ttenv gc``.
         A local ENV dies with this process; a server's ENV gets a lease of ``cfg.lease``
         seconds that a LeaseKeeper renews until teardown (``warn`` hears about failures).
+        On any failure, an interrupt too (SIGTERM), nothing of this session stays behind.
         """
         remote = backend.name != "local"
         reap_session_dirs(backend, cfg.backend)
-        key = KeyPair.generate(f"ttenv-pytest-{os.getpid()}")
         res = Resources(cpu=cfg.cpu, mem_mib=cfg.mem_mib, disk_mib=cfg.disk_mib)
         spec = EnvSpec(
             name=f"pytest-{os.getpid()}-{secrets.token_hex(2)}",
-            vms=tuple(VmSpec(vm.name, vm.name, res) for vm in vms),
-            client_pubkey=key.public,
+            vms=tuple(VmSpec(image, image, res) for image in images),
+            client_pubkey="",  # envflow.created puts the new key's here
             accel=cfg.accel,
             ttl=cfg.lease if remote else None,
             owner_pid=None if remote else os.getpid(),
             die_with_owner=cfg.keep == "never",
             boot=cfg.boot,
         )
-        env = backend.create_env(spec)
-        workdir = sessions_dir() / env.id
-        try:
-            workdir.mkdir(mode=0o700)
-            (workdir / "backend").write_text(cfg.backend)
-            key.write_private(workdir / "id_ed25519")
-            session = cls(cfg, backend, env, workdir, controller=True)
+        home = SessionKeys(sessions_dir(), cfg.backend)
+        with envflow.created(backend, spec, f"ttenv-pytest-{os.getpid()}", home) as new:
+            session = cls(cfg, backend, new.env, new.key_file.parent, controller=True)
             if remote:
-                session.lease = LeaseKeeper(backend, env.id, cfg.lease, warn).start()
-        except BaseException:  # an interrupt too (SIGTERM): nothing of this session stays behind
-            backend.delete_env(env.id)
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
+                session.lease = LeaseKeeper(backend, new.env.id, cfg.lease, warn).start()
         return session
 
     def to_workerinput(self) -> dict[str, Any]:
@@ -151,9 +172,7 @@ class EnvSession:
     @classmethod
     def attach(cls, cfg: TTConfig, data: dict[str, Any]) -> EnvSession:
         """The ENV the controller created, in an xdist worker."""
-        backend = get_backend(cfg.backend, image_dir=cfg.image_dir, token=cfg.token, engine=cfg.engine,
-                              libvirt_uris=cfg.libvirt_uri, ca_cert=cfg.ca_cert)  # fmt: skip
-        return cls(cfg, backend, EnvInfo.from_dict(data["env"]), Path(data["workdir"]), controller=False)
+        return cls(cfg, open_backend(cfg), EnvInfo.from_dict(data["env"]), Path(data["workdir"]), controller=False)
 
     # -- per VM --------------------------------------------------------------------------------
     def ready(self, name: str, on_ready: Callable[[str], None]) -> VmState:
@@ -340,6 +359,21 @@ class EnvSession:
         except TTError:
             return ""
 
+    # -- failure reports -----------------------------------------------------------------------
+    def note_command(self, name: str, cmd: str | Sequence[str]) -> None:
+        """Remember ``cmd`` as the last command a test ran on VM ``name`` (``failure_sections``)."""
+        self.vms[name].last_command = cmd if isinstance(cmd, str) else " ".join(cmd)
+
+    def failure_sections(self, name: str, lines: int = 50) -> list[tuple[str, str]]:
+        """What a failed test's report shows of VM ``name``: the last command run on it, if
+        any, and the tail of its console (the one saved when it failed to boot or died)."""
+        vm = self.vms.get(name)
+        if vm is None:
+            return []
+        sections = [(f"ttenv last command on {name}", vm.last_command)] if vm.last_command else []
+        console = vm.console or self.console(name, lines)
+        return [*sections, (f"ttenv console of {name} (last {lines} lines)", console or "(empty)")]
+
     # -- end -----------------------------------------------------------------------------------
     def teardown(self, keep: Sequence[str]) -> str:
         """Close connections; delete the ENV unless ``keep`` names VMs to keep. Returns one line."""
@@ -352,8 +386,8 @@ class EnvSession:
         try:
             if keep:
                 env = self.backend.keep(self.env.id, KEEP_TTL)
-                key = save_key(env.id, KeyPair(self.key_file.read_text(), ""))
-                shutil.rmtree(self.workdir, ignore_errors=True)
+                key = ClientKeys().store(env, KeyPair(self.key_file.read_text(), ""))
+                self._keys.forget(env)
                 where = "" if self.cfg.backend == "local" else f" --backend {self.cfg.backend}"
                 hours = (env.expires - time.time()) / 3600 if env.expires else KEEP_TTL / 3600
                 lines = [
@@ -362,8 +396,7 @@ class EnvSession:
                 known = write_known_hosts(env, key)
                 lines += [f"  {vm.name}: {login_command(vm, key, known)}" for vm in env.vms if vm.name in keep]
                 return "\n".join(lines)
-            self.backend.delete_env(self.env.id)
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            envflow.discard(self.backend, self.env.id, self._keys)
             return f"ttenv: ENV {self.env.name} deleted: {len(self.vms)} VM(s) stopped, overlays and ports released"
         except TTError as exc:
             return f"ttenv: teardown of ENV {self.env.name} failed: {exc}"

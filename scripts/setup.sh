@@ -25,7 +25,7 @@ SUDO=""
 # What ttenv needs on a host: RUNTIME_PKGS, and qemu for the guests' arches (FOREIGN_PKGS: every
 # arch, UEFI firmware and the binfmt emulation mmdebstrap needs to build a foreign-arch image). The
 # main job boots host-arch VMs only, so it installs qemu for this arch; the CI templates install
-# RUNTIME_PKGS and FOREIGN_PKGS (tests/vm/test_ci_templates.py holds them to these lists).
+# RUNTIME_PKGS and FOREIGN_PKGS (tests/unit/test_ci_templates_static.py holds them to these lists).
 RUNTIME_PKGS=(qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client ca-certificates)
 FOREIGN_PKGS=(qemu-system-x86 qemu-system-arm qemu-system-misc ovmf qemu-user-static binfmt-support arch-test)
 case "$(uname -m)" in

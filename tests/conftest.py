@@ -1,4 +1,6 @@
-"""Shared fixtures: real Debian images (built once, cached in the user cache like CI does)."""
+"""Shared fixtures: real Debian images (built once, cached in the user cache like CI does); and the
+folder rule (tests/helpers/layout.py): a VM test in tests/unit or a test without VMs in tests/vm
+fails the collection."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import os
 import platform
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,8 @@ from pytest_ttenv.backend.images.build import ensure_images
 from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.core.model import ImageInfo
 from pytest_ttenv.core.paths import image_dir
+
+from helpers.layout import misplaced
 
 HOST_ARCH = platform.machine()
 IMAGE_ROOT = image_dir()  # read before any test moves HOME (pytester does)
@@ -41,3 +46,10 @@ def images() -> Callable[..., list[ImageInfo]]:
         return ensure_images(store, names, progress=lambda line: print(line, flush=True))
 
     return get
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m/-k deselect: a misplaced test is reported however the run selects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = misplaced(items, Path(__file__).parent)
+    if wrong:
+        raise pytest.UsageError(*wrong)  # pytest prints each as one "ERROR: ..." line and exits 4

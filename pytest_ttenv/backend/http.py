@@ -82,14 +82,24 @@ class HttpBackend:
                 ssl.create_default_context(cafile=self.ca_cert)
             except (OSError, ssl.SSLError) as exc:
                 reason = "no PEM certificate in it" if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc)
-                raise UsageError(f"CA certificate file {self.ca_cert!r}: {reason}",
-                                 "give a PEM file: --ca-cert / --tt-ca-cert / TTENV_CA_CERT") from None  # fmt: skip
+                raise UsageError(
+                    f"CA certificate file {self.ca_cert!r}: {reason}",
+                    "give a PEM file: --ca-cert / --tt-ca-cert / TTENV_CA_CERT",
+                ) from None
         self.timeout = timeout
         self.progress = progress or (lambda line: None)
         self.session = requests.Session()
         self.session.verify = self.ca_cert or True  # and per request: $REQUESTS_CA_BUNDLE would beat the session's
-        retry = Retry(total=retries, connect=retries, read=2, status=0, other=0, backoff_factor=0.2,
-                      allowed_methods=frozenset({"GET"}), raise_on_status=False)  # fmt: skip
+        retry = Retry(
+            total=retries,
+            connect=retries,
+            read=2,
+            status=0,
+            other=0,
+            backoff_factor=0.2,
+            allowed_methods=frozenset({"GET"}),
+            raise_on_status=False,
+        )
         adapter = HTTPAdapter(max_retries=retry, pool_maxsize=32)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -101,8 +111,14 @@ class HttpBackend:
         self.session.close()
 
     # -- transport ------------------------------------------------------------------------------
-    def _call(self, method: str, path: str, body: object = None, params: dict[str, Any] | None = None,
-              timeout: float | None = None) -> Any:  # fmt: skip
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """One API call; the decoded JSON answer (None for 204), or the matching exception. A 429 or
         503 is asked again after its Retry-After while BUSY_WAIT lasts."""
         give_up = time.monotonic() + BUSY_WAIT
@@ -125,25 +141,32 @@ class HttpBackend:
             return data
         raise self._error(res.status_code, data if isinstance(data, dict) else {}, res.text)
 
-    def _send(self, method: str, path: str, body: object, params: dict[str, Any] | None,
-              timeout: float | None) -> requests.Response:  # fmt: skip
+    def _send(
+        self, method: str, path: str, body: object, params: dict[str, Any] | None, timeout: float | None
+    ) -> requests.Response:
         url = f"{self.url}/v1{path}"
         try:
-            res = self.session.request(method, url, json=body, params=params, timeout=timeout or self.timeout,
-                                       verify=self.session.verify)  # fmt: skip
+            res = self.session.request(
+                method, url, json=body, params=params, timeout=timeout or self.timeout, verify=self.session.verify
+            )
         except requests.exceptions.RetryError as exc:
             raise TTError(f"ttenv server {self.url}: {exc}") from None
         except requests.exceptions.SSLError as exc:
-            hint = ("a self-signed or private CA's certificate: give it with --ca-cert / --tt-ca-cert / TTENV_CA_CERT"
-                    if "CERTIFICATE_VERIFY_FAILED" in str(exc)
-                    else "the server may not serve https: use http://, or start it with --tls-cert")  # fmt: skip
+            hint = (
+                "a self-signed or private CA's certificate: give it with --ca-cert / --tt-ca-cert / TTENV_CA_CERT"
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc)
+                else "the server may not serve https: use http://, or start it with --tls-cert"
+            )
             raise TTError(f"TLS with the ttenv server at {self.url} failed: {_tls_reason(exc)}", hint) from None
         except requests.exceptions.ConnectionError as exc:
-            raise TTError(f"cannot reach the ttenv server at {self.url}: {_reason(exc)}",
-                          "check the URL and that `ttenv serve` runs there") from None  # fmt: skip
+            raise TTError(
+                f"cannot reach the ttenv server at {self.url}: {_reason(exc)}",
+                "check the URL and that `ttenv serve` runs there",
+            ) from None
         except requests.exceptions.Timeout:
-            raise TTError(f"the ttenv server at {self.url} did not answer {method} {path} within "
-                          f"{timeout or self.timeout:.0f} s") from None  # fmt: skip
+            raise TTError(
+                f"the ttenv server at {self.url} did not answer {method} {path} within {timeout or self.timeout:.0f} s"
+            ) from None
         except requests.exceptions.RequestException as exc:
             raise TTError(f"ttenv server {self.url}: {exc}") from None
         return res
@@ -166,8 +189,10 @@ class HttpBackend:
         if status == 424:
             return (VmDied if kind == "died" else BootError)(message, console, hint)
         if status in (429, 503):
-            return TTError(f"ttenv server {self.url} is busy (HTTP {status}): {message}",
-                           hint or "retry later, or wait for fewer VMs at once")  # fmt: skip
+            return TTError(
+                f"ttenv server {self.url} is busy (HTTP {status}): {message}",
+                hint or "retry later, or wait for fewer VMs at once",
+            )
         if 400 <= status < 500:
             return UsageError(message, hint)
         return TTError(f"ttenv server {self.url} failed (HTTP {status}): {message}", hint)
@@ -192,10 +217,13 @@ class HttpBackend:
         """Create the ENV on the server; returns at once while its VMs boot."""
         body: dict[str, Any] = {
             "name": spec.name,
-            "vms": [{"name": vm.name, "image": vm.image, "resources": dataclasses.asdict(vm.resources)}
-                    for vm in spec.vms],
-            "client_pubkey": spec.client_pubkey, "accel": spec.accel, "boot": spec.boot,
-        }  # fmt: skip
+            "vms": [
+                {"name": vm.name, "image": vm.image, "resources": dataclasses.asdict(vm.resources)} for vm in spec.vms
+            ],
+            "client_pubkey": spec.client_pubkey,
+            "accel": spec.accel,
+            "boot": spec.boot,
+        }
         if spec.ttl:
             body["ttl"] = spec.ttl
         return env_of(self._call("POST", "/envs", body))
@@ -266,8 +294,14 @@ def _reason(exc: requests.exceptions.ConnectionError) -> str:
     text = str(exc)
     if "Remote end closed connection without response" in text:
         return "it closed the connection without an answer (an https server? then use https://)"
-    for marker in ("Connection refused", "Name or service not known", "No route to host", "timed out",
-                   "Temporary failure in name resolution", "Connection reset"):  # fmt: skip
+    for marker in (
+        "Connection refused",
+        "Name or service not known",
+        "No route to host",
+        "timed out",
+        "Temporary failure in name resolution",
+        "Connection reset",
+    ):
         if marker in text:
             return marker.lower()
     return text.split(": ", 1)[-1][:200]

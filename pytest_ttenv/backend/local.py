@@ -1,17 +1,17 @@
 """The local backend: ENVs of VMs run by an engine, state in sqlite, one run dir per ENV.
 
 Run dir layout: ``<state>/envs/<env id>/owner.json``, ``creator.json`` (the process that created
-it) and one directory per VM holding ``seed.iso`` and, with the qemu engine, ``overlay.qcow2``
-(linked clone of the image), ``console.log`` (capped: ``engine.cap_log``), ``qemu.log`` and
-``qemu.pid``. QMP sockets live in the user's runtime dir (``$XDG_RUNTIME_DIR/ttenv/<env id>/`` or
-``$TMPDIR/ttenv-<uid>/<env id>/``: short paths). All of it is private to the user: directories
-0700, files 0600. Deleting an ENV stops its VMs and removes its run dir, socket dir and rows;
-with the qemu engine nothing else on the host refers to it (the libvirt engine removes its
-domains and volumes on their hosts: ``libvirt.py``).
+it) and one directory per VM holding ``seed.iso``, ``machine-id`` and what its engine keeps there
+(the qemu engine: ``qemu_engine``). Sockets live in the user's runtime dir
+(``$XDG_RUNTIME_DIR/ttenv/<env id>/`` or ``$TMPDIR/ttenv-<uid>/<env id>/``: short paths). All of it
+is private to the user: directories 0700, files 0600. Deleting an ENV stops its VMs through their
+engines and removes its run dir, socket dir and rows.
 
-Engines (``engine.py``): ``qemu`` (default; a process per VM) or ``libvirt`` (domains on the
-hosts given by ``libvirt_uris``, placed by free capacity, an ENV may span hosts). Every VM
-records its engine and host, so ENVs are shown and deleted whatever engine is configured.
+Engines (``engines/``, chosen by name in ``engines.registry``): ``qemu`` (default; a process per
+VM) or ``libvirt`` (domains on the hosts given by ``libvirt_uris``, placed by free capacity, an ENV
+may span hosts). The engine decides whether a VM starts warm or cold and says why; this backend
+knows no engine by name. Every VM records its engine and host, so ENVs are shown and deleted
+whatever engine is configured. Garbage collection: ``sweep``; waiting for VMs: ``readiness``.
 
 Behind the host server (``ttenv serve``) the same backend forwards SSH ports on the server's
 address (``bind_addr``), announces ``public_addr`` to clients, and keeps ENV names unique per
@@ -20,38 +20,27 @@ owner (``names_per_owner``: stored as ``<owner>:<name>``, shown as ``<name>``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import functools
 import json
 import os
 import platform
-import queue
-import random
 import secrets
 import shutil
-import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from pytest_ttenv.backend import readiness, sweep
 from pytest_ttenv.backend.engines import accel as accel_mod
-from pytest_ttenv.backend.engines import qemu, warm
-from pytest_ttenv.backend.engines.base import (
-    ENGINES,
-    Engine,
-    QemuEngine,
-    Start,
-    host_label,
-    identity_path,
-    qmp_path,
-    tail_file,
-)
+from pytest_ttenv.backend.engines.base import Boot, Engine, Start, waiting
+from pytest_ttenv.backend.engines.net import any_ports, free_ports
+from pytest_ttenv.backend.engines.registry import Engines
 from pytest_ttenv.backend.engines.seed import SeedData, write_seed_iso
 from pytest_ttenv.backend.images.store import ImageStore
-from pytest_ttenv.backend.owner import current, is_alive, record_alive, start_time
+from pytest_ttenv.backend.owner import current, start_time
 from pytest_ttenv.backend.store import Store
 from pytest_ttenv.core.keys import KeyPair
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
@@ -59,39 +48,11 @@ from pytest_ttenv.core.naming import check_env_name, match_prefixes
 from pytest_ttenv.core.paths import image_dir, private_dir, runtime_dir, socket_dir, state_dir, write_private
 from pytest_ttenv.errors import BootError, NotFound, TTError, UsageError, from_os_error
 
-if TYPE_CHECKING:
-    from pytest_ttenv.backend.engines.libvirt import LibvirtEngine
+__all__ = ["LocalBackend"]
 
-__all__ = ["PORT_RANGE", "LocalBackend", "ssh_banner", "tail_file"]
-
-PORT_RANGE = (10022, 32767)  # below Linux's ephemeral range, so outgoing connections never take them
 MAX_CPU = 64
 MIN_MEM_MIB = 128
-_SOCKET_PATH_MAX = 107
-CREATOR = "creator.json"  # in a run dir: the process that created the ENV (and starts its VMs)
 _WARNED: set[str] = set()  # TCG fallback reasons already said in this process (said once)
-
-
-def _free_ports(bind_addr: str = "127.0.0.1") -> Iterator[int]:
-    """Random ports in PORT_RANGE that nothing listens on right now (on ``bind_addr``)."""
-    for _ in range(200):
-        port = random.randint(*PORT_RANGE)
-        with socket.socket() as s:
-            try:
-                s.bind((bind_addr, port))
-            except OSError:
-                continue
-        yield port
-
-
-def ssh_banner(host: str, port: int, timeout: float = 2.0) -> bool:
-    """True if an SSH server answers with its ``SSH-`` banner on host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            return s.recv(8).startswith(b"SSH-")
-    except OSError:
-        return False
 
 
 class LocalBackend:
@@ -101,7 +62,7 @@ class LocalBackend:
     all). ``public_addr``: the address put into ``VmInfo.address`` (default: ``bind_addr``, or
     127.0.0.1 when that is 0.0.0.0). ``names_per_owner``: ENV names are unique per owner, not per
     host (the server's mode). ``engine``: how new VMs run, ``qemu`` or ``libvirt`` on the hosts
-    ``libvirt_uris`` (default ``qemu:///system``; see ``libvirt.parse_host`` for the syntax).
+    ``libvirt_uris`` (default ``qemu:///system``; see ``libvirt_place.parse_host`` for the syntax).
     """
 
     name = "local"
@@ -118,52 +79,39 @@ class LocalBackend:
         engine: str = "qemu",
         libvirt_uris: Sequence[str] = (),
     ) -> None:
-        if engine not in ENGINES:
-            raise UsageError(f"unknown engine {engine!r}", f"use one of {', '.join(ENGINES)}")
         self.image_store = ImageStore(image_dir(image_root))
         self.state = state_dir(state_root)
+        self.progress = progress or (lambda line: None)
+        self.bind_addr = bind_addr
+        probe_addr = "127.0.0.1" if bind_addr == "0.0.0.0" else bind_addr  # where this machine reaches the VMs
+        self.public_addr = public_addr or probe_addr
+        self.names_per_owner = names_per_owner
+        self.engine = engine
+        self.libvirt_uris = tuple(libvirt_uris)
+        self.engines = Engines(  # an unknown engine, bad URIs or a missing libvirt-python: said before anything is made
+            engine,
+            self.state,
+            bind_addr=bind_addr,
+            probe_addr=probe_addr,
+            progress=self._say,
+            libvirt_uris=libvirt_uris,
+        )
         try:
-            _private_store(self.state)
+            sweep.private_store(self.state)
             self.store = Store(self.state / "state.sqlite")
         except OSError as exc:
             raise from_os_error(exc, f"open the state store in {self.state}") from None
         except sqlite3.Error as exc:
-            raise TTError(f"cannot open the state store {self.state / 'state.sqlite'}: {exc}",
-                          "check permissions and free space, or set TTENV_STATE_DIR") from None  # fmt: skip
-        self.progress = progress or (lambda line: None)
-        self.bind_addr = bind_addr
-        self._probe_addr = "127.0.0.1" if bind_addr == "0.0.0.0" else bind_addr  # where wait_vm looks for sshd
-        self.public_addr = public_addr or self._probe_addr
-        self.names_per_owner = names_per_owner
-        self.engine = engine
-        self.libvirt_uris = tuple(libvirt_uris)
-        self._qemu = QemuEngine(bind_addr, self._probe_addr, self.progress)
-        self._libvirt: LibvirtEngine | None = None
+            raise TTError(
+                f"cannot open the state store {self.state / 'state.sqlite'}: {exc}",
+                "check permissions and free space, or set TTENV_STATE_DIR",
+            ) from None
         self._lock = threading.RLock()  # starting a VM vs deleting its ENV, within this process
-        self._starter: _Starter | None = None
-        if engine == "libvirt":
-            self._libvirt_engine()  # bad URIs and a missing libvirt-python are reported now
-        elif self.libvirt_uris:
-            raise UsageError("--libvirt-uri needs --engine libvirt")
-        self._fail_abandoned()
+        sweep.fail_abandoned(self.store)
 
-    # -- engines ----------------------------------------------------------------------------
-    def _libvirt_engine(self) -> LibvirtEngine:
-        if self._libvirt is None:
-            from pytest_ttenv.backend.engines.libvirt import LibvirtEngine
-
-            self._libvirt = LibvirtEngine(
-                self.libvirt_uris, self.state, bind_addr=self.bind_addr, probe_addr=self._probe_addr,
-                progress=self.progress,
-            )  # fmt: skip
-        return self._libvirt
-
-    def _engine_of(self, vm: VmInfo) -> Engine:
-        """The engine that runs ``vm`` (recorded with it, whatever this backend creates now)."""
-        return self._libvirt_engine() if vm.engine == "libvirt" else self._qemu
-
-    def _new_engine(self) -> Engine:
-        return self._libvirt_engine() if self.engine == "libvirt" else self._qemu
+    def _say(self, line: str) -> None:
+        """A progress line (to whatever ``progress`` is now: callers replace it)."""
+        self.progress(line)
 
     # -- images -----------------------------------------------------------------------------
     def images(self) -> list[ImageInfo]:
@@ -193,10 +141,14 @@ class LocalBackend:
         """An image of ``arch`` with a kernel and initramfs: what the KVM probe boots."""
         return next((i for i in self.image_store.all() if i.arch == arch and i.kernel and i.initrd), None)
 
+    def _booting(self) -> int:
+        """How many VMs of this state dir boot now (boot timeouts grow with it)."""
+        return sum(v.state == "booting" for e in self.store.list_envs() for v in e.vms)
+
     # -- ENVs -------------------------------------------------------------------------------
     def create_env(self, spec: EnvSpec) -> EnvInfo:
-        """Create the ENV and start every VM; returns at once while the VMs boot (warm VMs whose
-        template does not exist yet wait, ``booting``, while this process makes it).
+        """Create the ENV and start every VM; returns at once while the VMs boot (a VM whose
+        engine makes something first, its warm template, waits ``booting`` meanwhile).
 
         Any failure before all VMs are started removes everything created so far; a failing
         file operation (disk full, no permission) becomes one TTError line.
@@ -229,25 +181,24 @@ class LocalBackend:
                 accels[image.arch] = accel_mod.choose(spec.accel, image, probe)
                 self._warn_tcg(accels[image.arch], image)
         owner = spec.owner or _user()
-        engine = self._new_engine()
-        warm_keys = {vm.name: self._warm_key(spec, vm, image, accels[image.arch].name, owner, engine)
-                     for vm, image in plan}  # fmt: skip
+        engine = self.engines.new
+        boots = [self._plan(engine, spec, vm, image, accels[image.arch].name, owner) for vm, image in plan]
         self.gc()
         held = [vm for env in self.store.list_envs() for vm in env.vms if vm.engine == engine.name]
         hosts = engine.place([vm for vm, _ in plan], held)
         env_id = secrets.token_hex(6)
         rundir = self.state / "envs" / env_id
-        longest = max(len(str(_qmp_path(env_id, n))) for n in names)
-        if longest > _SOCKET_PATH_MAX:
-            raise UsageError(
-                f"{runtime_dir()} is too deep for qemu's monitor socket paths", "set TMPDIR to a shorter path"
-            )
         now = time.time()
         stored = f"{owner}:{spec.name}" if self.names_per_owner else spec.name
         info = EnvInfo(
-            id=env_id, name=stored, owner=owner, created=now,
-            expires=now + spec.ttl if spec.ttl else None, state="booting", rundir=str(rundir),
-        )  # fmt: skip
+            id=env_id,
+            name=stored,
+            owner=owner,
+            created=now,
+            expires=now + spec.ttl if spec.ttl else None,
+            state="booting",
+            rundir=str(rundir),
+        )
         sockets = runtime_dir() / env_id
         try:  # one guard over every step, so an interrupt anywhere (even between steps) cleans up
             private_dir(self.state / "envs")
@@ -256,32 +207,40 @@ class LocalBackend:
             write_private(sockets / "rundir", str(rundir))
             owner_start = start_time(spec.owner_pid) if spec.owner_pid else None
             write_private(rundir / "owner.json", json.dumps({"pid": spec.owner_pid, "start": owner_start}))
-            write_private(rundir / CREATOR, json.dumps(current()))  # starts its VMs (warm ones later)
+            write_private(rundir / sweep.CREATOR, json.dumps(current()))  # starts its VMs (waiting ones later)
             self.store.add_env(info, spec.owner_pid, owner_start)
-            pending: dict[str, list[tuple[VmSpec, ImageInfo, accel_mod.Accel]]] = {}
-            for (vm, image), host in zip(plan, hosts, strict=True):
-                acc, keyed = accels[image.arch], warm_keys[vm.name]
-                template = self._template(image, keyed[0]) if keyed else None
-                self._start_vm(info, spec, vm, image, acc, engine, host, warm_start=keyed is not None,
-                               template=template)  # fmt: skip
-                if keyed and template is None:
-                    pending.setdefault(keyed[0], []).append((vm, image, acc))
+            booting = self._booting() + len(plan)
+            jobs = [
+                self._prepare(info, spec, vm, image, accels[image.arch], engine, host, boot, booting)
+                for (vm, image), host, boot in zip(plan, hosts, boots, strict=True)
+            ]
+            engine.start(jobs)
         except BaseException:
-            self._undo_create(env_id, rundir, sockets)
+            self._undo_create(env_id, rundir, sockets, engine)
             raise
-        for key, vms in pending.items():  # made (or waited for) in the background; the VMs start then
-            keyed = warm_keys[vms[0][0].name]
-            assert keyed is not None
-            threading.Thread(target=self._make_then_start, args=(env_id, spec, key, keyed[1], vms),
-                             name=f"ttenv-template-{key}", daemon=True).start()  # fmt: skip
         return self.show_env(env_id)
 
-    def _start_vm(
-        self, env: EnvInfo, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel, engine: Engine,
-        host: str, *, warm_start: bool = False, template: warm.Template | None = None,
-    ) -> None:  # fmt: skip
-        """Prepare the VM (run dir, host key, seed, port) and start it: cold, or (``warm_start``) from
-        ``template`` - or, with none yet, leave it ``booting`` with pid 0 until its template is made."""
+    def _plan(self, engine: Engine, spec: EnvSpec, vm: VmSpec, image: ImageInfo, accel: str, owner: str) -> Boot:
+        """How the engine starts ``vm``; a warm start asked for but not possible is said, with why."""
+        boot = engine.plan(spec, vm, image, accel, owner)
+        if spec.boot == "warm" and boot.how != "warm":
+            self.progress(f"{vm.name}: cold boot ({boot.why})")
+        return boot
+
+    def _prepare(
+        self,
+        env: EnvInfo,
+        spec: EnvSpec,
+        vm: VmSpec,
+        image: ImageInfo,
+        acc: accel_mod.Accel,
+        engine: Engine,
+        host: str,
+        boot: Boot,
+        booting: int,
+    ) -> Start:
+        """The VM's run dir, host key, seed, machine-id and port, recorded (``booting``): its job
+        for the engine."""
         vmdir = Path(env.rundir) / vm.name
         vmdir.mkdir(mode=0o700)
         host_key = KeyPair.generate(f"ttenv-{vm.name}")
@@ -292,177 +251,93 @@ class LocalBackend:
             vmdir / "seed.iso",
         )
         info = VmInfo(
-            name=vm.name, image=image.name, os=image.os, version=image.version, arch=image.arch,
-            state="booting", address=engine.address(host) or self.public_addr, user=image.user,
-            host_key=host_key.public, resources=vm.resources, accel=acc.name, engine=engine.name, host=host,
-            boot="warm" if warm_start else "cold", boot_seconds=time.time(),
-        )  # fmt: skip
+            name=vm.name,
+            image=image.name,
+            os=image.os,
+            version=image.version,
+            arch=image.arch,
+            state="booting",
+            address=engine.address(host) or self.public_addr,
+            user=image.user,
+            host_key=host_key.public,
+            resources=vm.resources,
+            accel=acc.name,
+            engine=engine.name,
+            host=host,
+            boot=boot.how,
+            boot_seconds=time.time(),
+        )
         write_private(vmdir / "machine-id", machine_id)
-        if warm_start:  # what makes it its own machine once it runs (wait_vm sends it, then deletes this)
-            ident = warm.Identity(vm.name, machine_id, image.user, spec.client_pubkey, host_key)
-            with open(os.open(vmdir / "identity.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-                json.dump(ident.to_dict(), f)
-        info.port = self.store.reserve_port(env.id, info, self._ports(engine, host))
-        if warm_start and template is None:
-            self.store.update_vm(env.id, info)
-            self.progress(f"{vm.name}: waiting for the warm template of {image.name}")
-            return
-        self._launch(env, spec, vm, image, acc, engine, host, info, template)
-
-    def _ports(self, engine: Engine, host: str) -> Iterator[int]:
         # a remote host's ports cannot be checked from here: its engine moves a VM whose port is taken
-        return _any_ports() if engine.address(host) else _free_ports(self.bind_addr)
+        ports = any_ports() if engine.address(host) else free_ports(self.bind_addr)
+        info.port = self.store.reserve_port(env.id, info, ports)
+        return Start(
+            env,
+            spec,
+            vm,
+            image,
+            acc.name,
+            info,
+            vmdir,
+            vmdir / "seed.iso",
+            host_key,
+            machine_id,
+            boot,
+            move_port=lambda: self.store.reserve_port(env.id, info, ports),
+            record=lambda: self.store.update_vm(env.id, info),
+            resume=lambda: self._resume(env.id, vm.name),
+            fail=lambda message: self._fail_start(env.id, info, message),
+            boot_timeout=accel_mod.boot_timeout(acc.name, image.arch, booting, image.access),
+        )
 
-    def _launch(
-        self, env: EnvInfo, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel, engine: Engine,
-        host: str, info: VmInfo, template: warm.Template | None,
-    ) -> None:  # fmt: skip
-        """Hand the prepared VM to its engine: cold, or from ``template``'s saved state."""
-        vmdir = Path(env.rundir) / vm.name
-        cmdline = warm.machine_cmdline(image, (vmdir / "machine-id").read_text())
-        ports = self._ports(engine, host)
-        move = lambda: self.store.reserve_port(env.id, info, ports)  # noqa: E731
-        record = lambda: self.store.update_vm(env.id, info)  # noqa: E731
-        engine.start(Start(env, spec, vm, image, acc.name, info, vmdir, vmdir / "seed.iso", cmdline, move, template,
-                           record))  # fmt: skip
-        self.store.update_vm(env.id, info)
-        where = f" on {host_label(host)}" if host_label(host) else ""
-        how = f"warm start from template {template.key}" if template is not None else "booting"
-        self.progress(f"{vm.name}: {how}{where} ({acc.name}, ssh port {info.port})")
-
-    # -- warm boot --------------------------------------------------------------------------------
-    def _warm_key(
-        self, spec: EnvSpec, vm: VmSpec, image: ImageInfo, accel: str, owner: str, engine: Engine
-    ) -> tuple[str, dict[str, object]] | None:
-        """The key and inputs of the template ``vm`` starts from, or None: a cold boot (with a
-        progress line saying why, unless cold was asked for)."""
-        if spec.boot != "warm":
-            return None
-        why = warm.ineligible(image, vm.resources)
-        if engine.name != "qemu":
-            why = f"warm starts need the qemu engine, not {engine.name}"
-        if not why:
-            qemu.require(image.arch)  # said now, not by a background template maker
-            try:
-                inputs = warm.template_inputs(image, accel, vm.resources, owner)
-                return warm.template_key(inputs), inputs
-            except (OSError, TTError) as exc:
-                why = f"{image.name}'s warm template cannot be keyed: {exc}"
-        self.progress(f"{vm.name}: cold boot ({why})")
-        return None
-
-    def _template(self, image: ImageInfo, key: str) -> warm.Template | None:
-        """The complete, verified template ``key`` of ``image``, or None (made in the background
-        then). A template that fails its checks is removed, saying so."""
-        store = warm.TemplateStore(image)
-        template = store.find(key)
-        if template is None:
-            return None
-        try:
-            store.verify(template)
-        except TTError as exc:
-            self.progress(f"{exc}: removing it, a new one is made")
-            store.remove(key)
-            return None
-        store.mark_used(template)
-        return template
-
-    def _make_then_start(
-        self, env_id: str, spec: EnvSpec, key: str, inputs: dict[str, object],
-        vms: list[tuple[VmSpec, ImageInfo, accel_mod.Accel]],
-    ) -> None:  # fmt: skip
-        """Make template ``key`` (or wait while another process makes it), then start ``vms``
-        from it - or cold, saying why, if that failed."""
-        _, image, acc = vms[0]
-        res = vms[0][0].resources
-        booting = sum(v.state == "booting" for e in self.store.list_envs() for v in e.vms)
-        limit = accel_mod.boot_timeout(acc.name, image.arch, booting)
-        template, why = None, ""
-        try:
-            store = warm.TemplateStore(image)
-            with store.lock(key, warm.template_budget(limit)):
-                template = self._template(image, key)
-                if template is None:
-                    template = warm.make_template(store, key, inputs, res, 2 * limit, self.progress)
-        except Exception as exc:  # noqa: BLE001 - any failure: the VMs boot cold, saying why
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        for vm, image, acc in vms:
-            self._starter_thread().submit(functools.partial(self._start_pending, env_id, spec, vm, image, acc,
-                                                            template, why))  # fmt: skip
-
-    def _start_pending(
-        self, env_id: str, spec: EnvSpec, vm: VmSpec, image: ImageInfo, acc: accel_mod.Accel,
-        template: warm.Template | None, why: str,
-    ) -> None:  # fmt: skip
-        """Start a VM that waited for its template (on the starter thread); a failure marks it failed."""
+    @contextlib.contextmanager
+    def _resume(self, env_id: str, vm_name: str) -> Iterator[bool]:
+        """Held while a VM that waited is started (its ENV is not deleted meanwhile, within this
+        process): True if it still waits to be started."""
         with self._lock:
             try:
-                env = self.store.get_env(env_id)
-                info = env.vm(vm.name)
-            except (NotFound, KeyError):
-                return  # deleted meanwhile
-            try:
-                if template is None:
-                    self.progress(f"{vm.name}: cold boot (no warm template: {why})")
-                    info.boot = "cold"
-                    (Path(env.rundir) / vm.name / "identity.json").unlink(missing_ok=True)
-                info.boot_seconds = time.time()  # its boot is timed from here
-                self._launch(env, spec, vm, image, acc, self._qemu, "", info, template)
-            except Exception as exc:  # noqa: BLE001 - reported through the VM's state and wait_vm
-                info.state, info.error = "failed", f"VM {vm.name} could not be started: {exc}"
-                self.store.update_vm(env.id, info)
-                self.store.set_env_state(env.id, "failed")
+                vm: VmInfo | None = self.store.get_env(env_id).vm(vm_name)
+            except (NotFound, KeyError):  # deleted meanwhile
+                vm = None
+            yield vm is not None and waiting(vm)
 
-    def _starter_thread(self) -> _Starter:
-        with self._lock:
-            if self._starter is None:
-                self._starter = _Starter()
-            return self._starter
+    def _fail_start(self, env_id: str, info: VmInfo, message: str) -> None:
+        info.state, info.error = "failed", message
+        self.store.update_vm(env_id, info)
+        self.store.set_env_state(env_id, "failed")
 
-    def _apply_identity(self, env: EnvInfo, vm: VmInfo) -> None:
-        """Send a warm VM its identity once (whichever process gets here first); TTError on failure."""
-        vmdir = Path(env.rundir) / vm.name
-        pending = vmdir / "identity.json"
-        if not pending.exists():
-            return
-        with warm.flock(vmdir / "identity.lock", warm.AGENT_TIMEOUT + 10, f"the identity lock of VM {vm.name}"):
-            if not pending.exists():
-                return
-            ident = warm.Identity.from_dict(json.loads(pending.read_text()))
-            warm.apply_identity(identity_path(env.id, vm.name), ident, warm.AGENT_TIMEOUT, f"VM {vm.name}")
-            pending.unlink()
-
-    def _undo_create(self, env_id: str, rundir: Path, sockets: Path) -> None:
+    def _undo_create(self, env_id: str, rundir: Path, sockets: Path, engine: Engine) -> None:
         """Remove whatever a failed or interrupted create_env made, whichever step it reached."""
         for last in (False, True):
             try:
                 try:
                     self.store.get_env(env_id)
                 except NotFound:
-                    self._qemu.reap_rundir(env_id, rundir)
+                    engine.abandon(env_id, rundir)
                 else:
                     self.delete_env(env_id)
                 break
             except TTError:  # a full disk: the store cannot even read until the run dir's files go
                 if last:
                     raise
-                self._qemu.reap_rundir(env_id, rundir)
+                engine.abandon(env_id, rundir)
                 shutil.rmtree(rundir, ignore_errors=True)
         shutil.rmtree(rundir, ignore_errors=True)
         shutil.rmtree(sockets, ignore_errors=True)
 
     def wait_vm(self, env_ref: str, vm_name: str, timeout: float | None = None) -> VmInfo:
-        """Wait until the VM's sshd answers; return its VmInfo (state ``running``). A warm VM is
-        first given its identity (so sshd then presents its own host key and only the client's key
-        logs in); by default one still waiting for its template also gets the time to make that.
+        """Wait until the VM is ready (``Engine.ready``: its sshd answers; a warm VM has first taken
+        its identity, so sshd then presents its own host key and only the client's key logs in);
+        return its VmInfo (state ``running``). By default a VM still waiting for its warm template
+        also gets the time to make that.
 
-        Raises BootError with the console tail if qemu exits or the timeout passes; a VM
+        Raises BootError with the console tail if the VM dies or the timeout passes; a VM
         that timed out is stopped.
         """
         return self._wait(env_ref, vm_name, timeout, final=True)
 
     def poll_vm(self, env_ref: str, vm_name: str, timeout: float, stop: Callable[[], bool] | None = None) -> VmInfo:
-        """Wait at most ``timeout`` s for the VM's sshd without giving up on it: its VmInfo,
+        """Wait at most ``timeout`` s for the VM to be ready without giving up on it: its VmInfo,
         ``running`` or still ``booting`` (the server's long poll; also as soon as ``stop()`` is
         true). BootError if it died or failed. Probes as often as wait_vm: each probe is a TCP
         connection that qemu's user networking keeps retrying until the guest answers, so
@@ -478,86 +353,11 @@ class LocalBackend:
             return vm
         if vm.state != "booting":
             raise BootError(f"VM {vm.name} is {vm.state}: {vm.error}", self.console(env.id, vm.name))
+        engine = self.engines.of(vm)
         if timeout is None:
-            booting = sum(v.state == "booting" for e in self.store.list_envs() for v in e.vms)
-            timeout = accel_mod.boot_timeout(vm.accel, vm.arch, booting, self._access(vm.image))
-            if _pending(vm):  # waiting for its warm template: that is made first, then the VM starts
-                timeout += warm.template_budget(timeout)
-        started = vm.boot_seconds
-        deadline = time.monotonic() + timeout
-        engine = self._engine_of(vm)
-        probe = engine.probe_addr(vm)
-        identified = vm.boot != "warm"
-        while True:
-            if _pending(vm):  # started by the process making its template
-                if time.monotonic() >= deadline or (stop is not None and stop()):
-                    if not final:
-                        return vm
-                    msg = f"VM {vm.name} was not started within {timeout:.0f} s: its warm template was not ready"
-                    return self._boot_failed(env, vm, msg)
-                time.sleep(0.2)
-                vm = _vm(self.store.get_env(env.id), vm_name)
-                if vm.state != "booting":
-                    raise BootError(f"VM {vm.name} is {vm.state}: {vm.error}", self.console(env.id, vm.name))
-                identified, started = vm.boot != "warm", vm.boot_seconds
-                continue
-            why = engine.dead(env, vm)
-            if why:
-                detail = engine.boot_log(env, vm)
-                if not identified:
-                    dropped = self._drop_bad_template(Path(env.rundir) / vm.name, detail)
-                    msg = f"VM {vm.name} died during its warm start ({why}) {detail}".strip()
-                    return self._boot_failed(env, vm, msg + ("; its template was removed" if dropped else ""))
-                return self._boot_failed(env, vm, f"VM {vm.name} died during boot ({why}) {detail}".strip())
-            if not identified:  # a warm VM: its identity first, once it runs (it loads its state before)
-                if qemu.run_state(qmp_path(env.id, vm.name)) == "running":
-                    try:
-                        self._apply_identity(env, vm)
-                    except TTError as exc:
-                        engine.halt(env, vm)
-                        return self._boot_failed(env, vm, str(exc))
-                    return self._mark_running(env, vm, started)  # its sshd was listening when it was saved
-                if time.monotonic() < deadline and not (stop is not None and stop()):
-                    time.sleep(0.05)
-                    continue
-            elif ssh_banner(probe, vm.port, timeout=min(2.0, max(0.1, deadline - time.monotonic()))):
-                return self._mark_running(env, vm, started)
-            if time.monotonic() >= deadline or (stop is not None and stop()):
-                if not final:
-                    return vm
-                engine.halt(env, vm)
-                what = "answer SSH" if identified else "load its saved state (warm start)"
-                msg = f"VM {vm.name} did not {what} within {timeout:.0f} s ({vm.accel})"
-                return self._boot_failed(env, vm, msg)
-            time.sleep(0.1)
-
-    def _mark_running(self, env: EnvInfo, vm: VmInfo, started: float) -> VmInfo:
-        vm.state, vm.boot_seconds = "running", time.time() - started
-        self.store.update_vm(env.id, vm)
-        if all(v.state == "running" for v in self.store.get_env(env.id).vms):
-            self.store.set_env_state(env.id, "running")
-        return vm
-
-    @staticmethod
-    def _drop_bad_template(vmdir: Path, qemu_log: str) -> bool:
-        """If a warm VM's qemu could not load its template's state, remove the template (the next
-        ENV makes a new one) and return True."""
-        if "load of migration failed" not in qemu_log:
-            return False  # died for another reason (killed, out of memory): the template is not suspect
-        try:
-            template = Path((vmdir / "template").read_text())
-        except OSError:
-            return False
-        if template.parent.name != "warm" or not (template / warm.META).exists():
-            return False
-        warm.remove_dir(template)
-        return True
-
-    def _boot_failed(self, env: EnvInfo, vm: VmInfo, message: str) -> VmInfo:
-        vm.state, vm.error = "failed", message
-        self.store.update_vm(env.id, vm)
-        self.store.set_env_state(env.id, "failed")
-        raise BootError(message, self.console(env.id, vm.name))
+            limit = accel_mod.boot_timeout(vm.accel, vm.arch, self._booting(), self._access(vm.image))
+            timeout = engine.wait_budget(vm, limit)
+        return readiness.Wait(self.store, engine, env, vm, self.console).run(timeout, final, stop)
 
     def show_env(self, ref: str) -> EnvInfo:
         """The ENV by name or id, with each VM's state checked against its engine (a VM that does
@@ -570,8 +370,8 @@ class LocalBackend:
     def _refresh(self, env: EnvInfo) -> EnvInfo:
         self._plain_name(env)
         for vm in env.vms:
-            if vm.state in ("booting", "running") and not _pending(vm):
-                why = self._engine_of(vm).dead(env, vm)
+            if vm.state in ("booting", "running") and not waiting(vm):
+                why = self.engines.of(vm).dead(env, vm)
                 if why:
                     vm.state, vm.error = "stopped", why
         return env
@@ -585,7 +385,7 @@ class LocalBackend:
         with self._lock:  # no VM of it starts meanwhile (one waiting for its warm template)
             env = self.store.get_env(ref)
             for vm in env.vms:
-                note = self._engine_of(vm).remove(env, vm)
+                note = self.engines.of(vm).remove(env, vm)
                 if note:
                     self.progress(note)
             shutil.rmtree(env.rundir, ignore_errors=True)
@@ -619,7 +419,7 @@ class LocalBackend:
         """Save the running VM's memory and disk state as ``name`` (qemu: QMP ``savevm``;
         libvirt: an internal snapshot through its snapshot API)."""
         env, vm = self._running(env_ref, vm_name)
-        self._engine_of(vm).snapshot(env, vm, name)
+        self.engines.of(vm).snapshot(env, vm, name)
 
     def revert(self, env_ref: str, vm_name: str, name: str) -> None:
         """Restore the VM to snapshot ``name``; open SSH connections to it are dead afterwards.
@@ -628,15 +428,13 @@ class LocalBackend:
         No snapshot of that name is NotFound, and the VM keeps running.
         """
         env, vm = self._running(env_ref, vm_name)
-        self._engine_of(vm).revert(env, vm, name)
-        if vm.boot == "warm":
-            warm.refresh(identity_path(env.id, vm.name), warm.AGENT_TIMEOUT, f"VM {vm.name}")
+        self.engines.of(vm).revert(env, vm, name)
 
     def _running(self, env_ref: str, vm_name: str) -> tuple[EnvInfo, VmInfo]:
         """The ENV and its VM ``vm_name``; BootError (with the console tail) if the VM does not run."""
         env = self.store.get_env(env_ref)
         vm = _vm(env, vm_name)
-        why = self._engine_of(vm).dead(env, vm)
+        why = self.engines.of(vm).dead(env, vm)
         if why:
             raise BootError(f"VM {vm.name} died ({why})", self.console(env.id, vm.name))
         return env, vm
@@ -645,77 +443,20 @@ class LocalBackend:
         """The last ``tail`` lines of the VM's serial console."""
         env = self.store.get_env(env_ref)
         vm = _vm(env, vm_name)
-        return self._engine_of(vm).console(env, vm, tail)
+        return self.engines.of(vm).console(env, vm, tail)
 
     def gc(self) -> list[EnvInfo]:
         """Delete ENVs whose owner process is gone or whose lease expired; returns them. Also
         deletes stray VMs, and warm templates of images that changed or that nobody used lately."""
-        reaped = []
-        now = time.time()
-        for env in self.store.list_envs():
-            pid, started = self.store.owner_of(env.id)
-            orphaned = pid is not None and not is_alive(pid, started)
-            expired = env.expires is not None and env.expires < now
-            if orphaned or expired:
-                try:
-                    reaped.append(self.delete_env(env.id))
-                except NotFound:  # deleted meanwhile by another process or thread
-                    continue
-        live = self._live
-        self._qemu.reap_strays(self.state, live)
-        if self.engine == "libvirt" or self._libvirt is not None or self._libvirt_pending():
-            self._libvirt_engine().reap_strays(self.state, live)
-        for image in self.image_store.all():
-            try:
-                warm.TemplateStore(image).reap()
-            except (OSError, TTError):
-                continue
+        reaped = sweep.reap_envs(self.store, self.delete_env)
+        for engine in self.engines.sweeping():
+            engine.reap_strays(self.state, self._live)
+            engine.reap_saved(self.image_store.all())
         return reaped
-
-    def _fail_abandoned(self) -> None:
-        """VMs never started whose creating process is gone (killed, a server restarted while they
-        waited ``booting`` with pid 0 for their warm template) fail, saying why: nobody would
-        start them, and failed they are shown, deleted and reaped like any other."""
-        for env in self.store.list_envs():
-            for vm in env.vms:
-                if vm.state != "booting" or vm.engine != "qemu" or vm.pid:
-                    continue
-                creator = Path(env.rundir) / CREATOR
-                if record_alive(creator):
-                    continue
-                vm.state = "failed"
-                vm.error = f"VM {vm.name} was never started: the process that created ENV {env.id} is gone"
-                self.store.update_vm(env.id, vm)
-                self.store.set_env_state(env.id, "failed")
 
     def _live(self, env_id: str) -> bool:
         """Whether the store holds ENV ``env_id`` right now."""
         return any(env.id == env_id for env in self.store.list_envs())
-
-    def _libvirt_pending(self) -> bool:
-        """Whether libvirt hosts hold leftovers of this state dir (they were unreachable at delete)."""
-        from pytest_ttenv.backend.engines.libvirt import PENDING_FILE
-
-        return (self.state / PENDING_FILE).exists()
-
-
-def _private_store(state: Path) -> None:
-    """The state dir 0700 and its sqlite files 0600 (older versions left them 0755 and 0644): the
-    database file is created 0600 before sqlite opens it, and sqlite gives its WAL and shared
-    memory files the database file's mode."""
-    private_dir(state)
-    db = state / "state.sqlite"
-    try:
-        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-    except FileExistsError:
-        pass
-    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        try:
-            st = path.lstat()
-            if st.st_uid == os.getuid() and st.st_mode & 0o077:
-                path.chmod(0o600)
-        except FileNotFoundError:
-            continue
 
 
 def _vm(env: EnvInfo, name: str) -> VmInfo:
@@ -723,44 +464,9 @@ def _vm(env: EnvInfo, name: str) -> VmInfo:
     try:
         return env.vm(name)
     except KeyError:
-        raise NotFound(f"no VM named {name!r} in ENV {env.id}",
-                       f"VMs: {', '.join(v.name for v in env.vms) or 'none'}") from None  # fmt: skip
-
-
-def _pending(vm: VmInfo) -> bool:
-    """A warm VM waiting for its template: not started yet (no process), not dead."""
-    return vm.state == "booting" and vm.boot == "warm" and vm.pid == 0
-
-
-class _Starter:
-    """One long-lived thread per backend that starts VMs which waited for a warm template.
-
-    VMs started to die with their owner get PDEATHSIG, which follows the thread that forked them:
-    so they are started from this thread, which lives as long as the process, never from the
-    short-lived thread that made the template.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue[Callable[[], None]] = queue.Queue()
-        threading.Thread(target=self._run, name="ttenv-starter", daemon=True).start()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
-
-    def _run(self) -> None:
-        while True:
-            self._jobs.get()()  # jobs report their own failures (the VM's state)
-
-
-def _qmp_path(env_id: str, vm_name: str) -> Path:
-    """The VM's QMP socket (kept under this name for callers of the local backend)."""
-    return qmp_path(env_id, vm_name)
-
-
-def _any_ports() -> Iterator[int]:
-    """Random ports in PORT_RANGE, for a host whose ports cannot be checked from here."""
-    for _ in range(200):
-        yield random.randint(*PORT_RANGE)
+        raise NotFound(
+            f"no VM named {name!r} in ENV {env.id}", f"VMs: {', '.join(v.name for v in env.vms) or 'none'}"
+        ) from None
 
 
 def _check_resources(res: Resources, image: ImageInfo) -> None:

@@ -21,9 +21,10 @@ from pytest_ttenv.core.model import EnvInfo, VmInfo
 from pytest_ttenv.errors import NotFound, TTError, UsageError
 
 # Version 1 is the schema before versions existed; append steps, never edit one (backend/schema.py).
-SCHEMA = Schema(steps=[
-    (  # 0 -> 1
-        """CREATE TABLE IF NOT EXISTS envs (
+SCHEMA = Schema(
+    steps=[
+        (  # 0 -> 1
+            """CREATE TABLE IF NOT EXISTS envs (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL UNIQUE,
             owner TEXT NOT NULL,
@@ -34,21 +35,22 @@ SCHEMA = Schema(steps=[
             owner_pid INTEGER,
             owner_start INTEGER
         )""",
-        """CREATE TABLE IF NOT EXISTS vms (
+            """CREATE TABLE IF NOT EXISTS vms (
             env_id TEXT NOT NULL REFERENCES envs(id) ON DELETE CASCADE,
             name TEXT NOT NULL,
             port INTEGER UNIQUE,
             data TEXT NOT NULL,
             PRIMARY KEY (env_id, name)
         )""",
-    ),
-    (  # 1 -> 2: list_envs (every list, show, get_env, gc) reads the ENVs ORDER BY created
-        "CREATE INDEX IF NOT EXISTS envs_by_created ON envs(created)",
-    ),
-    (  # 2 -> 3: the server reads one owner's ENVs (list, find, status)
-        "CREATE INDEX IF NOT EXISTS envs_by_owner ON envs(owner, created)",
-    ),
-])  # fmt: skip
+        ),
+        (  # 1 -> 2: list_envs (every list, show, get_env, gc) reads the ENVs ORDER BY created
+            "CREATE INDEX IF NOT EXISTS envs_by_created ON envs(created)",
+        ),
+        (  # 2 -> 3: the server reads one owner's ENVs (list, find, status)
+            "CREATE INDEX IF NOT EXISTS envs_by_owner ON envs(owner, created)",
+        ),
+    ]
+)
 
 
 class Store:
@@ -98,8 +100,9 @@ class Store:
         except OSError:
             full = False
         cause = ": No space left on device" if full else ""
-        return TTError(f"cannot use the state store {self.path} ({exc}){cause}",
-                       "free space there, or use another --state-dir")  # fmt: skip
+        return TTError(
+            f"cannot use the state store {self.path} ({exc}){cause}", "free space there, or use another --state-dir"
+        )
 
     def add_env(self, env: EnvInfo, owner_pid: int | None, owner_start: int | None) -> None:
         """Insert a new ENV (no VMs yet); a taken name is a UsageError."""
@@ -107,9 +110,18 @@ class Store:
             with self._tx() as db:
                 db.execute(
                     "INSERT INTO envs VALUES (?,?,?,?,?,?,?,?,?)",
-                    (env.id, env.name, env.owner, env.created, env.expires, env.state, env.rundir,
-                     owner_pid, owner_start),
-                )  # fmt: skip
+                    (
+                        env.id,
+                        env.name,
+                        env.owner,
+                        env.created,
+                        env.expires,
+                        env.state,
+                        env.rundir,
+                        owner_pid,
+                        owner_start,
+                    ),
+                )
         except sqlite3.IntegrityError:
             raise UsageError(
                 f"an ENV named {env.name!r} exists already", f"pick another name or: ttenv env del {env.name}"

@@ -55,26 +55,32 @@ def split_prefixes(values: Iterable[str]) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
 
-def match_prefixes(prefixes: Sequence[str], names: Iterable[str], arches: Sequence[str] = ()) -> list[str]:
-    """Names matching any OS prefix (TTStack rule), optionally restricted to ``arches``.
+def prefix_matches(prefix: str, names: Iterable[str], arches: Iterable[str] = ()) -> list[str]:
+    """The OS-prefix rule (TTStack's), the one place it is written: the names (in the order given)
+    that ``prefix`` starts once both are lower-cased and stripped of separators, so ``cent`` matches
+    every CentOS and ``ubuntu2004`` only Ubuntu 20.04 (an empty prefix matches every name); with
+    ``arches`` (canonical names or aliases; UsageError for an unknown one) only names of those arches.
+    """
+    key = normalize(prefix)
+    wanted = {canonical_arch(a) for a in arches}
+    return [n for n in names if normalize(n).startswith(key) and (not wanted or n.rsplit("-", 1)[-1] in wanted)]
 
-    A prefix matches a name when the normalized prefix starts the normalized name, so
-    ``cent`` matches every CentOS and ``ubuntu2004`` only Ubuntu 20.04. Result keeps the
-    order of ``names`` (sorted by the caller) without duplicates. A prefix that matches
-    nothing raises UsageError listing what exists.
+
+def match_prefixes(prefixes: Sequence[str], names: Iterable[str], arches: Sequence[str] = ()) -> list[str]:
+    """Names matching any OS prefix (``prefix_matches``), optionally restricted to ``arches``.
+
+    Result keeps the sorted order of ``names`` per prefix, in the order of the prefixes, without
+    duplicates. An empty prefix, or one that matches nothing, raises UsageError listing what exists.
     """
     pool = sorted(set(names))
-    wanted_arches = {canonical_arch(a) for a in arches}
+    wanted = sorted({canonical_arch(a) for a in arches})
     result: list[str] = []
     for prefix in prefixes:
-        key = normalize(prefix)
-        if not key:
+        if not normalize(prefix):
             raise UsageError(f"empty OS prefix {prefix!r}", "give e.g. debian12 or cent")
-        hits = [n for n in pool if normalize(n).startswith(key)]
-        if wanted_arches:
-            hits = [n for n in hits if n.rsplit("-", 1)[-1] in wanted_arches]
+        hits = prefix_matches(prefix, pool, wanted)
         if not hits:
-            arch_note = f" for arch {','.join(sorted(wanted_arches))}" if wanted_arches else ""
+            arch_note = f" for arch {','.join(wanted)}" if wanted else ""
             available = ", ".join(pool) if pool else "none (build one: ttenv image build debian-12)"
             raise UsageError(f"OS prefix {prefix!r} matches no image{arch_note}; available: {available}")
         result.extend(h for h in hits if h not in result)

@@ -68,8 +68,10 @@ def runtime_dir() -> Path:
     except FileExistsError:
         pass
     if not is_private_dir(path):
-        raise TTError(f"{path} is not a private directory of this user (mode 0700, owned by uid {os.getuid()})",
-                      "remove it, or set TMPDIR (or XDG_RUNTIME_DIR) to a directory only you can write")  # fmt: skip
+        raise TTError(
+            f"{path} is not a private directory of this user (mode 0700, owned by uid {os.getuid()})",
+            "remove it, or set TMPDIR (or XDG_RUNTIME_DIR) to a directory only you can write",
+        )
     return path
 
 

@@ -32,6 +32,9 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
         say(line)
     other = sum(matrix.other.values())
     written = ", ".join(path for _, path in targets) or "nothing (give --md, --html or --json)"
-    say(f"{len(matrix.sources)} JUnit file(s), {len(matrix.tests())} tests x {len(matrix.vms)} VMs"
-        + (f", {other} test case(s) on no VM left out" if other else "") + f"; wrote {written}")  # fmt: skip
+    say(
+        f"{len(matrix.sources)} JUnit file(s), {len(matrix.tests())} tests x {len(matrix.vms)} VMs"
+        + (f", {other} test case(s) on no VM left out" if other else "")
+        + f"; wrote {written}"
+    )
     return 0

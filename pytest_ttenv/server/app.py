@@ -72,12 +72,16 @@ Caller = Annotated[Grant, Depends(_grant)]
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
-        400: "bad request", 401: "missing or wrong token", 404: "no such ENV, VM or image (or another owner's)",
-        409: "quota exceeded (with what is free) or name taken", 413: "request body over 64 KiB",
-        422: "request does not match the schema, or malformed JSON", 424: "the VM failed to boot or died",
+        400: "bad request",
+        401: "missing or wrong token",
+        404: "no such ENV, VM or image (or another owner's)",
+        409: "quota exceeded (with what is free) or name taken",
+        413: "request body over 64 KiB",
+        422: "request does not match the schema, or malformed JSON",
+        424: "the VM failed to boot or died",
         429: "too many requests or long polls of this owner at once (see Retry-After)",
         503: "the server is busy for a moment (see Retry-After)",
-    }  # fmt: skip
+    }
     return {code: {"model": m.Error, "description": text[code]} for code in (*codes, 429, 503)}
 
 
@@ -156,8 +160,11 @@ class Gate:
     def request(self, owner: str) -> Iterator[None]:
         """One request of ``owner`` in flight (event loop only: no lock needed); TooMany beyond the share."""
         if self.requests.get(owner, 0) >= self.per_owner:
-            raise TooMany(f"owner {owner} has {self.per_owner} requests in flight already",
-                          "retry after the Retry-After seconds", 1)  # fmt: skip
+            raise TooMany(
+                f"owner {owner} has {self.per_owner} requests in flight already",
+                "retry after the Retry-After seconds",
+                1,
+            )
         self.requests[owner] = self.requests.get(owner, 0) + 1
         try:
             yield
@@ -170,8 +177,11 @@ class Gate:
     def poll(self, owner: str) -> Iterator[None]:
         """One long poll of ``owner``: TooMany beyond its share, Busy when the poll pool is full."""
         if self.polls.get(owner, 0) >= self.polls_per_owner:
-            raise TooMany(f"owner {owner} has {self.polls_per_owner} long polls (wait) in flight already",
-                          "wait for fewer VMs at once, or retry after the Retry-After seconds", 2)  # fmt: skip
+            raise TooMany(
+                f"owner {owner} has {self.polls_per_owner} long polls (wait) in flight already",
+                "wait for fewer VMs at once, or retry after the Retry-After seconds",
+                2,
+            )
         if self.limiter.available_tokens < 1:
             raise Busy("every long-poll thread of the server is taken", "retry after the Retry-After seconds", 2)
         self.polls[owner] = self.polls.get(owner, 0) + 1
@@ -257,8 +267,13 @@ class Guard:
                 chunks.append(chunk)
                 more = message.get("more_body", False)
         if slow.cancelled_caught:
-            error = {"error": "usage", "message": f"request body not received within {BODY_TIMEOUT:.0f} s",
-                    "hint": "send the whole body at once", "console": None, "free": None}  # fmt: skip
+            error = {
+                "error": "usage",
+                "message": f"request body not received within {BODY_TIMEOUT:.0f} s",
+                "hint": "send the whole body at once",
+                "console": None,
+                "free": None,
+            }
             await JSONResponse(error, status_code=408, headers={"Connection": "close"})(scope, receive, send)
             return
         body, sent = b"".join(chunks), False
@@ -305,10 +320,14 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
     """The API for ``service``. ``stopping()`` tells long polls the server is shutting down."""
     app = FastAPI(
         lifespan=_lifespan,
-        title="ttenv host server", version=__version__, openapi_url="/v1/openapi.json", docs_url="/v1/docs",
-        redoc_url=None, redirect_slashes=False,
+        title="ttenv host server",
+        version=__version__,
+        openapi_url="/v1/openapi.json",
+        docs_url="/v1/docs",
+        redoc_url=None,
+        redirect_slashes=False,
         description="ENVs of real VMs on a shared host; see docs/server.md of pytest-ttenv.",
-    )  # fmt: skip
+    )
     cfg = service.cfg
     gate = Gate(cfg.max_requests_per_owner, cfg.max_polls_per_owner, cfg.poll_threads)
     scrub = Scrub(cfg.state_dir, cfg.image_dir, runtime_dir())
@@ -332,8 +351,13 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
             return JSONResponse(body, status_code=404)
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        body = {"error": "usage", "message": one_line(f"bad request: {where}: {first.get('msg', 'invalid')}"),
-                "hint": "see /v1/openapi.json", "console": None, "free": None}  # fmt: skip
+        body = {
+            "error": "usage",
+            "message": one_line(f"bad request: {where}: {first.get('msg', 'invalid')}"),
+            "hint": "see /v1/openapi.json",
+            "console": None,
+            "free": None,
+        }
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -342,8 +366,13 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
             _, body = error_response(_not_found(request))
             return JSONResponse(body, status_code=404)
         if exc.status_code == 400:  # FastAPI could not even parse the body (not UTF-8, ...): as malformed JSON
-            body = {"error": "usage", "message": one_line(f"bad request: {exc.detail}"),
-                    "hint": "send a JSON body, see /v1/openapi.json", "console": None, "free": None}  # fmt: skip
+            body = {
+                "error": "usage",
+                "message": one_line(f"bad request: {exc.detail}"),
+                "hint": "send a JSON body, see /v1/openapi.json",
+                "console": None,
+                "free": None,
+            }
             return JSONResponse(body, status_code=422)
         kind = "usage" if exc.status_code < 500 else "server"
         body = {"error": kind, "message": one_line(str(exc.detail)), "hint": None, "console": None, "free": None}
@@ -359,8 +388,13 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
     def images(who: Owner) -> list[m.Image]:
         return [m.Image.of(image) for image in service.images()]
 
-    @app.post("/v1/envs", status_code=201, response_model=m.Env, responses=_errors(400, 401, 404, 409, 413, 422),
-              tags=["envs"])  # fmt: skip
+    @app.post(
+        "/v1/envs",
+        status_code=201,
+        response_model=m.Env,
+        responses=_errors(400, 401, 404, 409, 413, 422),
+        tags=["envs"],
+    )
     def create_env(body: m.EnvCreate, who: Owner) -> m.Env:
         """Create an ENV; answers at once with its VMs ``booting``."""
         vms = [(vm.name, vm.image, Resources(**vm.resources.model_dump())) for vm in body.vms]
@@ -392,37 +426,50 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
         """Keep the ENV for ``ttl`` seconds (capped at the server's --max-lease)."""
         return m.Env.of(service.keep(who, env, body.ttl))
 
-    @app.post("/v1/envs/{env}/vms/{vm}/wait", response_model=m.Vm, responses=_errors(401, 404, 422, 424),
-              tags=["vms"])  # fmt: skip
+    @app.post("/v1/envs/{env}/vms/{vm}/wait", response_model=m.Vm, responses=_errors(401, 404, 422, 424), tags=["vms"])
     async def wait_vm(
-        env: PathName, vm: PathName, who: Owner,
+        env: PathName,
+        vm: PathName,
+        who: Owner,
         timeout: Annotated[float | None, Query(gt=0, le=m.MAX_LEASE_ANY)] = None,
-    ) -> m.Vm:  # fmt: skip
+    ) -> m.Vm:
         """Long poll: the VM once ``running``, or still ``booting`` after min(timeout, 30) s; ask
         again until your own deadline. The wait in which ``timeout`` ends stops a VM that is not
         up and answers 424 with its console tail. An owner has a share of long polls at once
         (429 beyond it, with Retry-After); they run in threads of their own."""
         with gate.poll(who):
-            info = await anyio.to_thread.run_sync(lambda: service.wait(who, env, vm, timeout, stopping),
-                                                  limiter=gate.limiter)  # fmt: skip
+            info = await anyio.to_thread.run_sync(
+                lambda: service.wait(who, env, vm, timeout, stopping), limiter=gate.limiter
+            )
         return m.Vm.of(info)
 
-    @app.post("/v1/envs/{env}/vms/{vm}/snapshots", status_code=204, response_class=Response,
-              responses=_errors(400, 401, 404, 413, 422, 424), tags=["vms"])  # fmt: skip
+    @app.post(
+        "/v1/envs/{env}/vms/{vm}/snapshots",
+        status_code=204,
+        response_class=Response,
+        responses=_errors(400, 401, 404, 413, 422, 424),
+        tags=["vms"],
+    )
     def snapshot(env: PathName, vm: PathName, body: m.SnapshotIn, who: Owner) -> Response:
         """Save the running VM's memory and disk as snapshot ``name``."""
         service.snapshot(who, env, vm, body.name)
         return Response(status_code=204)
 
-    @app.post("/v1/envs/{env}/vms/{vm}/snapshots/{name}/revert", status_code=204, response_class=Response,
-              responses=_errors(400, 401, 404, 422, 424), tags=["vms"])  # fmt: skip
+    @app.post(
+        "/v1/envs/{env}/vms/{vm}/snapshots/{name}/revert",
+        status_code=204,
+        response_class=Response,
+        responses=_errors(400, 401, 404, 422, 424),
+        tags=["vms"],
+    )
     def revert(env: PathName, vm: PathName, name: PathName, who: Owner) -> Response:
         """Restore snapshot ``name``; connections to the VM are dead afterwards."""
         service.revert(who, env, vm, name)
         return Response(status_code=204)
 
-    @app.get("/v1/envs/{env}/vms/{vm}/console", response_model=m.Console, responses=_errors(401, 404, 422),
-             tags=["vms"])  # fmt: skip
+    @app.get(
+        "/v1/envs/{env}/vms/{vm}/console", response_model=m.Console, responses=_errors(401, 404, 422), tags=["vms"]
+    )
     def console(env: PathName, vm: PathName, who: Owner, tail: Annotated[int, Query(ge=1, le=2000)] = 50) -> m.Console:
         """The last ``tail`` lines of the VM's serial console."""
         return m.Console(text=service.console(who, env, vm, tail))

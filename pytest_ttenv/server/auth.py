@@ -29,15 +29,20 @@ from pytest_ttenv.errors import NotFound, TTError, UsageError
 _OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,200}$")
 # Version 1 is the schema before versions existed; append steps, never edit one (backend/schema.py).
-SCHEMA = Schema(steps=[
-    ("CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, created REAL NOT NULL)",),
-    (  # 1 -> 2: an admin flag and per-owner caps (NULL: no cap)
-        "ALTER TABLE tokens ADD COLUMN admin INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE tokens ADD COLUMN max_cpu INTEGER",
-        "ALTER TABLE tokens ADD COLUMN max_mem_mib INTEGER",
-        "ALTER TABLE tokens ADD COLUMN max_vms INTEGER",
-    ),
-])  # fmt: skip
+SCHEMA = Schema(
+    steps=[
+        (
+            "CREATE TABLE IF NOT EXISTS tokens"
+            " (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, created REAL NOT NULL)",
+        ),
+        (  # 1 -> 2: an admin flag and per-owner caps (NULL: no cap)
+            "ALTER TABLE tokens ADD COLUMN admin INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE tokens ADD COLUMN max_cpu INTEGER",
+            "ALTER TABLE tokens ADD COLUMN max_mem_mib INTEGER",
+            "ALTER TABLE tokens ADD COLUMN max_vms INTEGER",
+        ),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,11 @@ class Limits:
         return {"cpu": self.cpu, "mem_mib": self.mem_mib, "vms": self.vms}
 
     def text(self) -> str:
-        parts = [f"{self.cpu} CPU" if self.cpu is not None else "",
-                 f"{self.mem_mib} MiB memory" if self.mem_mib is not None else "",
-                 f"{self.vms} VM(s)" if self.vms is not None else ""]  # fmt: skip
+        parts = [
+            f"{self.cpu} CPU" if self.cpu is not None else "",
+            f"{self.mem_mib} MiB memory" if self.mem_mib is not None else "",
+            f"{self.vms} VM(s)" if self.vms is not None else "",
+        ]
         return ", ".join(p for p in parts if p) or "none"
 
 

@@ -71,9 +71,13 @@ class GuardedH11Protocol(H11Protocol):
         """Close the connection that has waited longest for a request head (not this one)."""
         oldest: GuardedH11Protocol | None = None
         for conn in self.connections:
-            if (isinstance(conn, GuardedH11Protocol) and conn is not self and conn._waiting_since is not None
-                    and not conn.transport.is_closing()
-                    and (oldest is None or conn._waiting_since < (oldest._waiting_since or 0.0))):  # fmt: skip
+            if (
+                isinstance(conn, GuardedH11Protocol)
+                and conn is not self
+                and conn._waiting_since is not None
+                and not conn.transport.is_closing()
+                and (oldest is None or conn._waiting_since < (oldest._waiting_since or 0.0))
+            ):
                 oldest = conn
         if oldest is None:
             return False
@@ -125,8 +129,11 @@ class GuardedH11Protocol(H11Protocol):
 
 def guarded_protocol(max_connections: int, header_timeout: float) -> type[GuardedH11Protocol]:
     """A GuardedH11Protocol class with these limits (uvicorn.Config's ``http``)."""
-    return type("ServerH11Protocol", (GuardedH11Protocol,),
-                {"max_connections": max_connections, "header_timeout": header_timeout})  # fmt: skip
+    return type(
+        "ServerH11Protocol",
+        (GuardedH11Protocol,),
+        {"max_connections": max_connections, "header_timeout": header_timeout},
+    )
 
 
 class RateLimit(logging.Filter):

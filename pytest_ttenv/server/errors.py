@@ -56,8 +56,10 @@ def as_busy(exc: BaseException) -> Busy | None:
         if "locked" in text or "busy" in text or "unable to open" in text:
             return Busy("the server's database is busy", "retry in a moment")
     if isinstance(exc, OSError) and exc.errno in _BUSY_ERRNOS:
-        return Busy(f"the server is out of resources for a moment ({errno.errorcode.get(exc.errno or 0, '?')})",
-                    "retry in a moment")  # fmt: skip
+        return Busy(
+            f"the server is out of resources for a moment ({errno.errorcode.get(exc.errno or 0, '?')})",
+            "retry in a moment",
+        )
     cause = exc.__cause__ or exc.__context__
     if isinstance(exc, TTError) and cause is not None and cause is not exc:
         return as_busy(cause)
@@ -69,41 +71,39 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# First match wins, so a subclass stands before its base (Conflict, TooLarge before UsageError).
+_STATUS: tuple[tuple[type[TTError], int, str], ...] = (
+    (Busy, 503, "busy"),
+    (TooMany, 429, "too_many"),
+    (AuthError, 401, "auth"),
+    (Conflict, 409, "conflict"),
+    (TooLarge, 413, "too_large"),
+    (UsageError, 400, "usage"),
+    (NotFound, 404, "not_found"),
+    (QuotaError, 409, "quota"),
+    (VmDied, 424, "died"),
+    (BootError, 424, "boot"),
+    (TTError, 500, "server"),
+)
+
+
 def error_response(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """(status, body) for ``exc``; load (``as_busy``) is a 503, anything else that is not a
     TTError a 500 that says nothing about its cause (the server logs it)."""
-    console: str | None = None
-    free: dict[str, int] | None = None
     busy = as_busy(exc)
     if busy is not None:
         exc = busy
-    if isinstance(exc, Busy):
-        status, kind = 503, "busy"
-    elif isinstance(exc, TooMany):
-        status, kind = 429, "too_many"
-    elif isinstance(exc, AuthError):
-        status, kind = 401, "auth"
-    elif isinstance(exc, Conflict):
-        status, kind = 409, "conflict"
-    elif isinstance(exc, TooLarge):
-        status, kind = 413, "too_large"
-    elif isinstance(exc, UsageError):
-        status, kind = 400, "usage"
-    elif isinstance(exc, NotFound):
-        status, kind = 404, "not_found"
-    elif isinstance(exc, QuotaError):
-        status, kind, free = 409, "quota", exc.free
-    elif isinstance(exc, BootError):
-        status, kind, console = 424, "died" if isinstance(exc, VmDied) else "boot", exc.console_tail
-    elif isinstance(exc, TTError):
-        status, kind = 500, "server"
-    else:
-        return 500, {"error": "server", "message": "internal server error (see the server's log)", "hint": None,
-                     "console": None, "free": None}  # fmt: skip
-    message = exc.message if isinstance(exc, TTError) else str(exc)
-    hint = exc.hint if isinstance(exc, TTError) else None
-    return status, {"error": kind, "message": one_line(message), "hint": one_line(hint) if hint else None,
-                    "console": console, "free": free}  # fmt: skip
+    if not isinstance(exc, TTError):
+        body = {"error": "server", "message": "internal server error (see the server's log)"}
+        return 500, body | {"hint": None, "console": None, "free": None}
+    status, kind = next((status, kind) for cls, status, kind in _STATUS if isinstance(exc, cls))
+    return status, {
+        "error": kind,
+        "message": one_line(exc.message),
+        "hint": one_line(exc.hint) if exc.hint else None,
+        "console": exc.console_tail if isinstance(exc, BootError) else None,
+        "free": exc.free if isinstance(exc, QuotaError) else None,
+    }
 
 
 def retry_after(exc: BaseException) -> int | None:

@@ -108,8 +108,16 @@ class Env(BaseModel):
 
     @classmethod
     def of(cls, env: EnvInfo) -> Env:
-        return cls(id=env.id, name=env.name, owner=env.owner, created=env.created, expires=env.expires,
-                   state=env.state, vms=[Vm.of(vm) for vm in env.vms], rundir="")  # fmt: skip
+        return cls(
+            id=env.id,
+            name=env.name,
+            owner=env.owner,
+            created=env.created,
+            expires=env.expires,
+            state=env.state,
+            vms=[Vm.of(vm) for vm in env.vms],
+            rundir="",
+        )
 
 
 class Image(BaseModel):
@@ -171,8 +179,9 @@ class Console(BaseModel):
 class Error(BaseModel):
     """Every error: its kind, one line, what to do, and a console tail for boot failures."""
 
-    error: Literal["usage", "auth", "not_found", "quota", "conflict", "too_large", "boot", "died", "too_many", "busy",
-                   "server"]  # fmt: skip
+    error: Literal[
+        "usage", "auth", "not_found", "quota", "conflict", "too_large", "boot", "died", "too_many", "busy", "server"
+    ]
     message: str
     hint: str | None
     console: str | None

@@ -29,12 +29,14 @@ class Amounts:
     vms: int = 0
 
     def __add__(self, other: Amounts) -> Amounts:
-        return Amounts(self.cpu + other.cpu, self.mem_mib + other.mem_mib, self.disk_mib + other.disk_mib,
-                       self.vms + other.vms)  # fmt: skip
+        return Amounts(
+            self.cpu + other.cpu, self.mem_mib + other.mem_mib, self.disk_mib + other.disk_mib, self.vms + other.vms
+        )
 
     def __sub__(self, other: Amounts) -> Amounts:
-        return Amounts(self.cpu - other.cpu, self.mem_mib - other.mem_mib, self.disk_mib - other.disk_mib,
-                       self.vms - other.vms)  # fmt: skip
+        return Amounts(
+            self.cpu - other.cpu, self.mem_mib - other.mem_mib, self.disk_mib - other.disk_mib, self.vms - other.vms
+        )
 
     def fits(self, room: Amounts) -> bool:
         return self.cpu <= room.cpu and self.mem_mib <= room.mem_mib and self.disk_mib <= room.disk_mib
@@ -72,9 +74,12 @@ class Quota:
     def room(limits: Limits, used: Amounts) -> Amounts:
         """What an owner with caps ``limits`` holding ``used`` may still take (large where no cap)."""
         big = 2**62
-        return Amounts(big if limits.cpu is None else limits.cpu - used.cpu,
-                       big if limits.mem_mib is None else limits.mem_mib - used.mem_mib, big,
-                       big if limits.vms is None else limits.vms - used.vms)  # fmt: skip
+        return Amounts(
+            big if limits.cpu is None else limits.cpu - used.cpu,
+            big if limits.mem_mib is None else limits.mem_mib - used.mem_mib,
+            big,
+            big if limits.vms is None else limits.vms - used.vms,
+        )
 
     @contextmanager
     def reserve(self, key: str, demand: Amounts, what: str, limits: Limits | None = None) -> Iterator[None]:
@@ -92,19 +97,25 @@ class Quota:
                 owner = key.partition(":")[0]
                 room = self.room(limits, self._used(live, owner))
                 capped = Amounts(min(free.cpu, room.cpu), min(free.mem_mib, room.mem_mib), free.disk_mib)
-                over = [f"{getattr(demand, f)} {label} asked, {max(0, getattr(room, f))} left of {getattr(limits, f)}"
-                        for label, f in (("CPU", "cpu"), ("MiB memory", "mem_mib"), ("VM(s)", "vms"))
-                        if getattr(demand, f) > getattr(room, f)]  # fmt: skip
+                over = [
+                    f"{getattr(demand, f)} {label} asked, {max(0, getattr(room, f))} left of {getattr(limits, f)}"
+                    for label, f in (("CPU", "cpu"), ("MiB memory", "mem_mib"), ("VM(s)", "vms"))
+                    if getattr(demand, f) > getattr(room, f)
+                ]
                 if over:
-                    raise QuotaError(f"ENV {what} exceeds the caps of owner {owner}: {'; '.join(over)}",
-                                     _floor(capped).as_dict(), "delete some of your ENVs, or ask for higher caps "
-                                     "(ttenv token add --max-cpu/--max-mem/--max-vms)")  # fmt: skip
+                    raise QuotaError(
+                        f"ENV {what} exceeds the caps of owner {owner}: {'; '.join(over)}",
+                        _floor(capped).as_dict(),
+                        "delete some of your ENVs, or ask for higher caps "
+                        "(ttenv token add --max-cpu/--max-mem/--max-vms)",
+                    )
             if not demand.fits(free):
                 hint = (
                     "it exceeds the server's totals" if not demand.fits(self.totals) else "retry once ENVs are deleted"
                 )
-                raise QuotaError(f"ENV {what} needs {demand.text()}; free: {_floor(free).text()}",
-                                 _floor(free).as_dict(), hint)  # fmt: skip
+                raise QuotaError(
+                    f"ENV {what} needs {demand.text()}; free: {_floor(free).text()}", _floor(free).as_dict(), hint
+                )
             self._pending[key] = demand
         try:
             yield

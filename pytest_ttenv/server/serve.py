@@ -120,8 +120,10 @@ def check_tls(cert: str | None, key: str | None) -> bool:
     try:  # no password: an encrypted key fails here instead of prompting (uvicorn would prompt)
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=lambda: "")
     except ssl.SSLError as exc:
-        raise UsageError(f"--tls-cert {cert!r} and --tls-key {key!r} are not a PEM certificate and its "
-                         f"unencrypted key ({exc.reason or exc})") from None  # fmt: skip
+        raise UsageError(
+            f"--tls-cert {cert!r} and --tls-key {key!r} are not a PEM certificate and its "
+            f"unencrypted key ({exc.reason or exc})"
+        ) from None
     return True
 
 
@@ -202,8 +204,11 @@ def serve(
         raise UsageError("--libvirt-uri needs --engine libvirt")
     default_s, max_s = parse_seconds(default_lease, "--default-lease"), parse_seconds(max_lease, "--max-lease")
     grace_s, head_s = parse_seconds(dead_grace, "--dead-grace"), parse_seconds(header_timeout, "--header-timeout")
-    for what, value in (("--max-connections", max_connections), ("--max-requests-per-owner", max_requests_per_owner),
-                        ("--max-polls-per-owner", max_polls_per_owner)):  # fmt: skip
+    for what, value in (
+        ("--max-connections", max_connections),
+        ("--max-requests-per-owner", max_requests_per_owner),
+        ("--max-polls-per-owner", max_polls_per_owner),
+    ):
         if value is not None and value < 1:
             raise UsageError(f"{what} must be at least 1, got {value}")
     if cpu_total is not None and cpu_total < 0:
@@ -216,16 +221,29 @@ def serve(
     public = public_addr or (socket.gethostname() if bind == "0.0.0.0" else bind)
     sdir, idir = state_dir(state), image_dir(images)
     base = default_totals(sdir) if engine == "qemu" else libvirt_totals(libvirt_uris, sdir)
-    totals = Amounts(cpu_total if cpu_total is not None else base.cpu,
-                     mem_mib if mem_mib is not None else base.mem_mib,
-                     disk_mib if disk_mib is not None else base.disk_mib)  # fmt: skip
+    totals = Amounts(
+        cpu_total if cpu_total is not None else base.cpu,
+        mem_mib if mem_mib is not None else base.mem_mib,
+        disk_mib if disk_mib is not None else base.disk_mib,
+    )
     nofile, _ = raise_nofile()
     conns = max_connections or default_max_connections(nofile)
-    cfg = ServerConfig(state_dir=sdir, image_dir=idir, totals=totals, bind_addr=bind, public_addr=public,
-                       engine=engine, libvirt_uris=tuple(libvirt_uris), default_lease=default_s,
-                       max_lease=max_s, dead_grace=grace_s, max_requests_per_owner=max_requests_per_owner,
-                       max_polls_per_owner=max_polls_per_owner, max_connections=conns,
-                       header_timeout=head_s)  # fmt: skip
+    cfg = ServerConfig(
+        state_dir=sdir,
+        image_dir=idir,
+        totals=totals,
+        bind_addr=bind,
+        public_addr=public,
+        engine=engine,
+        libvirt_uris=tuple(libvirt_uris),
+        default_lease=default_s,
+        max_lease=max_s,
+        dead_grace=grace_s,
+        max_requests_per_owner=max_requests_per_owner,
+        max_polls_per_owner=max_polls_per_owner,
+        max_connections=conns,
+        header_timeout=head_s,
+    )
     service = Service(cfg)
     sock = _bind(host, port, BACKLOG)
     url = f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}"
@@ -236,11 +254,19 @@ def serve(
     server: Any = None
 
     app = create_app(service, stopping=lambda: bool(server is not None and server.should_exit))
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on",
-                            access_log=log_level in ("debug", "info"), http=guarded_protocol(conns, head_s),
-                            timeout_keep_alive=KEEP_ALIVE, h11_max_incomplete_event_size=MAX_HEADERS,
-                            backlog=BACKLOG, ssl_certfile=tls_cert if tls else None,
-                            ssl_keyfile=tls_key if tls else None)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        lifespan="on",
+        access_log=log_level in ("debug", "info"),
+        http=guarded_protocol(conns, head_s),
+        timeout_keep_alive=KEEP_ALIVE,
+        h11_max_incomplete_event_size=MAX_HEADERS,
+        backlog=BACKLOG,
+        ssl_certfile=tls_cert if tls else None,
+        ssl_keyfile=tls_key if tls else None,
+    )
     server = uvicorn.Server(config)
     quiet_logs("uvicorn.error", "asyncio", "ttenv.server")  # a flood of one failure is a few lines, not a flood
     quiet_logs("uvicorn.access", burst=500, window=1.0)
@@ -249,11 +275,15 @@ def serve(
         hosts = ", ".join(service.backend.libvirt_uris) or "qemu:///system"
         out(f"ttenv serve: engine libvirt on {hosts}")
     out(f"ttenv serve: API on {url}/v1 (OpenAPI: {url}/v1/openapi.json); VM ports on {bind}, announced as {public}")
-    out(f"ttenv serve: state {sdir}, images {idir} ({len(service.images())}), quotas {totals.text()}, "
-        f"{len(service.tokens.list())} token(s)")  # fmt: skip
-    out(f"ttenv serve: up to {conns} connections (descriptor limit {nofile}), request heads within {head_s:g} s; "
+    out(
+        f"ttenv serve: state {sdir}, images {idir} ({len(service.images())}), quotas {totals.text()}, "
+        f"{len(service.tokens.list())} token(s)"
+    )
+    out(
+        f"ttenv serve: up to {conns} connections (descriptor limit {nofile}), request heads within {head_s:g} s; "
         f"per owner {max_requests_per_owner} requests and {max_polls_per_owner} long polls at once; "
-        f"dead VMs free their quota after {grace_s:g} s")  # fmt: skip
+        f"dead VMs free their quota after {grace_s:g} s"
+    )
     adopted = readoption_report(service)
     out(f"ttenv serve: re-adopted {len(adopted)} ENV(s) from the state dir" + (":" if adopted else ""))
     for line in adopted:

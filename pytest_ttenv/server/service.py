@@ -22,7 +22,6 @@ from pathlib import Path
 
 from pytest_ttenv import __version__
 from pytest_ttenv.backend.engines import accel as accel_mod
-from pytest_ttenv.backend.engines import warm
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.errors import NotFound, UsageError
@@ -62,9 +61,15 @@ class Service:
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.backend = LocalBackend(cfg.image_dir, cfg.state_dir, bind_addr=cfg.bind_addr,
-                                    public_addr=cfg.public_addr, names_per_owner=True, engine=cfg.engine,
-                                    libvirt_uris=cfg.libvirt_uris)  # fmt: skip
+        self.backend = LocalBackend(
+            cfg.image_dir,
+            cfg.state_dir,
+            bind_addr=cfg.bind_addr,
+            public_addr=cfg.public_addr,
+            names_per_owner=True,
+            engine=cfg.engine,
+            libvirt_uris=cfg.libvirt_uris,
+        )
         self.tokens = TokenStore(cfg.state_dir)
         self.quota = Quota(cfg.totals, self._live)
         self._image_disk: dict[str, int] = {}
@@ -101,8 +106,10 @@ class Service:
         cutoff = time.time() - self.cfg.dead_grace
         with self._dead_lock:
             gone = {key for key, since in self._dead_since.items() if since <= cutoff}
-        return {env.name: self._demand([(vm.image, vm.resources) for vm in env.vms if (env.id, vm.name) not in gone])
-                for env in envs}  # fmt: skip
+        return {
+            env.name: self._demand([(vm.image, vm.resources) for vm in env.vms if (env.id, vm.name) not in gone])
+            for env in envs
+        }
 
     def reap(self) -> list[EnvInfo]:
         """One round of the reaper thread: expired ENVs deleted (returned); every
@@ -153,12 +160,19 @@ class Service:
             free = Amounts(min(free.cpu, room.cpu), min(free.mem_mib, room.mem_mib), free.disk_mib)
         running = sum(vm.state == "running" for env in envs for vm in env.vms)
         return {
-            "version": __version__, "engine": self.cfg.engine, "public_addr": self.cfg.public_addr,
-            "scope": "server" if who.admin else "owner", "totals": self.cfg.totals.as_dict(), "used": used.as_dict(),
+            "version": __version__,
+            "engine": self.cfg.engine,
+            "public_addr": self.cfg.public_addr,
+            "scope": "server" if who.admin else "owner",
+            "totals": self.cfg.totals.as_dict(),
+            "used": used.as_dict(),
             "free": Amounts(max(0, free.cpu), max(0, free.mem_mib), max(0, free.disk_mib)).as_dict(),
-            "limits": who.limits.as_dict(), "envs": len(envs), "vms": sum(len(env.vms) for env in envs),
-            "vms_running": running, "owners": len({env.owner for env in envs}),
-        }  # fmt: skip
+            "limits": who.limits.as_dict(),
+            "envs": len(envs),
+            "vms": sum(len(env.vms) for env in envs),
+            "vms_running": running,
+            "owners": len({env.owner for env in envs}),
+        }
 
     # -- ENVs ---------------------------------------------------------------------------------
     def images(self) -> list[ImageInfo]:
@@ -178,9 +192,17 @@ class Service:
             except NotFound:  # its message names the image dir: the client gets the name only
                 raise NotFound(f"no image named {vm.image!r} on the server", "see: GET /v1/images") from None
         demand = self._demand([(vm.image, vm.resources) for vm in spec.vms])
-        spec = EnvSpec(name=spec.name, vms=spec.vms, client_pubkey=spec.client_pubkey, owner=owner,
-                       ttl=self.lease(spec.ttl), accel=spec.accel, owner_pid=None, die_with_owner=False,
-                       boot=spec.boot)  # fmt: skip
+        spec = EnvSpec(
+            name=spec.name,
+            vms=spec.vms,
+            client_pubkey=spec.client_pubkey,
+            owner=owner,
+            ttl=self.lease(spec.ttl),
+            accel=spec.accel,
+            owner_pid=None,
+            die_with_owner=False,
+            boot=spec.boot,
+        )
         limits = self.tokens.grant_of(owner).limits
         with self.quota.reserve(f"{owner}:{spec.name}", demand, spec.name, limits):
             return self.backend.create_env(spec)
@@ -232,9 +254,8 @@ class Service:
         if timeout is None:
             booting = sum(v.state == "booting" for e in self.backend.store.list_envs() for v in e.vms)
             limit = accel_mod.boot_timeout(vm.accel, vm.arch, booting)
-            timeout = vm.boot_seconds + limit - time.time()
-            if vm.boot == "warm" and vm.pid == 0:  # waiting for its template: that is made first, then it starts
-                timeout += warm.template_budget(limit)
+            # a VM waiting for its warm template also gets the time to make that (its engine says how long)
+            timeout = vm.boot_seconds + self.backend.engines.of(vm).wait_budget(vm, limit) - time.time()
         window = min(timeout, LONG_POLL)
         end = time.monotonic() + window
         if timeout > LONG_POLL:  # not the last wait: never gives up on the VM
@@ -257,8 +278,20 @@ class Service:
         return self.backend.console(env.id, vm_name, tail)
 
 
-def spec_of(name: str, vms: list[tuple[str, str, Resources]], client_pubkey: str, ttl: float | None,
-            accel: str, boot: str = "cold") -> EnvSpec:  # fmt: skip
+def spec_of(
+    name: str,
+    vms: list[tuple[str, str, Resources]],
+    client_pubkey: str,
+    ttl: float | None,
+    accel: str,
+    boot: str = "cold",
+) -> EnvSpec:
     """An EnvSpec from a create request's fields (``vms``: name, image, resources)."""
-    return EnvSpec(name=name, vms=tuple(VmSpec(n, i, r) for n, i, r in vms), client_pubkey=client_pubkey, ttl=ttl,
-                   accel=accel, boot=boot)  # fmt: skip
+    return EnvSpec(
+        name=name,
+        vms=tuple(VmSpec(n, i, r) for n, i, r in vms),
+        client_pubkey=client_pubkey,
+        ttl=ttl,
+        accel=accel,
+        boot=boot,
+    )

@@ -1,1 +1,3 @@
-"""Shared test helpers (an sshd, a ttenv server, libvirt hosts, leftover scans); no tests here."""
+"""Shared test helpers, no tests here: an sshd, a ttenv server, libvirt hosts, leftover scans, the
+CI template runners, the docs' commands, the guest programs as modules, and the folder rule
+(layout: tests/unit needs no VM, tests/vm holds the tests marked vm or slow)."""

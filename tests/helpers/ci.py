@@ -1,5 +1,6 @@
 """Runners for the CI templates: GitHub Actions jobs (``run:`` steps in bash, the few actions emulated)
-and GitLab jobs (before_script + script in one shell), run here for real with a runner's variables."""
+and GitLab jobs (before_script + script in one shell), run here for real with a runner's variables;
+and the project their test jobs run (the example suite and a suite with every outcome)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,61 @@ SMALL_JUNIT = """<testsuites><testsuite name="pytest">
 </testsuite></testsuites>"""
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(path.read_text())
+# a suite with every outcome (pass, fail, error, skip, xfail, tt_env, host-only), for the test jobs
+OUTCOMES_SUITE = """
+import pytest
+
+@pytest.fixture
+def broken(tt_vm):
+    raise RuntimeError(f"fixture broke on {tt_vm.name}")
+
+def test_passes(tt_vm):
+    assert tt_vm.run("true").ok
+
+def test_fails(tt_vm):
+    assert tt_vm.run("echo hi").stdout == "bye", f"expected failure on {tt_vm.name}"
+
+def test_errors(broken):
+    pass
+
+@pytest.mark.skip(reason="skipped by marker")
+def test_skipped_by_marker(tt_vm):
+    pass
+
+def test_skips_itself(tt_vm):
+    pytest.skip(f"skipped on {tt_vm.name}")
+
+@pytest.mark.xfail(reason="known bug", strict=True)
+def test_xfails(tt_vm):
+    assert tt_vm.run("false").ok
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_param(tt_vm, n):
+    assert n in (1, 2)
+
+@pytest.mark.tt_os("debian11")
+def test_only_on_11(tt_vm):
+    pass
+
+def test_all_vms(tt_env):
+    assert all(r.ok for r in tt_env.run("true").values())
+
+def test_on_the_host():
+    pass
+"""
+
+
+def make_project(where: Path) -> Path:
+    """A project for the test jobs: the example suite and ``suite/test_outcomes.py`` (OUTCOMES_SUITE)."""
+    shutil.copytree(REPO / "examples", where / "examples")
+    (where / "suite").mkdir()
+    (where / "suite" / "test_outcomes.py").write_text(OUTCOMES_SUITE)
+    return where
+
+
+def load_yaml(path: Path) -> dict[Any, Any]:
+    """A YAML file's top-level mapping; not only strings are keys (YAML 1.1 reads ``on`` as true)."""
+    data: dict[Any, Any] = yaml.safe_load(path.read_text())
     return data
 
 

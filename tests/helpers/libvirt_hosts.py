@@ -46,8 +46,15 @@ LIBVIRTD_CONF = """\
 auth_unix_rw = "none"
 unix_sock_rw_perms = "0700"
 """
-BINDS = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt",
-         "log": "/var/log/libvirt", "passwd": "/etc/passwd", "group": "/etc/group"}  # fmt: skip
+BINDS = {
+    "etc": "/etc/libvirt",
+    "run": "/run/libvirt",
+    "lib": "/var/lib/libvirt",
+    "cache": "/var/cache/libvirt",
+    "log": "/var/log/libvirt",
+    "passwd": "/etc/passwd",
+    "group": "/etc/group",
+}
 
 
 def missing() -> str | None:
@@ -119,8 +126,9 @@ class LibvirtHost:
         ssh = self.root / "ssh"
         for key in ("host_key", "client_key"):
             if not (ssh / key).exists():
-                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(ssh / key)],
-                               check=True)  # fmt: skip
+                subprocess.run(
+                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(ssh / key)], check=True
+                )
         shutil.copy(ssh / "client_key.pub", ssh / "authorized_keys")
         (ssh / "sshd_config").write_text(
             f"ListenAddress {self.addr}\nHostKey {ssh / 'host_key'}\nAuthorizedKeysFile {ssh / 'authorized_keys'}\n"
@@ -149,13 +157,23 @@ class LibvirtHost:
         """Start the host's daemons; return once libvirtd (and sshd) accept connections."""
         for stale in ("ready", "init.pid", "libvirtd.pid", "virtlogd.pid"):
             (self.root / stale).unlink(missing_ok=True)
-        argv = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", sys.executable, __file__,
-                str(self.root)]  # fmt: skip
+        argv = [
+            "unshare",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--propagation",
+            "private",
+            sys.executable,
+            __file__,
+            str(self.root),
+        ]
         if self.remote:
             argv = ["ip", "netns", "exec", self.netns, *argv, str(self.root / "ssh" / "sshd_config")]
         log = open(self.root / "host.log", "ab")
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)  # fmt: skip
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while not self._ready():
@@ -228,8 +246,9 @@ def _init(root: Path, sshd_config: str | None) -> None:
     subprocess.run(["libvirtd", "-d", "-p", str(root / "libvirtd.pid")], check=True)
     if sshd_config:
         with open(root / "sshd.log", "ab") as log:
-            subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", sshd_config], stdin=subprocess.DEVNULL,
-                             stdout=log, stderr=log)  # fmt: skip
+            subprocess.Popen(
+                ["/usr/sbin/sshd", "-D", "-e", "-f", sshd_config], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
     (root / "ready").write_text("1")
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # PID 1 exiting takes every process with it
     while True:

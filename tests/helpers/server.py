@@ -1,8 +1,12 @@
 """A real ``ttenv serve`` in a subprocess on 127.0.0.1 with a free port, its own state and image
-dirs, and tokens for named owners; stopped (and every ENV of its state dir deleted) at the end."""
+dirs, and tokens for named owners; stopped (and every ENV of its state dir deleted) at the end.
+Also how tests talk to it: ``raw`` requests (the exact bytes on the wire), ``error_of`` its error
+bodies, and ``ttenv`` the CLI in a subprocess."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import socket
@@ -12,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -63,11 +68,23 @@ class Server:
 
     def start(self, timeout: float = 30.0) -> Server:
         self.starts += 1
-        argv = [sys.executable, "-m", "pytest_ttenv.cli", "serve", "--listen", f"127.0.0.1:{self.port}",
-                "--state-dir", str(self.state), "--image-dir", str(self.images), *self.options]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "pytest_ttenv.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--state-dir",
+            str(self.state),
+            "--image-dir",
+            str(self.images),
+            *self.options,
+        ]
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                         preexec_fn=interactive_signals)  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=interactive_signals
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -125,8 +142,12 @@ class Server:
                 local.delete_env(env.id)
 
 
-def start_server(tmp: Path, images: Path, owners: Sequence[str] = ("alice", "bob"), options: Sequence[str] = (),
-                 ) -> Server:  # fmt: skip
+def start_server(
+    tmp: Path,
+    images: Path,
+    owners: Sequence[str] = ("alice", "bob"),
+    options: Sequence[str] = (),
+) -> Server:
     """A running server with state under ``tmp`` and a token per owner."""
     state = tmp / "server-state"
     state.mkdir(parents=True, exist_ok=True)
@@ -153,3 +174,50 @@ def qemu_of(state: Path) -> list[int]:
 def env_vars(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TTENV_")}
     return env | extra
+
+
+def ttenv(
+    *args: str,
+    state: Path | None = None,
+    timeout: float = 900,
+    token: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``ttenv ARGS`` in a subprocess with none of this process's TTENV_* settings (``state``:
+    TTENV_STATE_DIR, ``token``: TTENV_TOKEN); the command and its output are printed."""
+    extra = ({"TTENV_STATE_DIR": str(state)} if state else {}) | ({"TTENV_TOKEN": token} if token else {})
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env_vars(**extra),
+        timeout=timeout,
+    )
+    print(f"$ ttenv {' '.join(args)} -> {res.returncode}\n{res.stdout}{res.stderr}")
+    return res
+
+
+def raw(
+    srv: Server,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    owner: str | None = "alice",
+) -> tuple[int, dict[str, str], bytes]:
+    """One request with exactly this path and body (no client-side normalization)."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    try:
+        hdrs = {**(srv.headers(owner) if owner else {}), **(headers or {})}
+        conn.request(method, path, body=body, headers=hdrs, encode_chunked="Transfer-Encoding" in hdrs)
+        res = conn.getresponse()
+        return res.status, {k.lower(): v for k, v in res.getheaders()}, res.read()
+    finally:
+        conn.close()
+
+
+def error_of(status: int, data: bytes) -> dict[str, Any]:
+    """The server's error body, checked to be one safe line: its fields as a dict."""
+    body = json.loads(data)
+    assert set(body) >= {"error", "message", "hint", "console"}, body
+    assert "\n" not in body["message"] and "Traceback" not in body["message"]
+    return dict(body)

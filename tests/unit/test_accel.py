@@ -16,8 +16,16 @@ from pytest_ttenv.core.model import ImageInfo
 
 HOST = platform.machine()
 DIRECT = ImageInfo("debian-12-" + HOST, "debian", "12", HOST, path=Path("/img/direct"))
-FIRMWARE = ImageInfo("debiancloud-12-" + HOST, "debiancloud", "12", HOST, boot="bios", kernel=None, initrd=None,
-                     path=Path("/img/firmware"))  # fmt: skip
+FIRMWARE = ImageInfo(
+    "debiancloud-12-" + HOST,
+    "debiancloud",
+    "12",
+    HOST,
+    boot="bios",
+    kernel=None,
+    initrd=None,
+    path=Path("/img/firmware"),
+)
 
 
 @pytest.fixture

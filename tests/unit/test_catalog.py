@@ -11,15 +11,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from pytest_ttenv.backend.images.catalog import (
-    BUILTIN,
-    CHECKSUM_FORMATS,
-    JSON_SCHEMA,
-    CatalogError,
-    builtin_text,
-    catalog_version,
-    load_catalog,
-)
+from pytest_ttenv.backend.images.catalog import BUILTIN, builtin_text, catalog_version, load_catalog
+from pytest_ttenv.backend.images.catalog_entry import CHECKSUM_FORMATS
+from pytest_ttenv.backend.images.catalog_schema import JSON_SCHEMA, CatalogError
 from pytest_ttenv.backend.images.pull import pullable_names
 from pytest_ttenv.core.naming import ARCHES, split_image_name
 from pytest_ttenv.errors import NotFound, UsageError
@@ -35,8 +29,21 @@ def _no_override(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_builtin_has_the_promised_releases() -> None:
     cat = load_catalog()
     assert cat.source == BUILTIN
-    for key in ("ubuntu-20.04", "ubuntu-22.04", "ubuntu-24.04", "debian-11", "debian-12", "debian-13", "centos-9",
-                "rocky-9", "almalinux-9", "fedora-42", "alpine-3.24", "opensuse-15.6", "freebsd-14.4"):  # fmt: skip
+    for key in (
+        "ubuntu-20.04",
+        "ubuntu-22.04",
+        "ubuntu-24.04",
+        "debian-11",
+        "debian-12",
+        "debian-13",
+        "centos-9",
+        "rocky-9",
+        "almalinux-9",
+        "fedora-42",
+        "alpine-3.24",
+        "opensuse-15.6",
+        "freebsd-14.4",
+    ):
         assert key in cat.entries, key
         assert {"x86_64", "aarch64"} <= set(cat.entries[key].arches), key
     assert {e.checksum_format for e in cat.entries.values()} == {"sums", "bsd", "sidecar"}
@@ -91,8 +98,11 @@ def test_names_and_lookup() -> None:
         assert cat.image("debian-12").arch == host
     with pytest.raises(NotFound, match=r"^'windows-11' is not in the built-in catalog \(pullable: ubuntu-20.04, "):
         cat.entry_for("windows-11")
-    with pytest.raises(NotFound, match=r"^freebsd-14.4 is not published for riscv64 \(the built-in catalog has it "
-                                       r"for: x86_64, aarch64\)$"):  # fmt: skip
+    with pytest.raises(
+        NotFound,
+        match=r"^freebsd-14.4 is not published for riscv64 \(the built-in catalog has it "
+        r"for: x86_64, aarch64\)$",
+    ):
         cat.image("freebsd-14.4-riscv64")
     with pytest.raises(UsageError, match="names arch x86_64 but --arch is aarch64"):
         cat.image("debian-12-x86_64", "aarch64")
@@ -116,9 +126,15 @@ def test_version_is_stable_and_follows_content(tmp_path: Path) -> None:
 
 
 def test_override_file_replaces_or_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    own = {"os": "myos", "version": "1", "user": "me", "arches": ["x86_64"], "format": "raw.xz",
-           "url": "http://files.lan/myos-1.raw.xz", "checksum": {"url": "http://files.lan/SUMS", "format": "sums",
-                                                               "hash": "sha256"}}  # fmt: skip
+    own = {
+        "os": "myos",
+        "version": "1",
+        "user": "me",
+        "arches": ["x86_64"],
+        "format": "raw.xz",
+        "url": "http://files.lan/myos-1.raw.xz",
+        "checksum": {"url": "http://files.lan/SUMS", "format": "sums", "hash": "sha256"},
+    }
     alone = tmp_path / "alone.yaml"
     alone.write_text(yaml.safe_dump({"schema": 1, "version": "lab-3", "entries": {"myos-1": own}}))
     monkeypatch.setenv("TTENV_CATALOG", str(alone))
@@ -127,10 +143,15 @@ def test_override_file_replaces_or_extends(tmp_path: Path, monkeypatch: pytest.M
     assert cat.image("myos-1").boot == "bios"
 
     extended = tmp_path / "extended.yaml"
-    extended.write_text(yaml.safe_dump({
-        "extends": "builtin", "entries": {"myos-1": own, "fedora-42": None},
-        "mirrors": {"ubuntu": "http://mirror.lan/ubuntu/", "debian-12": "http://mirror.lan/debian"},
-    }))  # fmt: skip
+    extended.write_text(
+        yaml.safe_dump(
+            {
+                "extends": "builtin",
+                "entries": {"myos-1": own, "fedora-42": None},
+                "mirrors": {"ubuntu": "http://mirror.lan/ubuntu/", "debian-12": "http://mirror.lan/debian"},
+            }
+        )
+    )
     monkeypatch.setenv("TTENV_CATALOG", str(extended))
     cat = load_catalog()
     assert "myos-1-x86_64" in cat and "fedora-42-x86_64" not in cat and "fedora-44-x86_64" in cat
@@ -143,10 +164,16 @@ def test_override_file_replaces_or_extends(tmp_path: Path, monkeypatch: pytest.M
 
 
 def base_doc(**entry: Any) -> dict[str, Any]:
-    good = {"os": "myos", "version": "1", "user": "me", "arches": {"x86_64": {}, "aarch64": {"vendor_arch": "arm64"}},
-            "mirror": "https://example.org", "url": "{mirror}/{vendor_arch}/img.qcow2",
-            "checksum": {"url": "{mirror}/{vendor_arch}/SUMS", "format": "sums", "hash": "sha256"},
-            "format": "qcow2"}  # fmt: skip
+    good = {
+        "os": "myos",
+        "version": "1",
+        "user": "me",
+        "arches": {"x86_64": {}, "aarch64": {"vendor_arch": "arm64"}},
+        "mirror": "https://example.org",
+        "url": "{mirror}/{vendor_arch}/img.qcow2",
+        "checksum": {"url": "{mirror}/{vendor_arch}/SUMS", "format": "sums", "hash": "sha256"},
+        "format": "qcow2",
+    }
     good.update(entry)
     return {"schema": 1, "version": "t", "entries": {"myos-1": {k: v for k, v in good.items() if v is not None}}}
 

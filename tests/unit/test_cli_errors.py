@@ -10,8 +10,9 @@ import pytest
 
 def ttenv(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TTENV_STATE_DIR=str(tmp_path / "state"), TTENV_IMAGE_DIR=str(tmp_path / "images"))
-    return subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,8 +57,9 @@ def test_unwritable_state_dir_is_one_line(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.write_text("a file where a directory should be")
     env = dict(os.environ, TTENV_STATE_DIR=str(state), TTENV_IMAGE_DIR=str(tmp_path / "images"))
-    res = subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", "env", "list"], capture_output=True, text=True,
-                         env=env, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", "env", "list"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith("ttenv: error: cannot open the state store in ") and len(res.stderr.splitlines()) == 1
 
@@ -66,8 +68,13 @@ def test_unwritable_image_store_is_one_line(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.write_text("not a directory")
     env = dict(os.environ, TTENV_STATE_DIR=str(tmp_path / "state"), TTENV_IMAGE_DIR=str(images))
-    res = subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", "image", "build", "debian-12"],
-                         capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", "image", "build", "debian-12"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.startswith("ttenv: error: cannot build image debian-12-") and len(res.stderr.splitlines()) == 1
 

@@ -25,7 +25,7 @@ import pytest
 import pytest_ttenv.ssh as ssh
 from pytest_ttenv.quiet import asyncssh
 from pytest_ttenv.ssh import Connection, LimitExceeded, ProtocolError, SshTarget
-from pytest_ttenv.ssh_agent import EXIT, HDR, HELLO, OUT, pack
+from pytest_ttenv.ssh.ttagent import EXIT, HDR, HELLO, OUT, pack
 
 from helpers.sshd import Sshd, have_sshd, start_sshd
 
@@ -284,10 +284,16 @@ def test_get_link_chain_cannot_write_outside_the_destination(hostile: Connection
     assert (dest / "suid").stat().st_mtime == T0
     # each refusal is on record
     text = "\n".join(notes)
-    for what in ("/evil/y: skipped: symlink that resolves outside", "/evil/z: skipped: listed twice",
-                 "/evil/abs:", "/evil/up:",
-                 "/evil/fifo: skipped: special", "/evil/disk: skipped: special", "/evil/sock: skipped: special",
-                 "bad file name"):  # fmt: skip
+    for what in (
+        "/evil/y: skipped: symlink that resolves outside",
+        "/evil/z: skipped: listed twice",
+        "/evil/abs:",
+        "/evil/up:",
+        "/evil/fifo: skipped: special",
+        "/evil/disk: skipped: special",
+        "/evil/sock: skipped: special",
+        "bad file name",
+    ):
         assert what in text, (what, notes)
     assert not list(dest.parent.glob(".ttenv-get-*"))  # the staging directory is gone
 

@@ -1,4 +1,5 @@
-"""The image store: listing, atomic install, builds in progress never listed (real files)."""
+"""The image store: listing, atomic install, builds in progress never listed (real files); the
+build recipe; which images a session plans and how the missing ones are obtained (``acquire``)."""
 
 import json
 import os
@@ -7,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ttenv.backend.images.build import CLOUD_ESP, CLOUD_ROOT_START, host_mirror, mbr, parse_target
+from pytest_ttenv.backend.images import build, pull
+from pytest_ttenv.backend.images.acquire import obtain, plan
+from pytest_ttenv.backend.images.build import host_mirror
+from pytest_ttenv.backend.images.build_cloud import CLOUD_ESP, CLOUD_ROOT_START, mbr
+from pytest_ttenv.backend.images.recipe import buildable, parse_target
 from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.core.model import ImageInfo
-from pytest_ttenv.errors import NotFound, UsageError
+from pytest_ttenv.errors import NotFound, TTError, UsageError
 
 
 def info(name: str = "debian-12-x86_64") -> ImageInfo:
@@ -124,3 +129,94 @@ def test_unbuildable_target() -> None:
 
 def test_host_mirror_is_a_debian_http_mirror() -> None:
     assert host_mirror().startswith("http") and "/debian" in host_mirror()
+
+
+# -- acquire: plan and obtain -------------------------------------------------------------------
+def _listed(root: Path, *names: str) -> ImageStore:
+    """A store whose images are metadata only (what listing sees)."""
+    store = ImageStore(root)
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "image.json").write_text(json.dumps(info(name).to_dict()))
+    return store
+
+
+class Fetches:
+    """Stands in for the builder and the puller: records every (how, name) ``obtain`` asks for and
+    puts the image in the store, except that a pull of a name in ``failing`` fails."""
+
+    def __init__(self, failing: set[str]) -> None:
+        self.done: list[tuple[str, str]] = []
+        self.failing = failing
+
+    def by(self, how: str):  # type: ignore[no-untyped-def]
+        def run(store: ImageStore, names: list[str], progress: object = None, **_: object) -> list[ImageInfo]:
+            for name in names:
+                self.done.append((how, name))
+                if how == "pull" and name in self.failing:
+                    raise TTError(f"cannot download {name}: connection refused")
+                _listed(store.root, name)
+            return [store.get(n) for n in names]
+
+        return run
+
+
+@pytest.fixture
+def fetches(monkeypatch: pytest.MonkeyPatch) -> Fetches:
+    monkeypatch.delenv("TTENV_CATALOG", raising=False)
+    f = Fetches({"debian-11-x86_64", "ubuntu-22.04-x86_64"})
+    monkeypatch.setattr(build, "ensure_images", f.by("build"))
+    monkeypatch.setattr(pull, "ensure_available", f.by("pull"))
+    return f
+
+
+def test_plan_adds_only_for_prefixes_the_store_lacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TTENV_CATALOG", raising=False)
+    store = _listed(tmp_path / "images", "debian-12-x86_64")
+    assert plan(store, ["deb"], ["x86_64"]) == ["debian-12-x86_64"]  # Debian 12 is there: no 11, no 13
+    assert plan(store, ["debian11", "ubuntu2404"], ["x86_64"]) == [
+        "debian-12-x86_64",
+        "debian-11-x86_64",
+        "ubuntu-24.04-x86_64",
+    ]
+    assert plan(store, ["nosuchos"], ["x86_64"]) == ["debian-12-x86_64"]  # the matrix then says what exists
+    assert buildable(["amd64"]) == ["debian-11-x86_64", "debian-12-x86_64", "debian-13-x86_64"]
+
+
+def test_obtain_by_source_policy(tmp_path: Path, fetches: Fetches) -> None:
+    """pull: the catalog first, Debian built when its pull fails (said in one line); build: Debian
+    built, the rest pulled; images in the store are left alone."""
+    lines: list[str] = []
+    store = _listed(tmp_path / "a", "debian-13-x86_64")
+    names = ["debian-13-x86_64", "debian-12-x86_64", "debian-11-x86_64", "ubuntu-24.04-x86_64"]
+    obtain(store, names, "pull", lines.append)
+    assert fetches.done == [
+        ("pull", "debian-12-x86_64"),
+        ("pull", "debian-11-x86_64"),
+        ("build", "debian-11-x86_64"),
+        ("pull", "ubuntu-24.04-x86_64"),
+    ]
+    assert [line for line in lines if "building it instead" in line] == [
+        "pulling debian-11-x86_64 failed (cannot download debian-11-x86_64: connection refused); building it instead"
+    ]
+    assert store.names() == sorted(names)
+    fetches.done.clear()
+    obtain(_listed(tmp_path / "b"), names, "build", lines.append)
+    assert fetches.done == [
+        ("build", "debian-13-x86_64"),
+        ("build", "debian-12-x86_64"),
+        ("build", "debian-11-x86_64"),
+        ("pull", "ubuntu-24.04-x86_64"),
+    ]
+
+
+def test_obtain_refuses_what_nobody_has_before_fetching(tmp_path: Path, fetches: Fetches) -> None:
+    """One line names the images neither the catalog nor the builder has, before anything is
+    fetched; a failed pull of an image the builder cannot make is that pull's error."""
+    store = _listed(tmp_path / "images")
+    with pytest.raises(NotFound, match=r"^image\(s\) nope-1-x86_64, nope-2-x86_64 not in .* and not in the "):
+        obtain(store, ["debian-12-x86_64", "nope-1-x86_64", "nope-2-x86_64"], "pull", print)
+    assert fetches.done == []
+    with pytest.raises(TTError, match=r"^cannot download ubuntu-22\.04-x86_64: connection refused$"):
+        obtain(store, ["ubuntu-22.04-x86_64"], "build", print)
+    assert fetches.done == [("pull", "ubuntu-22.04-x86_64")]

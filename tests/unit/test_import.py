@@ -31,8 +31,9 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     qcow2 = d / "disk.qcow2"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True)
     overlay = d / "overlay.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(qcow2), str(overlay)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(qcow2), str(overlay)], check=True
+    )
     return {"raw": raw, "qcow2": qcow2, "overlay": overlay}
 
 
@@ -89,8 +90,9 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path, disks: dict[str, Pat
         ("myos-1-x86_64", {"kernel": "/vmlinuz"}, UsageError, "--kernel and --initrd are only used with --boot direct"),
     ],
 )
-def test_bad_input(tmp_path: Path, disks: dict[str, Path], name: str, kwargs: dict[str, str],
-                   error: type[TTError], message: str) -> None:  # fmt: skip
+def test_bad_input(
+    tmp_path: Path, disks: dict[str, Path], name: str, kwargs: dict[str, str], error: type[TTError], message: str
+) -> None:
     store = ImageStore(tmp_path / "images")
     with pytest.raises(error) as err:
         import_image(store, disks["qcow2"], name, **kwargs)  # type: ignore[arg-type]
@@ -115,16 +117,24 @@ def test_direct_boot_copies_kernel_and_initrd(tmp_path: Path, disks: dict[str, P
     kernel, initrd = tmp_path / "vmlinuz-6.1", tmp_path / "initrd-6.1"
     kernel.write_bytes(b"kernel")
     initrd.write_bytes(b"initrd")
-    img = import_image(ImageStore(tmp_path / "images"), disks["qcow2"], "myos-1-x86_64", boot="direct",
-                       kernel=kernel, initrd=initrd, cmdline="root=/dev/vda console=ttyS0")  # fmt: skip
+    img = import_image(
+        ImageStore(tmp_path / "images"),
+        disks["qcow2"],
+        "myos-1-x86_64",
+        boot="direct",
+        kernel=kernel,
+        initrd=initrd,
+        cmdline="root=/dev/vda console=ttyS0",
+    )
     assert (img.kernel, img.initrd, img.cmdline) == ("vmlinuz", "initrd.img", "root=/dev/vda console=ttyS0")
     assert img.file("vmlinuz").read_bytes() == b"kernel" and img.file("initrd.img").read_bytes() == b"initrd"
 
 
 def ttenv(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TTENV_STATE_DIR=str(tmp_path / "state"), TTENV_IMAGE_DIR=str(tmp_path / "images"))
-    return subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_cli_import(tmp_path: Path, disks: dict[str, Path]) -> None:
@@ -133,13 +143,15 @@ def test_cli_import(tmp_path: Path, disks: dict[str, Path]) -> None:
     assert "imported" in res.stdout and "myos-2-x86_64" in res.stdout
     res = ttenv(tmp_path, "image", "import", str(disks["qcow2"]), "--name", "myos-2-x86_64")
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip() == (f"ttenv: error: image myos-2-x86_64 already exists in {tmp_path / 'images'} "
-                                  "(pass --force to replace it)")  # fmt: skip
+    assert res.stderr.strip() == (
+        f"ttenv: error: image myos-2-x86_64 already exists in {tmp_path / 'images'} (pass --force to replace it)"
+    )
     res = ttenv(tmp_path, "image", "import", str(disks["qcow2"]), "--name", "myos-2-x86_64", "--force")
     assert res.returncode == 0, res.stderr
     images = ImageStore(tmp_path / "images").all()
     assert [(i.name, i.user, i.source, i.details["format"]) for i in images] == [
-        ("myos-2-x86_64", "root", "import", "qcow2")]  # fmt: skip
+        ("myos-2-x86_64", "root", "import", "qcow2")
+    ]
     res = ttenv(tmp_path, "image", "import", str(disks["qcow2"]), "--name", "bad")
     assert res.returncode == 2 and res.stderr.startswith("ttenv: error: bad image name 'bad'")
     assert len(res.stderr.splitlines()) == 1

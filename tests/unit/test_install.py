@@ -23,7 +23,9 @@ pytest_plugins = ["pytester"]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600):
+def run(
+    cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
@@ -73,6 +75,7 @@ def test_wheel_carries_the_data_files(wheel: Path) -> None:
     assert "pytest_ttenv/backend/images/catalog.yaml" in names
     assert "pytest_ttenv/report/matrix.schema.json" in names
     assert "pytest_ttenv/py.typed" in names
+    assert "pytest_ttenv/ssh/ttagent.py" in names  # the agent, read as a resource and sent to the guest
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
     meta = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     assert "License-Expression: MIT" in meta and "Classifier: Framework :: Pytest" in meta
@@ -122,8 +125,11 @@ def test_report_job_with_only_the_package_installed(wheel: Path, tmp_path: Path)
     """The GitHub template's report job in a venv that has nothing but what the job installs:
     ``pip install "$TTENV_PACKAGE"`` (the wheel, its dependencies as PyPI resolves them today)."""
     venv = make_venv(tmp_path / "runner")
-    gh = Actions(tmp_path / "gh", {"title": "Fresh", "ttenv-package": str(wheel)},
-                 {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}"})  # fmt: skip
+    gh = Actions(
+        tmp_path / "gh",
+        {"title": "Fresh", "ttenv-package": str(wheel)},
+        {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}"},
+    )
     (gh.artifacts / "ttenv-junit-debian12").mkdir()
     (gh.artifacts / "ttenv-junit-debian12" / "junit-debian12-x86_64.xml").write_text(SMALL_JUNIT)
     job = gh.run("report")

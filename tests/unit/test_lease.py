@@ -38,7 +38,8 @@ def _wait_for(cond: Any, timeout: float = 5.0) -> None:
 
 
 def test_renews_every_quarter_lease_until_stopped() -> None:
-    backend, warnings = FakeBackend(), []
+    backend = FakeBackend()
+    warnings: list[str] = []
     keeper = LeaseKeeper(backend, "e1", 0.2, warnings.append).start()  # type: ignore[arg-type]
     _wait_for(lambda: keeper.renewals >= 3)
     keeper.stop()
@@ -50,7 +51,8 @@ def test_renews_every_quarter_lease_until_stopped() -> None:
 
 
 def test_failure_streak_warns_once_and_recovers() -> None:
-    backend, warnings = FakeBackend(), []
+    backend = FakeBackend()
+    warnings: list[str] = []
     backend.failures = 3
     keeper = LeaseKeeper(backend, "e1", 0.2, warnings.append).start()  # type: ignore[arg-type]
     _wait_for(lambda: keeper.renewals >= 1)
@@ -61,7 +63,8 @@ def test_failure_streak_warns_once_and_recovers() -> None:
 
 
 def test_ends_when_the_env_is_gone() -> None:
-    backend, warnings = FakeBackend(), []
+    backend = FakeBackend()
+    warnings: list[str] = []
     backend.gone = True
     keeper = LeaseKeeper(backend, "e1", 0.2, warnings.append).start()  # type: ignore[arg-type]
     _wait_for(lambda: bool(warnings))

@@ -28,7 +28,8 @@ from helpers.leftovers import leftovers, qemu_pids_under
 pytest_plugins = ["pytester"]
 
 # What loading the plugin must not import: the command channel, libvirt, the backends, the
-# image builder and puller, the session (which imports the channel).
+# image builder and puller, the session (which imports the channel). Planning the matrix may load
+# the image store, the catalog and the builder's recipe, and the backend registry its entry points.
 HEAVY = (
     "asyncssh",
     "libvirt",
@@ -36,8 +37,10 @@ HEAVY = (
     "pytest_ttenv.session",
     "pytest_ttenv.fixtures.handles",
     "pytest_ttenv.backend.local",
-    "pytest_ttenv.backend.images.build",
+    "pytest_ttenv.backend.images.build",  # and build_cloud
+    "pytest_ttenv.backend.images.initramfs",
     "pytest_ttenv.backend.images.pull",
+    "pytest_ttenv.backend.images.download",
     "pytest_ttenv.backend.http",
     "pytest_ttenv.backend.engines.qemu",
     "pytest_ttenv.backend.engines.warm",
@@ -160,8 +163,9 @@ def test_deselected_vm_tests_boot_nothing(pytester: pytest.Pytester, host: Host,
     under xdist, does the hand-off dir appear)."""
     host.add_image(f"debian-12-{HOST_ARCH}")
     before = host.store()
-    result = pytester.runpytest_subprocess("-k", "plain", "-p", "no:cacheprovider", "--tt-os=debian12",
-                                           f"--tt-arch={HOST_ARCH}", *xdist, timeout=120)  # fmt: skip
+    result = pytester.runpytest_subprocess(
+        "-k", "plain", "-p", "no:cacheprovider", "--tt-os=debian12", f"--tt-arch={HOST_ARCH}", *xdist, timeout=120
+    )
     result.assert_outcomes(passed=1)
     host.assert_untouched(before)
     assert host.heavy_modules() == []
@@ -218,8 +222,9 @@ def test_env_holds_the_vms_of_the_selected_tests(
     backend's refusal is one line (exit 4), under xdist too, and nothing is left behind."""
     fake = FAKE_BACKEND.replace("OUT", repr(str(tmp_path)))
     pytester.makeconftest(RECORD_MODULES.format(out=str(host.modules)) + fake)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--tt-os=debian", "--tt-backend=fake://x",
-                                           "-k", select, *xdist, timeout=120)  # fmt: skip
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--tt-os=debian", "--tt-backend=fake://x", "-k", select, *xdist, timeout=120
+    )
     record = tmp_path / "created.json"
     if created is None:
         result.assert_outcomes(passed=1)

@@ -2,23 +2,52 @@
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from pytest_ttenv.config import SETTINGS, raw_values, resolve
+from pytest_ttenv import backend as registry
+from pytest_ttenv.backend import (
+    ENTRY_POINT_GROUP,
+    backend_factory,
+    builtin,
+    get_backend,
+    register_backend,
+    uses_local_images,
+)
+from pytest_ttenv.config import SETTINGS, RawValues, raw_values, resolve
 from pytest_ttenv.errors import UsageError
 
 pytest_plugins = ["pytester"]
 
 
-def values(cli: dict[str, str] | None = None, env: dict[str, str] | None = None, ini: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def values(
+    cli: dict[str, str] | None = None, env: dict[str, str] | None = None, ini: dict[str, str] | None = None
+) -> RawValues:
     cli, ini = cli or {}, ini or {}
     return raw_values(lambda d: cli.get(d), lambda d: ini.get(d), env or {})
 
 
 def test_every_setting_has_flag_ini_and_env() -> None:
     names = {s.name for s in SETTINGS}
-    assert {"os", "arch", "backend", "token", "engine", "accel", "cpu", "mem", "disk", "boot_timeout", "keep",
-            "image_dir", "dist", "matrix_report"} <= names  # fmt: skip
+    assert {
+        "os",
+        "arch",
+        "backend",
+        "token",
+        "engine",
+        "accel",
+        "cpu",
+        "mem",
+        "disk",
+        "boot_timeout",
+        "keep",
+        "image_dir",
+        "dist",
+        "matrix_report",
+    } <= names
     keep = next(s for s in SETTINGS if s.name == "boot_timeout")
     assert (keep.flag, keep.dest, keep.env) == ("--tt-boot-timeout", "tt_boot_timeout", "TTENV_BOOT_TIMEOUT")
 
@@ -88,8 +117,9 @@ def test_prefix_matching_nothing_is_usage_error_listing_images(
     result = pytester.runpytest("-p", "no:cacheprovider", "--tt-os=nosuchos")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     errors = [line for line in result.stderr.lines if line.strip()]
-    assert errors == ["ERROR: ttenv: OS prefix 'nosuchos' matches no image; available: none (build one: "
-                      "ttenv image build debian-12)"]  # fmt: skip
+    assert errors == [
+        "ERROR: ttenv: OS prefix 'nosuchos' matches no image; available: none (build one: ttenv image build debian-12)"
+    ]
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
 
 
@@ -137,7 +167,90 @@ def test_pull_that_cannot_reach_the_vendor_is_one_line(
     )
     monkeypatch.setenv("TTENV_CATALOG", str(catalog))
     pytester.makepyfile(VM_TESTS)
-    result = pytester.runpytest("-p", "no:cacheprovider", "--tt-os=fedora", "--tt-arch=x86_64")
+    # a process of its own: an in-process run after another that loaded the catalog would re-import
+    # PyYAML, whose C extension does not survive pytester's removal of the modules a run imported
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--tt-os=fedora", "--tt-arch=x86_64")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     errors = [line for line in result.stderr.lines if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("ERROR: ttenv: ") and "127.0.0.1:9" in errors[0], errors
+
+
+# -- the backend registry ------------------------------------------------------------------------
+@pytest.fixture
+def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No scheme registered or loaded yet (this process's registry is left as it was)."""
+    monkeypatch.setattr(registry, "_REGISTERED", {})
+
+
+def test_builtin_backends_are_entry_points(fresh_registry: None, tmp_path: Path) -> None:
+    """``local``, ``http`` and ``https`` are found through the installed package's entry points."""
+    from pytest_ttenv.backend.http import HttpBackend
+
+    declared = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    assert declared["local"] == "pytest_ttenv.backend.builtin:LOCAL"
+    assert (declared["http"], declared["https"]) == (
+        "pytest_ttenv.backend.builtin:HTTP",
+        "pytest_ttenv.backend.builtin:HTTPS",
+    )
+    assert backend_factory("") is backend_factory("local") is builtin.LOCAL
+    assert backend_factory("https://h:1") is builtin.HTTPS and backend_factory("nonsense") is None
+    assert uses_local_images("local") and not uses_local_images("http://h:1") and not uses_local_images("nonsense")
+    local = get_backend("local", image_dir=tmp_path / "images", state_dir=tmp_path / "state")
+    assert local.name == "local"
+    server = get_backend("https://127.0.0.1:9", token="t0ken")
+    assert isinstance(server, HttpBackend) and (server.url, server.token) == ("https://127.0.0.1:9", "t0ken")
+
+
+def test_a_registered_backend_beats_the_entry_point(fresh_registry: None) -> None:
+    """A plugin's factory for a scheme replaces the built-in one and gets every setting."""
+    made: list[tuple[str, dict[str, Any]]] = []
+    sentinel: Any = object()
+
+    def factory(spec: str, **options: Any) -> Any:
+        made.append((spec, options))
+        return sentinel
+
+    register_backend("local", factory)
+    assert get_backend("local", engine="libvirt", token="x") is sentinel
+    assert made == [
+        (
+            "local",
+            {
+                "image_dir": None,
+                "state_dir": None,
+                "progress": None,
+                "token": "x",
+                "engine": "libvirt",
+                "libvirt_uris": (),
+                "ca_cert": None,
+            },
+        )
+    ]
+    assert not uses_local_images("local")  # it did not say it boots from this host's store
+
+
+def test_a_factory_gets_only_the_keywords_it_names(fresh_registry: None, tmp_path: Path) -> None:
+    """A factory written for ``(spec, image_dir=, state_dir=, progress=)`` keeps working."""
+    made: list[tuple[str, Any, Any, Any]] = []
+    sentinel: Any = object()
+
+    def factory(spec: str, image_dir: Any = None, state_dir: Any = None, progress: Any = None) -> Any:
+        made.append((spec, image_dir, state_dir, progress))
+        return sentinel
+
+    register_backend("old", factory)  # type: ignore[arg-type]
+    assert get_backend("old://x", image_dir=tmp_path, engine="libvirt", token="t") is sentinel
+    assert made == [("old://x", tmp_path, None, None)]
+
+
+def test_unknown_backend_lists_the_registry(fresh_registry: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    register_backend("fake", lambda spec, **options: None)  # type: ignore[arg-type]  # never called
+    with pytest.raises(UsageError) as err:
+        get_backend("nonsense")
+    assert str(err.value) == (
+        "unknown backend 'nonsense' (use one of local, fake://..., http://host:port, https://host:port)"
+    )
+    monkeypatch.setattr(registry, "_REGISTERED", {})
+    monkeypatch.setattr(registry, "entry_points", lambda **kw: [])  # an install without its metadata
+    with pytest.raises(UsageError, match=r"entry points are missing \(reinstall pytest-ttenv"):
+        get_backend("local")

@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 
 from pytest_ttenv.backend.images.catalog import load_catalog
-from pytest_ttenv.backend.images.pull import ensure_available, find_checksum, pull, pullable_names
+from pytest_ttenv.backend.images.checksums import find_checksum
+from pytest_ttenv.backend.images.pull import ensure_available, pull, pullable_names
 from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.errors import NotFound, TTError
 
@@ -160,8 +161,9 @@ def make_raw(path: Path, mib: int = 16, data_mib: int = 3) -> bytes:
 def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     d = tmp_path_factory.mktemp("disks")
     raw = make_raw(d / "disk.raw")
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(d / "disk.raw"), str(d / "disk.qcow2")],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(d / "disk.raw"), str(d / "disk.qcow2")], check=True
+    )
     return {"raw": raw, "qcow2": (d / "disk.qcow2").read_bytes(), "raw.xz": lzma.compress(raw, preset=0)}
 
 
@@ -169,17 +171,40 @@ def catalog_yaml(entries: dict[str, dict[str, Any]]) -> str:
     return json.dumps({"schema": 1, "version": "test-1", "entries": entries})  # JSON is YAML
 
 
-def entry(os_name: str, version: str, file: str, *, fmt: str = "qcow2", checksum: str = "SHA256SUMS",
-          ck_format: str = "sums", alg: str = "sha256", base: str = "", **extra: Any) -> dict[str, Any]:  # fmt: skip
+def entry(
+    os_name: str,
+    version: str,
+    file: str,
+    *,
+    fmt: str = "qcow2",
+    checksum: str = "SHA256SUMS",
+    ck_format: str = "sums",
+    alg: str = "sha256",
+    base: str = "",
+    **extra: Any,
+) -> dict[str, Any]:
     return {
-        "os": os_name, "version": version, "user": "tester", "mirror": base, "arches": {"x86_64": {}, "aarch64": {}},
-        "url": "{mirror}/" + file, "checksum": {"url": "{mirror}/" + checksum, "format": ck_format, "hash": alg},
-        "format": fmt, **extra,
-    }  # fmt: skip
+        "os": os_name,
+        "version": version,
+        "user": "tester",
+        "mirror": base,
+        "arches": {"x86_64": {}, "aarch64": {}},
+        "url": "{mirror}/" + file,
+        "checksum": {"url": "{mirror}/" + checksum, "format": ck_format, "hash": alg},
+        "format": fmt,
+        **extra,
+    }
 
 
-def serve_image(srv: Server, tmp_path: Path, data: bytes, file: str = "img.qcow2", fmt: str = "qcow2",
-                digest: str | None = None, alg: str = "sha256") -> Path:  # fmt: skip
+def serve_image(
+    srv: Server,
+    tmp_path: Path,
+    data: bytes,
+    file: str = "img.qcow2",
+    fmt: str = "qcow2",
+    digest: str | None = None,
+    alg: str = "sha256",
+) -> Path:
     """Serve ``data`` as /<file> with a SHA256SUMS-style list; write a catalog for it; return its path."""
     srv.state.files[f"/{file}"] = data
     digest = digest or hashlib.new(alg, data).hexdigest()
@@ -225,8 +250,7 @@ def test_pull_installs_verified_image(server: Server, tmp_path: Path, disks: dic
     assert aarch64.boot == "uefi" and store.names() == ["testos-1.0-aarch64", "testos-1.0-x86_64"]
 
 
-def test_cut_connection_then_rerun_resumes_with_range(server: Server, tmp_path: Path,
-                                                      disks: dict[str, bytes]) -> None:  # fmt: skip
+def test_cut_connection_then_rerun_resumes_with_range(server: Server, tmp_path: Path, disks: dict[str, bytes]) -> None:
     data = disks["qcow2"]
     cat = load_catalog(serve_image(server, tmp_path, data))
     store = ImageStore(tmp_path / "images")
@@ -240,7 +264,9 @@ def test_cut_connection_then_rerun_resumes_with_range(server: Server, tmp_path: 
     pull(store, "testos-1.0-x86_64", lambda line: None, catalog=cat, timeout=5)
     gets = server.state.requests_for("/img.qcow2")
     assert [(g["range"], g["status"], g["sent"]) for g in gets] == [
-        (None, 200, MIB), (f"bytes={MIB}-", 206, len(data) - MIB)]  # fmt: skip
+        (None, 200, MIB),
+        (f"bytes={MIB}-", 206, len(data) - MIB),
+    ]
     assert store.get("testos-1.0-x86_64").file("disk.qcow2").read_bytes() == data
     assert leftovers(store) == []
 
@@ -259,15 +285,16 @@ def test_changed_file_on_server_is_fetched_whole(server: Server, tmp_path: Path,
     assert store.get("testos-1.0-x86_64").file("disk.qcow2").read_bytes() == disks["qcow2"]
 
 
-def test_checksum_mismatch_is_refused_and_nothing_left(server: Server, tmp_path: Path,
-                                                       disks: dict[str, bytes]) -> None:  # fmt: skip
+def test_checksum_mismatch_is_refused_and_nothing_left(server: Server, tmp_path: Path, disks: dict[str, bytes]) -> None:
     cat = load_catalog(serve_image(server, tmp_path, disks["qcow2"], digest="ab" * 32))
     store = ImageStore(tmp_path / "images")
     with pytest.raises(TTError) as err:
         pull(store, "testos-1.0-x86_64", lambda line: None, catalog=cat, timeout=5)
     actual = hashlib.sha256(disks["qcow2"]).hexdigest()
-    assert str(err.value).startswith(f"checksum mismatch for {server.base}/img.qcow2: expected sha256 {'ab' * 32}, "
-                                     f"got {actual} (the download was deleted")  # fmt: skip
+    assert str(err.value).startswith(
+        f"checksum mismatch for {server.base}/img.qcow2: expected sha256 {'ab' * 32}, "
+        f"got {actual} (the download was deleted"
+    )
     assert store.names() == [] and visible(store) == [] and leftovers(store) == []
 
 
@@ -293,8 +320,12 @@ def test_xz_raw_is_converted_to_qcow2(server: Server, tmp_path: Path, disks: dic
     store = ImageStore(tmp_path / "images")
     info = pull(store, "testos-1.0-x86_64", lambda line: None, catalog=cat, timeout=5)
     disk = info.file("disk.qcow2")
-    assert json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(disk)], capture_output=True,
-                                     check=True).stdout)["format"] == "qcow2"  # fmt: skip
+    assert (
+        json.loads(
+            subprocess.run(["qemu-img", "info", "--output=json", str(disk)], capture_output=True, check=True).stdout
+        )["format"]
+        == "qcow2"
+    )
     raw = tmp_path / "expected.raw"
     raw.write_bytes(disks["raw"])
     assert subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(disk)]).returncode == 0
@@ -324,8 +355,10 @@ def test_stall_times_out_as_one_line(server: Server, tmp_path: Path, disks: dict
         pull(ImageStore(tmp_path / "images"), "testos-1.0-x86_64", lambda line: None, catalog=cat, timeout=0.5)
     assert time.monotonic() - started < 10
     host = server.base.removeprefix("http://")
-    assert str(err.value) == (f"cannot download {server.base}/img.qcow2: no answer from {host} within 0.5 s (the "
-                              "server or the network stalled; rerun to resume, or raise --timeout)")  # fmt: skip
+    assert str(err.value) == (
+        f"cannot download {server.base}/img.qcow2: no answer from {host} within 0.5 s (the "
+        "server or the network stalled; rerun to resume, or raise --timeout)"
+    )
 
 
 def test_stall_mid_download_then_resume(server: Server, tmp_path: Path, disks: dict[str, bytes]) -> None:
@@ -335,8 +368,10 @@ def test_stall_mid_download_then_resume(server: Server, tmp_path: Path, disks: d
     with pytest.raises(TTError) as err:
         pull(store, "testos-1.0-x86_64", lambda line: None, catalog=cat, timeout=0.5)
     total = len(disks["qcow2"]) / MIB
-    assert str(err.value) == (f"download of {server.base}/img.qcow2 stalled after 1.0 of {total:.1f} MiB: nothing "
-                              "received for 0.5 s (rerun to resume from 1.0 MiB, or raise --timeout)")  # fmt: skip
+    assert str(err.value) == (
+        f"download of {server.base}/img.qcow2 stalled after 1.0 of {total:.1f} MiB: nothing "
+        "received for 0.5 s (rerun to resume from 1.0 MiB, or raise --timeout)"
+    )
     pull(store, "testos-1.0-x86_64", lambda line: None, catalog=cat, timeout=5)
     assert [g["range"] for g in server.state.requests_for("/img.qcow2")] == [None, f"bytes={MIB}-"]
 
@@ -359,12 +394,12 @@ def test_connection_refused_is_one_line(tmp_path: Path) -> None:
     path.write_text(catalog_yaml({"testos-1.0": entry("testos", "1.0", "img.qcow2", base=base)}))
     with pytest.raises(TTError) as err:
         pull(ImageStore(tmp_path / "images"), "testos-1.0-x86_64", lambda line: None, catalog=load_catalog(path))
-    assert str(err.value).startswith(f"cannot fetch the checksum file {base}/SHA256SUMS: connection refused by "
-                                     f"127.0.0.1:{port} (is the server up?")  # fmt: skip
+    assert str(err.value).startswith(
+        f"cannot fetch the checksum file {base}/SHA256SUMS: connection refused by 127.0.0.1:{port} (is the server up?"
+    )
 
 
-def test_ensure_available_pulls_only_what_is_missing(server: Server, tmp_path: Path,
-                                                     disks: dict[str, bytes]) -> None:  # fmt: skip
+def test_ensure_available_pulls_only_what_is_missing(server: Server, tmp_path: Path, disks: dict[str, bytes]) -> None:
     cat = load_catalog(serve_image(server, tmp_path, disks["qcow2"]))
     store = ImageStore(tmp_path / "images")
     assert pullable_names(["x86_64"], catalog=cat) == ["testos-1.0-x86_64"]
@@ -385,9 +420,11 @@ def test_checksum_formats() -> None:
     assert find_checksum(ubuntu, "sums", "sha256", "ubuntu-24.04-server-cloudimg-amd64.img") == H256
     debian = f"{'d' * 128}  debian-12-genericcloud-arm64.qcow2\n{H512}  debian-12-genericcloud-amd64.qcow2\n"
     assert find_checksum(debian, "sums", "sha512", "debian-12-genericcloud-amd64.qcow2") == H512
-    fedora = ("-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\n# Fedora-Cloud-Base-Generic-42-1.1.x86_64.qcow2: "
-              f"123 bytes\nSHA256 (Fedora-Cloud-Base-Generic-42-1.1.x86_64.qcow2) = {H256.upper()}\n"
-              "-----BEGIN PGP SIGNATURE-----\n\nxxxx\n-----END PGP SIGNATURE-----\n")  # fmt: skip
+    fedora = (
+        "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\n# Fedora-Cloud-Base-Generic-42-1.1.x86_64.qcow2: "
+        f"123 bytes\nSHA256 (Fedora-Cloud-Base-Generic-42-1.1.x86_64.qcow2) = {H256.upper()}\n"
+        "-----BEGIN PGP SIGNATURE-----\n\nxxxx\n-----END PGP SIGNATURE-----\n"
+    )
     assert find_checksum(fedora, "bsd", "sha256", "Fedora-Cloud-Base-Generic-42-1.1.x86_64.qcow2") == H256
     # a sidecar names the dated file behind the "latest" link; a bare digest is fine too
     rocky = f"SHA256 (Rocky-9-GenericCloud-Base-9.6-20250531.0.x86_64.qcow2) = {H256}\n"
@@ -423,8 +460,9 @@ def ttenv(tmp_path: Path, catalog: Path | None, *args: str, timeout: float = 60)
     env.pop("TTENV_CATALOG", None)
     if catalog:
         env["TTENV_CATALOG"] = str(catalog)
-    return subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def one_error_line(res: subprocess.CompletedProcess[str], code: int, starts: str) -> str:
@@ -449,23 +487,35 @@ def test_cli_pull_list_and_errors(server: Server, tmp_path: Path, disks: dict[st
     assert re.search(r"testos-1.0-aarch64\s+-\s+tester\s+uefi\s+qcow2", res.stdout), res.stdout
 
     server.state.files.pop("/img.qcow2")
-    one_error_line(ttenv(tmp_path, cat, "image", "pull", "testos-1.0-aarch64"), 1,
-                   f"cannot download {server.base}/img.qcow2: HTTP 404 Not Found")  # fmt: skip
+    one_error_line(
+        ttenv(tmp_path, cat, "image", "pull", "testos-1.0-aarch64"),
+        1,
+        f"cannot download {server.base}/img.qcow2: HTTP 404 Not Found",
+    )
     server.state.files["/img.qcow2"] = disks["qcow2"]
     server.state.stall["/img.qcow2"] = 30
-    one_error_line(ttenv(tmp_path, cat, "image", "pull", "testos-1.0-aarch64", "--timeout", "0.5"), 1,
-                   f"cannot download {server.base}/img.qcow2: no answer from")  # fmt: skip
+    one_error_line(
+        ttenv(tmp_path, cat, "image", "pull", "testos-1.0-aarch64", "--timeout", "0.5"),
+        1,
+        f"cannot download {server.base}/img.qcow2: no answer from",
+    )
     one_error_line(ttenv(tmp_path, cat, "image", "pull", "debian-12"), 2, "'debian-12' is not in the catalog")
-    one_error_line(ttenv(tmp_path, tmp_path / "missing.yaml", "image", "pull", "x"), 2,
-                   f"cannot read catalog {tmp_path / 'missing.yaml'} (from TTENV_CATALOG)")  # fmt: skip
+    one_error_line(
+        ttenv(tmp_path, tmp_path / "missing.yaml", "image", "pull", "x"),
+        2,
+        f"cannot read catalog {tmp_path / 'missing.yaml'} (from TTENV_CATALOG)",
+    )
     assert visible(ImageStore(tmp_path / "images")) == ["testos-1.0-x86_64"]
 
 
 def test_cli_cut_then_rerun_resumes(server: Server, tmp_path: Path, disks: dict[str, bytes]) -> None:
     cat = serve_image(server, tmp_path, disks["qcow2"])
     server.state.cut["/img.qcow2"] = 2 * MIB
-    one_error_line(ttenv(tmp_path, cat, "image", "pull", "testos-1.0-x86_64"), 1,
-                   f"download of {server.base}/img.qcow2 cut after 2.0 of")  # fmt: skip
+    one_error_line(
+        ttenv(tmp_path, cat, "image", "pull", "testos-1.0-x86_64"),
+        1,
+        f"download of {server.base}/img.qcow2 cut after 2.0 of",
+    )
     res = ttenv(tmp_path, cat, "image", "pull", "testos-1.0-x86_64")
     assert res.returncode == 0, res.stderr
     assert "resuming at 2.0 MiB" in res.stdout
@@ -493,9 +543,14 @@ def test_plugin_pulls_a_missing_catalog_image_on_first_use(
     monkeypatch.setenv("TTENV_STATE_DIR", str(state))
     pytester.makepyfile("def test_on_vm(tt_vm):\n    pass\n")
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--tt-os=testos", "--tt-arch=x86_64", "--tt-boot-timeout=3", "--tt-accel=tcg",
+        "-p",
+        "no:cacheprovider",
+        "--tt-os=testos",
+        "--tt-arch=x86_64",
+        "--tt-boot-timeout=3",
+        "--tt-accel=tcg",
         timeout=300,
-    )  # fmt: skip
+    )
     out = result.stdout.str()
     assert "ttenv: " in out and "testos-1.0-x86_64" in out
     assert ImageStore(images).names() == ["testos-1.0-x86_64"]

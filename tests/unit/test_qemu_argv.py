@@ -10,11 +10,20 @@ from pytest_ttenv.core.model import Resources
 def cfg(arch: str = "x86_64", accel: str = "tcg", seed: bool = True) -> QemuConfig:
     d = Path("/run/env/vm")
     return QemuConfig(
-        name="T/vm", arch=arch, accel=accel, resources=Resources(cpu=3, mem_mib=768), disk=d / "overlay.qcow2",
-        seed=d / "seed.iso" if seed else None, kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.img"),
-        cmdline="root=/dev/vda console=ttyS0", port=23456, console=d / "console.log", qmp=d / "qmp.sock",
+        name="T/vm",
+        arch=arch,
+        accel=accel,
+        resources=Resources(cpu=3, mem_mib=768),
+        disk=d / "overlay.qcow2",
+        seed=d / "seed.iso" if seed else None,
+        kernel=Path("/img/vmlinuz"),
+        initrd=Path("/img/initrd.img"),
+        cmdline="root=/dev/vda console=ttyS0",
+        port=23456,
+        console=d / "console.log",
+        qmp=d / "qmp.sock",
         pidfile=d / "qemu.pid",
-    )  # fmt: skip
+    )
 
 
 def pairs(argv: list[str]) -> list[tuple[str, str]]:
@@ -76,7 +85,7 @@ def test_firmware_boot_without_kernel() -> None:
 def test_firmware_boot_starts_from_the_root_disk_and_nic_has_the_seeds_mac() -> None:
     from dataclasses import replace
 
-    from pytest_ttenv.backend.engines.qemu import GUEST_MAC
+    from pytest_ttenv.backend.engines.base import GUEST_MAC
 
     direct, bios = build_argv(cfg()), build_argv(replace(cfg(), kernel=None, initrd=None))
     assert "virtio-blk-pci,drive=root" in direct  # the kernel is given: no boot order needed

@@ -69,8 +69,10 @@ def start_pytest(where: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
 @pytest.fixture(scope="module")
 def junits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The fake suite's JUnit files, without and with xdist (both runs at once)."""
-    runs = {"plain": start_pytest(tmp_path_factory.mktemp("plain")),
-            "xdist": start_pytest(tmp_path_factory.mktemp("xdist"), "-n", "2")}  # fmt: skip
+    runs = {
+        "plain": start_pytest(tmp_path_factory.mktemp("plain")),
+        "xdist": start_pytest(tmp_path_factory.mktemp("xdist"), "-n", "2"),
+    }
     for proc, junit in runs.values():
         assert proc.wait(timeout=300) == 1 and junit.exists()  # 1: the suite has failures
     return {name: junit for name, (_, junit) in runs.items()}
@@ -159,8 +161,21 @@ def test_globs_and_directories(tmp_path: Path, junit: Path, junit_xdist: Path) -
 
 def test_cli_writes_all_formats(tmp_path: Path, junit: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    code = main(["report", str(junit), "--title", "My <matrix>", "--details",
-                 "--md", str(out / "m.md"), "--html", str(out / "m.html"), "--json", str(out / "m.json")])  # fmt: skip
+    code = main(
+        [
+            "report",
+            str(junit),
+            "--title",
+            "My <matrix>",
+            "--details",
+            "--md",
+            str(out / "m.md"),
+            "--html",
+            str(out / "m.html"),
+            "--json",
+            str(out / "m.json"),
+        ]
+    )
     assert code == 0
     stdout = capsys.readouterr().out
     assert "debian-12-x86_64" in stdout and "test_fake::test_fail: debian-12-x86_64 failed" in stdout
@@ -219,8 +234,13 @@ def test_bad_junit_is_one_line_exit_2(
 )
 def test_missing_inputs_are_one_line(tmp_path: Path, arg: str, message: str) -> None:
     (tmp_path / "emptydir").mkdir()
-    res = subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", "report", arg], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", "report", arg],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and res.stderr == f"ttenv: error: {message}\n" and "Traceback" not in res.stderr
 
 
@@ -250,8 +270,10 @@ def test_tt_env_case_lands_on_every_vm_it_names(tmp_path: Path) -> None:
     )
     matrix = read_junit([str(f)])
     assert matrix.row("t::test_env") == ["failed", "failed"]
-    assert matrix.vms == [VmColumn("debian-11-x86_64", "debian-11", "x86_64"),
-                          VmColumn("debian-12-aarch64", "debian-12", "aarch64")]  # fmt: skip
+    assert matrix.vms == [
+        VmColumn("debian-11-x86_64", "debian-11", "x86_64"),
+        VmColumn("debian-12-aarch64", "debian-12", "aarch64"),
+    ]
 
 
 def test_markdown_escapes_table_breakers() -> None:
@@ -265,8 +287,11 @@ def test_markdown_escapes_table_breakers() -> None:
 
 # -- the in-session report (the plugin's API) -------------------------------------------------------
 def test_in_session_api(tmp_path: Path) -> None:
-    outcomes = {("t.py::test_a", "debian-12-x86_64"): "passed", ("t.py::test_a", "debian-11-x86_64"): "failed",
-                ("t.py::test_b", "debian-12-x86_64"): "skipped"}  # fmt: skip
+    outcomes = {
+        ("t.py::test_a", "debian-12-x86_64"): "passed",
+        ("t.py::test_a", "debian-11-x86_64"): "failed",
+        ("t.py::test_b", "debian-12-x86_64"): "skipped",
+    }
     vms = ["debian-12-x86_64", "debian-11-x86_64"]
     assert summary_lines(outcomes, vms) == [
         "VM                 passed   failed    error  skipped",
@@ -276,8 +301,10 @@ def test_in_session_api(tmp_path: Path) -> None:
     ]
     doc = to_json(outcomes, vms)
     validate(doc)
-    assert doc["tests"] == {"t.py::test_a": {"debian-12-x86_64": "passed", "debian-11-x86_64": "failed"},
-                            "t.py::test_b": {"debian-12-x86_64": "skipped", "debian-11-x86_64": "not-run"}}  # fmt: skip
+    assert doc["tests"] == {
+        "t.py::test_a": {"debian-12-x86_64": "passed", "debian-11-x86_64": "failed"},
+        "t.py::test_b": {"debian-12-x86_64": "skipped", "debian-11-x86_64": "not-run"},
+    }
     for name in ("m.json", "m.md", "m.html", "m.txt"):
         write_matrix(str(tmp_path / name), outcomes, vms)
     assert json.loads((tmp_path / "m.json").read_text())["counts"]["debian-11-x86_64"]["failed"] == 1
@@ -298,9 +325,11 @@ def synthetic_junit(
         cases = []
         for t in range(tests):
             name = quoteattr(f"test_feature_{t:04d}_does_something_reasonably_long{'_' * pad}[{vm}]")
-            props = (f'<properties><property name="tt_vm" value="{vm}"/>'
-                     f'<property name="tt_os" value="{vm.rsplit("-", 1)[0]}"/>'
-                     f'<property name="tt_arch" value="{vm.rsplit("-", 1)[1]}"/></properties>')  # fmt: skip
+            props = (
+                f'<properties><property name="tt_vm" value="{vm}"/>'
+                f'<property name="tt_os" value="{vm.rsplit("-", 1)[0]}"/>'
+                f'<property name="tt_arch" value="{vm.rsplit("-", 1)[1]}"/></properties>'
+            )
             body = ""
             if t % fail_every == 0 and (t + v) % 3 == 0:
                 body = f'<failure message="AssertionError: {t} on {vm}">{"x" * text_size}</failure>'
@@ -313,22 +342,38 @@ def synthetic_junit(
     return path
 
 
-TWELVE = [f"{os}-{arch}" for os in ("debian-11", "debian-12", "debian-13", "ubuntu-22.04", "ubuntu-24.04", "fedora-42")
-          for arch in ("x86_64", "aarch64")]  # fmt: skip
+TWELVE = [
+    f"{os}-{arch}"
+    for os in ("debian-11", "debian-12", "debian-13", "ubuntu-22.04", "ubuntu-24.04", "fedora-42")
+    for arch in ("x86_64", "aarch64")
+]
 
 
 def test_200_tests_on_12_vms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = synthetic_junit(tmp_path / "junit", 200, TWELVE, fail_every=10)
     out = tmp_path / "out"
     start = time.monotonic()
-    code = main(["report", str(src), "--details", "--md", str(out / "m.md"), "--html", str(out / "m.html"),
-                 "--json", str(out / "m.json")])  # fmt: skip
+    code = main(
+        [
+            "report",
+            str(src),
+            "--details",
+            "--md",
+            str(out / "m.md"),
+            "--html",
+            str(out / "m.html"),
+            "--json",
+            str(out / "m.json"),
+        ]
+    )
     elapsed = time.monotonic() - start
     assert code == 0
     md = (out / "m.md").read_bytes()
     with capsys.disabled():
-        print(f"\n200x12 report: {elapsed:.2f} s; md {len(md)} B, html {(out / 'm.html').stat().st_size} B, "
-              f"json {(out / 'm.json').stat().st_size} B")  # fmt: skip
+        print(
+            f"\n200x12 report: {elapsed:.2f} s; md {len(md)} B, html {(out / 'm.html').stat().st_size} B, "
+            f"json {(out / 'm.json').stat().st_size} B"
+        )
     assert elapsed < 20
     assert len(md) < 1_000_000
     text = md.decode()

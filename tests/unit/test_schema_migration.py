@@ -49,11 +49,26 @@ V1_TOKENS_DDL = (
 )
 # A VM row's data as VmInfo.to_dict() wrote it then.
 V1_VM_DATA = {
-    "name": "debian-12-x86_64", "image": "debian-12-x86_64", "os": "debian", "version": "12", "arch": "x86_64",
-    "state": "running", "address": "127.0.0.1", "port": 0, "user": "root", "host_key": "ssh-ed25519 AAAA",
-    "resources": {"cpu": 1, "mem_mib": 256, "disk_mib": 0}, "accel": "kvm", "console": "/r/e1/console.log",
-    "pid": 4242, "error": "", "boot_seconds": 3.5, "boot": "warm", "engine": "qemu", "host": "",
-}  # fmt: skip
+    "name": "debian-12-x86_64",
+    "image": "debian-12-x86_64",
+    "os": "debian",
+    "version": "12",
+    "arch": "x86_64",
+    "state": "running",
+    "address": "127.0.0.1",
+    "port": 0,
+    "user": "root",
+    "host_key": "ssh-ed25519 AAAA",
+    "resources": {"cpu": 1, "mem_mib": 256, "disk_mib": 0},
+    "accel": "kvm",
+    "console": "/r/e1/console.log",
+    "pid": 4242,
+    "error": "",
+    "boot_seconds": 3.5,
+    "boot": "warm",
+    "engine": "qemu",
+    "host": "",
+}
 OLD_TOKEN = "t" * 43
 
 
@@ -62,15 +77,21 @@ def write_v1_state_dir(state: Path) -> None:
     state.mkdir(parents=True)
     db = sqlite3.connect(state / "state.sqlite")
     db.executescript(V1_STATE_DDL)
-    db.executemany("INSERT INTO envs VALUES (?,?,?,?,?,?,?,?,?)", [
-        ("e1", "alice:TEST", "alice", 100.0, 200.0, "running", "/r/e1", 11, 111),
-        ("e2", "bob:OTHER", "bob", 50.0, None, "booting", "/r/e2", None, None),
-    ])  # fmt: skip
-    db.executemany("INSERT INTO vms VALUES (?,?,?,?)", [
-        ("e1", "debian-12-x86_64", 20001, json.dumps(V1_VM_DATA)),
-        ("e1", "debian-11-x86_64", 20002, json.dumps(V1_VM_DATA | {"name": "debian-11-x86_64", "version": "11"})),
-        ("e2", "debian-12-x86_64", 20003, json.dumps(V1_VM_DATA | {"state": "booting"})),
-    ])  # fmt: skip
+    db.executemany(
+        "INSERT INTO envs VALUES (?,?,?,?,?,?,?,?,?)",
+        [
+            ("e1", "alice:TEST", "alice", 100.0, 200.0, "running", "/r/e1", 11, 111),
+            ("e2", "bob:OTHER", "bob", 50.0, None, "booting", "/r/e2", None, None),
+        ],
+    )
+    db.executemany(
+        "INSERT INTO vms VALUES (?,?,?,?)",
+        [
+            ("e1", "debian-12-x86_64", 20001, json.dumps(V1_VM_DATA)),
+            ("e1", "debian-11-x86_64", 20002, json.dumps(V1_VM_DATA | {"name": "debian-11-x86_64", "version": "11"})),
+            ("e2", "debian-12-x86_64", 20003, json.dumps(V1_VM_DATA | {"state": "booting"})),
+        ],
+    )
     db.commit()
     db.close()
     db = sqlite3.connect(state / "tokens.sqlite")
@@ -113,7 +134,9 @@ def test_state_dir_of_the_previous_schema_is_read_and_migrated(tmp_path: Path) -
     e1 = s.get_env("alice:TEST")
     assert (e1.owner, e1.created, e1.expires, e1.state, e1.rundir) == ("alice", 100.0, 200.0, "running", "/r/e1")
     assert [(v.name, v.port, v.version) for v in e1.vms] == [
-        ("debian-12-x86_64", 20001, "12"), ("debian-11-x86_64", 20002, "11")]  # fmt: skip
+        ("debian-12-x86_64", 20001, "12"),
+        ("debian-11-x86_64", 20002, "11"),
+    ]
     assert e1.vms[0].resources.mem_mib == 256 and e1.vms[0].boot == "warm" and e1.vms[0].pid == 4242
     assert s.owner_of("e1") == (11, 111)
     assert s.get_env("e2").expires is None and s.get_env("e2").vms[0].state == "booting"
@@ -163,17 +186,20 @@ def test_newer_schema_is_refused_with_one_line(tmp_path: Path, capsys: pytest.Ca
         Store(state / "state.sqlite")
     line = str(exc.value)
     assert "\n" not in line
-    assert line == (f"state dir {state} was written by a newer pytest-ttenv (state.sqlite: schema 99, this one "
-                    f"knows {store.SCHEMA.version}) (upgrade pytest-ttenv, or use another --state-dir / "
-                    "TTENV_STATE_DIR)")  # fmt: skip
+    assert line == (
+        f"state dir {state} was written by a newer pytest-ttenv (state.sqlite: schema 99, this one "
+        f"knows {store.SCHEMA.version}) (upgrade pytest-ttenv, or use another --state-dir / "
+        "TTENV_STATE_DIR)"
+    )
     with pytest.raises(TTError, match=r"newer pytest-ttenv \(tokens.sqlite: schema 7, this one knows 2\)"):
         TokenStore(state)
     with pytest.raises(TTError, match="schema 99"):  # not rewrapped as "cannot open the state store"
         LocalBackend(tmp_path / "images", state)
     assert version_of(state / "state.sqlite") == 99  # untouched
 
-    rc = cli.main(["env", "list", "--backend", "local", "--state-dir", str(state),
-                   "--image-dir", str(tmp_path / "images")])  # fmt: skip
+    rc = cli.main(
+        ["env", "list", "--backend", "local", "--state-dir", str(state), "--image-dir", str(tmp_path / "images")]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert err.count("\n") == 1 and "ttenv: error: state dir" in err and "schema 99" in err
@@ -232,10 +258,14 @@ def test_two_processes_opening_an_old_state_dir_migrate_it_once(tmp_path: Path) 
     state, log, go = tmp_path / "state", tmp_path / "steps.log", tmp_path / "go"
     write_v1_state_dir(state)
     children = [
-        subprocess.Popen([sys.executable, "-c", CHILD, str(state), str(log), str(go)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(state), str(log), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
-    ]  # fmt: skip
+    ]
     deadline = time.monotonic() + 30
     while len(list(tmp_path.glob("steps.log.ready.*"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)

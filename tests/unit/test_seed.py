@@ -4,18 +4,25 @@ import io
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pycdlib
 import yaml
 
-from pytest_ttenv.backend.engines.qemu import GUEST_MAC
+from pytest_ttenv.backend.engines.base import GUEST_MAC
 from pytest_ttenv.backend.engines.seed import SeedData, seed_files, write_seed_iso
 from pytest_ttenv.core.keys import KeyPair
 
 
-def seed(user: str = "root", **kw: object) -> SeedData:
-    return SeedData(hostname="debian-12-x86_64", instance_id="e1-vm", user=user,
-                    authorized_key="ssh-ed25519 AAAAclient c", host_key=KeyPair.generate("h"), **kw)  # type: ignore[arg-type]  # fmt: skip
+def seed(user: str = "root", **kw: Any) -> SeedData:
+    return SeedData(
+        hostname="debian-12-x86_64",
+        instance_id="e1-vm",
+        user=user,
+        authorized_key="ssh-ed25519 AAAAclient c",
+        host_key=KeyPair.generate("h"),
+        **kw,
+    )
 
 
 def read_iso(path: Path) -> tuple[str, dict[str, bytes]]:

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import requests
@@ -46,20 +46,39 @@ from helpers.server import Server, free_port, start_server
 _port = iter(range(40000, 60000))
 
 
-def add_rows(state: Path, owners: Sequence[str], count: int, vms: int = 2, vm_state: str = "running",
-             boot: str = "cold") -> list[EnvInfo]:  # fmt: skip
+def add_rows(
+    state: Path, owners: Sequence[str], count: int, vms: int = 2, vm_state: str = "running", boot: str = "cold"
+) -> list[EnvInfo]:
     """``count`` ENVs of ``vms`` VMs each, spread over ``owners``, as rows only (VM pid 0: no process)."""
     store = Store(state / "state.sqlite")
     made = []
     for i in range(count):
         owner = owners[i % len(owners)]
         env_id = uuid.uuid4().hex[:12]
-        env = EnvInfo(env_id, f"{owner}:row{i}-{env_id[:6]}", owner, time.time(), time.time() + 3600, "running",
-                      rundir=str(state / "envs" / env_id))  # fmt: skip
+        env = EnvInfo(
+            env_id,
+            f"{owner}:row{i}-{env_id[:6]}",
+            owner,
+            time.time(),
+            time.time() + 3600,
+            "running",
+            rundir=str(state / "envs" / env_id),
+        )
         store.add_env(env, None, None)
         for j in range(vms):
-            vm = VmInfo(f"vm{j}", "debian-12-x86_64", "debian", "12", "x86_64", state=vm_state, accel="tcg",
-                        resources=Resources(1, 256), boot=boot, pid=0, boot_seconds=time.time())  # fmt: skip
+            vm = VmInfo(
+                f"vm{j}",
+                "debian-12-x86_64",
+                "debian",
+                "12",
+                "x86_64",
+                state=vm_state,
+                accel="tcg",
+                resources=Resources(1, 256),
+                boot=boot,
+                pid=0,
+                boot_seconds=time.time(),
+            )
             store.reserve_port(env_id, vm, _port)
             env.vms.append(vm)
         made.append(env)
@@ -88,8 +107,12 @@ def timed_get(url: str, headers: dict[str, str], timeout: float = 10.0, quiet: b
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     (tmp_path / "images").mkdir()
-    srv = start_server(tmp_path, tmp_path / "images", owners=("alice", "bob"),
-                       options=["--cpu-total", "64", "--mem-total", "65536", "--disk-total", "100000"])  # fmt: skip
+    srv = start_server(
+        tmp_path,
+        tmp_path / "images",
+        owners=("alice", "bob"),
+        options=["--cpu-total", "64", "--mem-total", "65536", "--disk-total", "100000"],
+    )
     try:
         yield srv
     finally:
@@ -106,8 +129,19 @@ class LimitedServer(Server):
 
     def start(self, timeout: float = 30.0) -> Server:
         self.starts += 1
-        argv = [sys.executable, "-m", "pytest_ttenv.cli", "serve", "--listen", f"127.0.0.1:{self.port}",
-                "--state-dir", str(self.state), "--image-dir", str(self.images), *self.options]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "pytest_ttenv.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--state-dir",
+            str(self.state),
+            "--image-dir",
+            str(self.images),
+            *self.options,
+        ]
         nofile = self.nofile
 
         def child() -> None:
@@ -204,13 +238,20 @@ def test_idle_and_half_sent_connections_do_not_starve_the_server(tmp_path: Path)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1400:
         pytest.skip(f"this test needs 1,400 descriptors, the hard limit is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1400) if hard == resource.RLIM_INFINITY
-                                                else min(hard, max(soft, 4096)), hard))  # fmt: skip
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE,
+        (max(soft, 1400) if hard == resource.RLIM_INFINITY else min(hard, max(soft, 4096)), hard),
+    )
     (tmp_path / "images").mkdir()
     state = tmp_path / "state"
     state.mkdir()
-    srv = LimitedServer(state=state, images=tmp_path / "images", port=free_port(), nofile=1024,
-                        options=["--cpu-total", "4", "--mem-total", "4096", "--disk-total", "10000"])  # fmt: skip
+    srv = LimitedServer(
+        state=state,
+        images=tmp_path / "images",
+        port=free_port(),
+        nofile=1024,
+        options=["--cpu-total", "4", "--mem-total", "4096", "--disk-total", "10000"],
+    )
     srv.add_token("alice")
     srv.start()
     flood: Flood | None = None
@@ -233,10 +274,12 @@ def test_idle_and_half_sent_connections_do_not_starve_the_server(tmp_path: Path)
         times = [t for _, t in probes]
         failed = [p for p in probes if p[0] != 200]
         log_bytes = srv.log.stat().st_size
-        print(f"idle/slow flood (1100 connections, fd limit 1024): {len(probes)} probes, status p50 "
-              f"{pct(times, 50) * 1000:.0f} ms, p99 {pct(times, 99) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms; "
-              f"server fds peak {peak_fds}; flood reopened {flood_stats[0]}, refused {flood_stats[1]}; "
-              f"log {log_bytes} bytes")  # fmt: skip
+        print(
+            f"idle/slow flood (1100 connections, fd limit 1024): {len(probes)} probes, status p50 "
+            f"{pct(times, 50) * 1000:.0f} ms, p99 {pct(times, 99) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms; "
+            f"server fds peak {peak_fds}; flood reopened {flood_stats[0]}, refused {flood_stats[1]}; "
+            f"log {log_bytes} bytes"
+        )
         assert not failed, (failed, srv.output()[-3000:])
         assert pct(times, 99) < 3.0, times
         assert peak_fds < 1024
@@ -259,8 +302,10 @@ def test_a_request_head_must_arrive_in_time(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     srv = start_server(tmp_path, tmp_path / "images", owners=("alice",), options=["--header-timeout", "2"])
     try:
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as idle, \
-                socket.create_connection(("127.0.0.1", srv.port), timeout=10) as slow:  # fmt: skip
+        with (
+            socket.create_connection(("127.0.0.1", srv.port), timeout=10) as idle,
+            socket.create_connection(("127.0.0.1", srv.port), timeout=10) as slow,
+        ):
             slow.sendall(Flood.HEAD)
             start = time.monotonic()
             for _ in range(8):  # a byte every 0.5 s: never idle for the keep-alive timer
@@ -338,8 +383,10 @@ def test_one_owners_long_polls_do_not_stall_another_owner(server: Server) -> Non
         server.stop()  # ends the held polls within a second
         for t in threads:
             t.join(timeout=30)
-    print(f"140 long polls of bob over 300 ENVs: alice status n={len(times)} p50 {pct(times, 50) * 1000:.0f} ms, "
-          f"p99 {pct(times, 99) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms; bob's answers {codes}")  # fmt: skip
+    print(
+        f"140 long polls of bob over 300 ENVs: alice status n={len(times)} p50 {pct(times, 50) * 1000:.0f} ms, "
+        f"p99 {pct(times, 99) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms; bob's answers {codes}"
+    )
     assert set(statuses) == {200}
     assert pct(times, 99) < 1.0, times
     assert not [c for c in codes if c >= 500], codes
@@ -361,9 +408,11 @@ def test_status_and_list_stay_fast_with_300_envs(server: Server) -> None:
     def client(i: int) -> None:
         with requests.Session() as session:
             for j in range(40):
-                what, path, hdrs = [("status", "/v1/status", server.headers("alice")),
-                                    ("list", "/v1/envs", server.headers("alice")),
-                                    ("admin status", "/v1/status", admin)][(i + j) % 3]  # fmt: skip
+                what, path, hdrs = [
+                    ("status", "/v1/status", server.headers("alice")),
+                    ("list", "/v1/envs", server.headers("alice")),
+                    ("admin status", "/v1/status", admin),
+                ][(i + j) % 3]
                 start = time.monotonic()
                 res = session.get(f"{server.url}{path}", headers=hdrs, timeout=30)
                 took = time.monotonic() - start
@@ -408,10 +457,20 @@ def test_a_404_names_no_server_path(server: Server) -> None:
 
 def asgi_get(app: Any, path: str, token: str) -> tuple[int, dict[str, str], dict[str, Any]]:
     """One GET straight into the ASGI app (no socket): status, headers, JSON body."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "path": path,
-             "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
-             "headers": [(b"authorization", f"Bearer {token}".encode())], "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 80)}  # fmt: skip
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "headers": [(b"authorization", f"Bearer {token}".encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -431,8 +490,9 @@ def test_load_is_503_with_retry_after_and_bugs_do_not_flood_the_log(
 ) -> None:
     """A locked database (or no descriptor left) is 503 with Retry-After, never 500; a bug is a
     500 without its cause, and 200 of them log a few lines, not 200 tracebacks."""
-    service = Service(ServerConfig(state_dir=tmp_path / "state", image_dir=tmp_path / "images",
-                                   totals=Amounts(1, 1, 1)))  # fmt: skip
+    service = Service(
+        ServerConfig(state_dir=tmp_path / "state", image_dir=tmp_path / "images", totals=Amounts(1, 1, 1))
+    )
     token = service.tokens.add("alice")
     app = create_app(service)
 
@@ -482,9 +542,27 @@ def test_owner_caps_are_enforced_with_the_totals() -> None:
 
 
 def test_token_caps_are_stored_and_shown_in_status(server: Server) -> None:
-    res = subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", "token", "add", "carol", "--state-dir",
-                          str(server.state), "--max-cpu", "4", "--max-mem", "2G", "--max-vms", "3"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest_ttenv.cli",
+            "token",
+            "add",
+            "carol",
+            "--state-dir",
+            str(server.state),
+            "--max-cpu",
+            "4",
+            "--max-mem",
+            "2G",
+            "--max-vms",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     token = res.stdout.strip().splitlines()[-1]
     status = requests.get(f"{server.url}/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=30)
@@ -495,15 +573,16 @@ def test_token_caps_are_stored_and_shown_in_status(server: Server) -> None:
 
 
 def test_dead_vms_release_their_quota_after_the_grace(tmp_path: Path) -> None:
-    cfg = ServerConfig(state_dir=tmp_path / "state", image_dir=tmp_path / "images", totals=Amounts(8, 8192, 1000),
-                       dead_grace=0.5)  # fmt: skip
+    cfg = ServerConfig(
+        state_dir=tmp_path / "state", image_dir=tmp_path / "images", totals=Amounts(8, 8192, 1000), dead_grace=0.5
+    )
     service = Service(cfg)
     add_rows(cfg.state_dir, ["bob"], 1, vms=2, vm_state="running")  # pid 0: its qemu is not running
     (live,) = add_rows(cfg.state_dir, ["bob"], 1, vms=1, vm_state="booting", boot="warm")  # waits for a template
     ops = Grant("ops", admin=True)
     assert service.status(ops)["used"] == {"cpu": 3, "mem_mib": 768, "disk_mib": 0}
     service.health()  # seen dead now
-    assert service.status(ops)["used"]["cpu"] == 3  # within the grace they still count
+    assert cast(dict[str, int], service.status(ops)["used"])["cpu"] == 3  # within the grace they still count
     time.sleep(0.6)
     service.health()
     assert service.status(ops)["used"] == {"cpu": 1, "mem_mib": 256, "disk_mib": 0}

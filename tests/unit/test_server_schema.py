@@ -12,11 +12,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis import Case
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -27,9 +27,17 @@ from schemathesis.checks import (
 
 from helpers.server import Server, start_server
 
+if TYPE_CHECKING:
+    from schemathesis.specs.openapi.schemas import OpenApiCase
+
 EXAMPLES = 90  # per operation (hypothesis max_examples); with the explicit examples and coverage cases ~1475
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          response_headers_conformance]  # fmt: skip
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
 _count = {"cases": 0}
 _lock = threading.Lock()
 
@@ -38,8 +46,11 @@ _lock = threading.Lock()
 def schema_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("schema")
     (tmp / "images").mkdir()
-    server = start_server(tmp, tmp / "images", options=["--cpu-total", "1", "--mem-total", "256", "--disk-total",
-                                                        "1", "--log-level", "warning"])  # fmt: skip
+    server = start_server(
+        tmp,
+        tmp / "images",
+        options=["--cpu-total", "1", "--mem-total", "256", "--disk-total", "1", "--log-level", "warning"],
+    )
     try:
         yield server
     finally:
@@ -57,7 +68,7 @@ schema = schemathesis.pytest.from_fixture("api")
 
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-def test_generated_requests(case: Case, schema_server: Server) -> None:
+def test_generated_requests(case: OpenApiCase, schema_server: Server) -> None:
     with _lock:
         _count["cases"] += 1
     case.call_and_validate(base_url=schema_server.url, headers=schema_server.headers(), checks=CHECKS, timeout=60)

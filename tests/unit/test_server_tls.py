@@ -41,31 +41,53 @@ def make_certs(root: Path) -> tuple[Path, Path, Path]:
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ttenv test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))  # fmt: skip
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])).issuer_name(ca_name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = root / "ca.pem", root / "cert.pem", root / "key.pem"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     paths[2].chmod(0o600)
     return paths
 
@@ -77,8 +99,13 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     ca, cert, key = make_certs(root)
     (root / "images").mkdir()
     (root / "state").mkdir()
-    srv = Server(state=root / "state", images=root / "images", port=free_port(), ca=ca,
-                 options=["--tls-cert", str(cert), "--tls-key", str(key), "--header-timeout", "2"])  # fmt: skip
+    srv = Server(
+        state=root / "state",
+        images=root / "images",
+        port=free_port(),
+        ca=ca,
+        options=["--tls-cert", str(cert), "--tls-key", str(key), "--header-timeout", "2"],
+    )
     srv.add_token("alice")
     srv.start()
     try:
@@ -88,8 +115,13 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def ttenv(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True,
-                         env=env_vars(**env), timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env_vars(**env),
+        timeout=120,
+    )
     print(f"$ ttenv {' '.join(args)} -> {res.returncode}\n{res.stdout}{res.stderr}")
     return res
 
@@ -107,8 +139,9 @@ def test_https_with_the_ca_and_the_token_from_the_environment(tls: Server) -> No
     )
     res = ttenv("env", "list", "--backend", tls.url, "--ca-cert", str(tls.ca), TTENV_TOKEN=tls.tokens["alice"])
     assert (res.returncode, res.stdout.strip(), res.stderr) == (0, "no ENVs", "")
-    via_env = ttenv("status", "--server", "--backend", tls.url, TTENV_TOKEN=tls.tokens["alice"],
-                    TTENV_CA_CERT=str(tls.ca))  # fmt: skip
+    via_env = ttenv(
+        "status", "--server", "--backend", tls.url, TTENV_TOKEN=tls.tokens["alice"], TTENV_CA_CERT=str(tls.ca)
+    )
     assert via_env.returncode == 0 and f"ttenv server {tls.url}: version" in via_env.stdout and not via_env.stderr
     with contextlib.closing(tls.backend("alice")) as backend:
         assert backend.list_envs() == []
@@ -117,26 +150,34 @@ def test_https_with_the_ca_and_the_token_from_the_environment(tls: Server) -> No
 def test_without_the_ca_the_certificate_is_refused_in_one_line(tls: Server) -> None:
     res = ttenv("env", "list", "--backend", tls.url, TTENV_TOKEN=tls.tokens["alice"])
     assert res.returncode == 1 and "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1
-    assert res.stderr.startswith(f"ttenv: error: TLS with the ttenv server at {tls.url} failed: certificate verify "
-                                 "failed: unable to get local issuer certificate (a self-signed or private CA's "
-                                 "certificate: give it with --ca-cert")  # fmt: skip
+    assert res.stderr.startswith(
+        f"ttenv: error: TLS with the ttenv server at {tls.url} failed: certificate verify "
+        "failed: unable to get local issuer certificate (a self-signed or private CA's "
+        "certificate: give it with --ca-cert"
+    )
 
 
 def test_plain_http_to_the_tls_port_fails_cleanly(tls: Server) -> None:
     url = f"http://127.0.0.1:{tls.port}"
     res = ttenv("env", "list", "--backend", url, TTENV_TOKEN=tls.tokens["alice"])
     assert res.returncode == 1 and "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1
-    assert res.stderr.startswith(f"ttenv: error: cannot reach the ttenv server at {url}: it closed the connection "
-                                 "without an answer (an https server? then use https://)"), res.stderr  # fmt: skip
+    assert res.stderr.startswith(
+        f"ttenv: error: cannot reach the ttenv server at {url}: it closed the connection "
+        "without an answer (an https server? then use https://)"
+    ), res.stderr
 
 
 def test_https_to_a_plain_server_fails_cleanly() -> None:
     with socket.create_server(("127.0.0.1", 0)) as plain:  # answers TLS with an HTTP error, like uvicorn does
         plain.settimeout(30)
         url = f"https://127.0.0.1:{plain.getsockname()[1]}"
-        with subprocess.Popen([sys.executable, "-m", "pytest_ttenv.cli", "env", "list", "--backend", url],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env_vars(TTENV_TOKEN="t" * 43)) as proc:  # fmt: skip
+        with subprocess.Popen(
+            [sys.executable, "-m", "pytest_ttenv.cli", "env", "list", "--backend", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env_vars(TTENV_TOKEN="t" * 43),
+        ) as proc:
             try:
                 conn, _ = plain.accept()
                 with conn:
@@ -165,8 +206,10 @@ def test_token_file_and_the_deprecated_token_option(tls: Server, tmp_path: Path)
     old = ttenv("env", "list", *remote, "--token", tls.tokens["alice"])
     assert (old.returncode, old.stdout.strip(), old.stderr) == (0, "no ENVs", DEPRECATED + "\n")
 
-    for bad, message in ((tmp_path / "missing", "cannot read it: No such file or directory"),
-                         (token_file(tmp_path / "empty", "", 0o600), "its first line is empty")):  # fmt: skip
+    for bad, message in (
+        (tmp_path / "missing", "cannot read it: No such file or directory"),
+        (token_file(tmp_path / "empty", "", 0o600), "its first line is empty"),
+    ):
         res = ttenv("env", "list", *remote, "--token-file", str(bad))
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
         assert res.stderr.startswith(f"ttenv: error: --token-file '{bad}': {message}")
@@ -176,8 +219,10 @@ def test_token_file_and_the_deprecated_token_option(tls: Server, tmp_path: Path)
 
 def test_a_bad_ca_file_is_one_line(tls: Server, tmp_path: Path) -> None:
     (tmp_path / "junk.pem").write_text("not a certificate\n")
-    for path, message in ((tmp_path / "junk.pem", "no PEM certificate in it"),
-                          (tmp_path / "nope.pem", "No such file or directory")):  # fmt: skip
+    for path, message in (
+        (tmp_path / "junk.pem", "no PEM certificate in it"),
+        (tmp_path / "nope.pem", "No such file or directory"),
+    ):
         res = ttenv("env", "list", "--backend", tls.url, "--ca-cert", str(path), TTENV_TOKEN=tls.tokens["alice"])
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
         assert res.stderr.startswith(f"ttenv: error: CA certificate file '{path}': {message}")
@@ -189,17 +234,24 @@ def test_tls_options_are_both_or_neither_and_readable(tmp_path: Path) -> None:
     _, other_cert, _ = make_certs(tmp_path / "other")
     encrypted = tmp_path / "encrypted.pem"
     private = serialization.load_pem_private_key(key.read_bytes(), None)
-    encrypted.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                serialization.BestAvailableEncryption(b"secret")))  # fmt: skip
+    encrypted.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     serve = ["serve", "--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "state")]
     for extra, message in (
         (["--tls-cert", str(cert)], "--tls-cert and --tls-key go together"),
         (["--tls-key", str(key)], "--tls-cert and --tls-key go together"),
-        (["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(key)],
-         f"--tls-cert '{tmp_path / 'nope.pem'}': cannot read it: No such file or directory"),
+        (
+            ["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(key)],
+            f"--tls-cert '{tmp_path / 'nope.pem'}': cannot read it: No such file or directory",
+        ),
         (["--tls-cert", str(other_cert), "--tls-key", str(key)], "are not a PEM certificate and its unencrypted key"),
         (["--tls-cert", str(cert), "--tls-key", str(encrypted)], "are not a PEM certificate and its unencrypted key"),
-    ):  # fmt: skip
+    ):
         res = ttenv(*serve, *extra)
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
         assert res.stderr.startswith("ttenv: error: ") and message in res.stderr
@@ -208,8 +260,10 @@ def test_tls_options_are_both_or_neither_and_readable(tmp_path: Path) -> None:
 def test_a_tls_handshake_must_end_within_the_header_timeout(tls: Server) -> None:
     """A client that opens TCP and never starts TLS, or starts it and stalls, is closed within
     --header-timeout (2 s here), as a slow request head is."""
-    with socket.create_connection(("127.0.0.1", tls.port), timeout=10) as idle, \
-            socket.create_connection(("127.0.0.1", tls.port), timeout=10) as stalled:  # fmt: skip
+    with (
+        socket.create_connection(("127.0.0.1", tls.port), timeout=10) as idle,
+        socket.create_connection(("127.0.0.1", tls.port), timeout=10) as stalled,
+    ):
         stalled.sendall(b"\x16\x03\x01\x02\x00\x01")  # the first bytes of a ClientHello, then nothing
         start = time.monotonic()
         assert idle.recv(100) == b""
@@ -217,8 +271,10 @@ def test_a_tls_handshake_must_end_within_the_header_timeout(tls: Server) -> None
         assert time.monotonic() - start < 4.5
     # after the handshake, the request-head deadline holds as on http
     ctx = ssl.create_default_context(cafile=str(tls.ca))
-    with socket.create_connection(("127.0.0.1", tls.port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as conn:  # fmt: skip
+    with (
+        socket.create_connection(("127.0.0.1", tls.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+    ):
         conn.sendall(b"GET /v1/status HTTP/1.1\r\n")
         start = time.monotonic()
         assert conn.recv(100) == b""
@@ -226,8 +282,9 @@ def test_a_tls_handshake_must_end_within_the_header_timeout(tls: Server) -> None
 
 
 # -- the plugin's settings --------------------------------------------------------------------------
-def values(cli: dict[str, str] | None = None, env: dict[str, str] | None = None,
-           ini: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+def values(
+    cli: dict[str, str] | None = None, env: dict[str, str] | None = None, ini: dict[str, str] | None = None
+) -> dict[str, str]:
     cli, ini = cli or {}, ini or {}
     return raw_values(lambda d: cli.get(d), lambda d: ini.get(d), env or {})
 

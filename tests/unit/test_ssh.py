@@ -1,11 +1,11 @@
-"""pytest_ttenv.ssh against a real OpenSSH sshd on 127.0.0.1 (and asyncssh servers for fan-out)."""
+"""pytest_ttenv.ssh against a real OpenSSH sshd on 127.0.0.1 (and asyncssh servers for fan-out): what
+commands do on both paths, timeouts, big output, the agent over pipes, files, fan-out. Connections
+(host keys, reconnects, reboot) are in test_ssh_connection.py; what needs no server in test_ssh_static.py."""
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import logging
-import os
 import pickle
 import re
 import subprocess
@@ -17,20 +17,20 @@ from pathlib import Path
 import pytest
 
 import pytest_ttenv.ssh as ssh
-import pytest_ttenv.ssh_agent as ssh_agent
+import pytest_ttenv.ssh.ttagent as ttagent
 from pytest_ttenv.ssh import (
     CommandFailed,
     CommandTimeout,
     Connection,
-    HostKeyMismatch,
     RunResult,
     SshError,
     SshTarget,
     Unreachable,
     fan_out,
 )
+from pytest_ttenv.ssh.command import build
 
-from helpers.sshd import Farm, Sshd, free_port, have_sshd, keygen, path_without_python, start_farm, start_sshd
+from helpers.sshd import Farm, Sshd, free_port, have_sshd, path_without_python, start_farm, start_sshd
 
 pytestmark = pytest.mark.skipif(not have_sshd(), reason="needs root, openssh-server and ssh-keygen")
 
@@ -60,13 +60,9 @@ def own_sshd(tmp_path: Path) -> Iterator[Sshd]:
     s.stop()
 
 
-def connect(target: SshTarget, mode: str, **kw: float) -> Connection:
-    return Connection(target, use_agent=mode == "agent", **kw)
-
-
 @pytest.fixture(params=["agent", "exec"])
 def conn(request: pytest.FixtureRequest, sshd: Sshd) -> Iterator[Connection]:
-    c = connect(sshd.target(), request.param, default_timeout=30)
+    c = Connection(sshd.target(), use_agent=request.param == "agent", default_timeout=30)
     c.run("true")
     assert (c.agent_pid is not None) == (request.param == "agent")
     yield c
@@ -173,23 +169,6 @@ def test_sudo_as_root_runs_without_sudo(conn: Connection) -> None:
     assert conn.run("id -u", sudo=True).stdout == "0\n"  # sudo is not even installed here
 
 
-def test_sudo_wraps_for_other_users() -> None:
-    req = ssh._build("id -u", {"A": "1"}, "/tmp", None, True, "debian")
-    assert req.script == "sudo -n /bin/sh -c 'cd -- /tmp || exit; export A=1; id -u'"
-    assert req.argv == ["sudo", "-n", "/bin/sh", "-c", "cd -- /tmp || exit; export A=1; id -u"]
-
-
-def test_simple_commands_skip_the_shell() -> None:
-    def argv(cmd: str | list[str]) -> list[str] | None:
-        return ssh._build(cmd, None, None, None, False, "root").argv
-
-    assert argv("uname -a") == ["uname", "-a"]
-    assert argv(["ls", "-l", "a b"]) == ["ls", "-l", "a b"]
-    for shelly in ("echo hi", "true", "ls *", "A=1 env", "ls; ls", "cat $HOME", "ls ~", "cd /", ["exit", "3"]):
-        assert argv(shelly) is None, shelly
-    assert ssh._build("uname", None, "/tmp", None, False, "root").argv is None
-
-
 # ---------------------------------------------------------------------------------------------
 # agent and exec channels agree byte for byte
 
@@ -236,7 +215,7 @@ def test_environment_is_identical(pair: tuple[Connection, Connection], cmd: str 
     agent, exec_ = pair
     a, e = _strip_ssh_vars(agent.run(cmd).stdout_bytes), _strip_ssh_vars(exec_.run(cmd).stdout_bytes)
     assert b"PWD=" in a and b"LC_CTYPE" not in a  # no trace of Python's C-locale coercion
-    if ssh._build(cmd, None, None, None, False, "root").argv is None:
+    if build(cmd, None, None, None, False, "root").argv is None:
         assert a == e
     else:  # executed without /bin/sh: same variables, but not in the order sh would pass them
         assert sorted(a.splitlines()) == sorted(e.splitlines())
@@ -309,157 +288,6 @@ def test_arun_from_any_event_loop(conn: Connection) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# host keys, reachability, reconnects
-
-
-def test_wrong_host_key_is_refused(sshd: Sshd, tmp_path: Path) -> None:
-    other = keygen(tmp_path / "other_host_key")
-    t = SshTarget("debian-12-x86_64", "127.0.0.1", sshd.port, "root", sshd.client_key, other)
-    c = Connection(t)
-    with pytest.raises(HostKeyMismatch) as ei:
-        c.run("true")
-    msg = str(ei.value)
-    assert msg.startswith("debian-12-x86_64: host key mismatch") and "SHA256:" in msg
-    with pytest.raises(HostKeyMismatch):
-        c.wait_ssh(5)  # not retried: a wrong key is final
-
-
-def test_known_hosts_files_are_not_touched(sshd: Sshd) -> None:
-    home_kh = Path.home() / ".ssh" / "known_hosts"
-    before = home_kh.read_bytes() if home_kh.exists() else None
-    c = Connection(sshd.target())
-    c.run("true")
-    c.close()
-    assert (home_kh.read_bytes() if home_kh.exists() else None) == before
-
-
-def test_unreachable_port_fails_fast(sshd: Sshd) -> None:
-    t = SshTarget("vm-down", "127.0.0.1", free_port(), "root", sshd.client_key, sshd.host_key)
-    started = time.monotonic()
-    with pytest.raises(Unreachable) as ei:
-        Connection(t).run("true")
-    assert time.monotonic() - started < 2
-    assert str(ei.value).startswith("vm-down: ") and "refused" in str(ei.value)
-
-
-def test_wait_ssh_retries_until_sshd_listens(own_sshd: Sshd) -> None:
-    own_sshd.stop()
-    c = Connection(own_sshd.target())
-    with pytest.raises(Unreachable) as ei:
-        c.wait_ssh(0.5)
-    assert "waited for TCP connect, SSH banner, login and `true`" in str(ei.value)
-    timer = threading.Timer(1.0, own_sshd.start)
-    timer.start()
-    started = time.monotonic()
-    c.wait_ssh(15)
-    assert 0.9 < time.monotonic() - started < 10
-    timer.join()
-    assert c.run("echo up").stdout == "up\n"
-    c.close()
-
-
-@pytest.mark.parametrize("mode", ["agent", "exec"])
-def test_reconnects_after_sshd_restart(own_sshd: Sshd, mode: str) -> None:
-    c = connect(own_sshd.target(), mode)
-    first = c.run("echo $PPID").stdout
-    own_sshd.restart()  # kills every session too: the connection drops
-    assert c.run("echo again").stdout == "again\n"
-    assert c.run("echo $PPID").stdout != first
-    c.close()
-
-
-def test_connection_lost_mid_command_is_unreachable(own_sshd: Sshd) -> None:
-    c = Connection(own_sshd.target())
-    c.run("true")
-    timer = threading.Timer(0.5, own_sshd.restart)
-    timer.start()
-    with pytest.raises(Unreachable) as ei:
-        c.run("sleep 10")
-    timer.join()
-    assert "connection lost while running 'sleep 10'" in str(ei.value)
-    assert c.run("echo back").stdout == "back\n"
-    c.close()
-
-
-def test_agent_restarts_after_it_dies(sshd: Sshd) -> None:
-    c = Connection(sshd.target())
-    c.run("true")
-    pid = c.agent_pid
-    assert pid is not None
-    os.kill(pid, 9)
-    assert wait_until(lambda: c.agent_pid is None)
-    assert c.run("echo ok").stdout == "ok\n"
-    assert c.agent_pid not in (None, pid)
-    c.close()
-
-
-def test_close_then_reuse(sshd: Sshd) -> None:
-    c = Connection(sshd.target())
-    c.run("true")
-    c.close()
-    assert c.agent_pid is None
-    assert c.run("echo reopened").stdout == "reopened\n"
-    ssh.close_all()
-    assert c.agent_pid is None
-
-
-@pytest.mark.parametrize("mode", ["agent", "exec"])
-def test_close_interrupts_running_commands(sshd: Sshd, mode: str) -> None:
-    c = connect(sshd.target(), mode)
-    c.run("true")
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            c.run("sleep 30")
-        except SshError as e:
-            errors.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    time.sleep(0.3)
-    c.close()
-    t.join(5)
-    assert [str(e) for e in errors] == ["sshd-test: connection closed by close() while running 'sleep 30'"]
-    assert c.run("echo reopened").stdout == "reopened\n"
-    c.close()
-
-
-def test_reboot_waits_for_a_new_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fakebin = tmp_path / "fakebin"
-    fakebin.mkdir()
-    (fakebin / "reboot").write_text(
-        f"#!/bin/sh\nif [ -e {tmp_path}/deny ]; then echo 'reboot: denied' >&2; exit 1; fi\n"
-        f"touch {tmp_path}/rebooting\n"
-    )
-    (fakebin / "reboot").chmod(0o755)
-    (tmp_path / "boot_id").write_text("one\n")
-    monkeypatch.setattr(ssh, "_BOOT_ID_CMD", f"cat {tmp_path}/boot_id")
-    s = start_sshd(tmp_path / "sshd", extra_config=f"PATH={fakebin}:/usr/bin:/bin")
-    try:
-        c = Connection(s.target())
-        (tmp_path / "deny").touch()
-        with pytest.raises(SshError, match="'reboot' failed with exit status 1: reboot: denied"):
-            c.reboot(30)
-        (tmp_path / "deny").unlink()
-
-        def fake_reboot() -> None:
-            assert wait_until(lambda: (tmp_path / "rebooting").exists(), 10)
-            time.sleep(0.3)
-            (tmp_path / "boot_id").write_text("two\n")
-            s.restart()
-
-        t = threading.Thread(target=fake_reboot)
-        t.start()
-        c.reboot(30)
-        t.join()
-        assert c.run(f"cat {tmp_path}/boot_id").stdout == "two\n"
-        c.close()
-    finally:
-        s.stop()
-
-
-# ---------------------------------------------------------------------------------------------
 # fallback without python3
 
 
@@ -477,23 +305,11 @@ def test_falls_back_to_exec_channels_without_python3(sshd_nopython: Sshd, caplog
     c.close()
 
 
-def test_agent_uses_only_python3_minimal_modules() -> None:
-    source = (Path(ssh.__file__).parent / "ssh_agent.py").read_text()
-    assert source.isascii()
-    tree = ast.parse(source, feature_version=(3, 6))
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    allowed = {"errno", "os", "selectors", "signal", "struct", "subprocess", "sys", "time", "typing"}
-    assert imported <= allowed
-    guarded = {id(n) for i in ast.walk(tree) if isinstance(i, ast.If) and ast.unparse(i.test) == "MYPY" for n in i.body}
-    assert all(id(n) in guarded for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))  # type checkers only
-
-
 class LocalAgent:
-    """ssh_agent.py run directly on this machine over pipes, for protocol-level tests."""
+    """ttagent.py run directly on this machine over pipes, for protocol-level tests."""
 
     def __init__(self, *, popen: bool) -> None:
-        src = Path(ssh_agent.__file__).read_bytes()
+        src = Path(ttagent.__file__).read_bytes()
         boot = (
             "import os\n"
             + ("del os.posix_spawn\n" if popen else "")
@@ -507,18 +323,18 @@ class LocalAgent:
         self.stdin.write(src)
         self.stdin.flush()
         typ, rid, hello = self.frame()
-        assert (typ, rid) == (ssh_agent.HELLO, 0) and hello.startswith(b"ttagent 1 pid=")
+        assert (typ, rid) == (ttagent.HELLO, 0) and hello.startswith(b"ttagent 1 pid=")
 
     def send(self, typ: int, rid: int, payload: bytes = b"") -> None:
-        self.stdin.write(ssh_agent.HDR.pack(typ, rid, len(payload)) + payload)
+        self.stdin.write(ttagent.HDR.pack(typ, rid, len(payload)) + payload)
         self.stdin.flush()
 
     def run(self, rid: int, script: str, argv: tuple[str, ...] = (), stdin: bytes = b"", timeout: str = "") -> None:
-        fields = [timeout.encode(), script.encode(), ssh_agent.pack([a.encode() for a in argv]), ssh_agent.pack([])]
-        self.send(ssh_agent.RUN, rid, ssh_agent.pack([*fields, stdin, b""]))
+        fields = [timeout.encode(), script.encode(), ttagent.pack([a.encode() for a in argv]), ttagent.pack([])]
+        self.send(ttagent.RUN, rid, ttagent.pack([*fields, stdin, b""]))
 
     def frame(self) -> tuple[int, int, bytes]:
-        typ, rid, n = ssh_agent.HDR.unpack(self.stdout.read(ssh_agent.HDR.size))
+        typ, rid, n = ttagent.HDR.unpack(self.stdout.read(ttagent.HDR.size))
         return typ, rid, self.stdout.read(n)
 
     def results(self, count: int) -> dict[int, tuple[bytes, bytes, list[bytes]]]:
@@ -527,13 +343,13 @@ class LocalAgent:
         while len(out) < count:
             typ, rid, data = self.frame()
             o, e = acc.setdefault(rid, (bytearray(), bytearray()))
-            if typ == ssh_agent.OUT:
+            if typ == ttagent.OUT:
                 o += data
-            elif typ == ssh_agent.ERR:
+            elif typ == ttagent.ERR:
                 e += data
             else:
-                assert typ == ssh_agent.EXIT
-                out[rid] = (bytes(o), bytes(e), ssh_agent.unpack(data))
+                assert typ == ttagent.EXIT
+                out[rid] = (bytes(o), bytes(e), ttagent.unpack(data))
         return out
 
 
@@ -546,8 +362,8 @@ def test_agent_protocol_directly(popen: bool, tmp_path: Path) -> None:
     agent.run(4, "sleep 30")
     agent.run(5, "no-such-command-xyz", argv=("no-such-command-xyz",))
     agent.run(6, "kill -TERM $$")
-    agent.send(ssh_agent.KILL, 4)
-    agent.send(ssh_agent.KILL, 99)  # unknown ids are ignored
+    agent.send(ttagent.KILL, 4)
+    agent.send(ttagent.KILL, 99)  # unknown ids are ignored
     res = agent.results(6)
     assert res[1] == (b"out\n", b"err\n", [b"3", b""])
     assert res[2] == (f"{2 * MiB}\n".encode(), b"", [b"0", b""])

@@ -14,8 +14,9 @@ def env(id_: str, name: str) -> EnvInfo:
 
 
 def vm(name: str) -> VmInfo:
-    return VmInfo(name=name, image="debian-12-x86_64", os="debian", version="12", arch="x86_64",
-                  resources=Resources(1, 256))  # fmt: skip
+    return VmInfo(
+        name=name, image="debian-12-x86_64", os="debian", version="12", arch="x86_64", resources=Resources(1, 256)
+    )
 
 
 def test_env_round_trip_seen_by_second_store(tmp_path: Path) -> None:

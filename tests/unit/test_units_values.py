@@ -4,6 +4,8 @@ variable or ini key) and listing what is accepted. No VMs."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pytest_ttenv.cli import build_parser
@@ -14,22 +16,48 @@ from pytest_ttenv.errors import UsageError
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90", 90), ("2.5", 2.5), ("90s", 90), ("90S", 90), (" 30m ", 1800), ("30 m", 1800), ("2h", 7200),
-     ("1.5h", 5400), ("1d", 86400), ("1.5d", 129600), ("+5", 5), (7, 7.0), (0.5, 0.5)],
-)  # fmt: skip
+    [
+        ("90", 90),
+        ("2.5", 2.5),
+        ("90s", 90),
+        ("90S", 90),
+        (" 30m ", 1800),
+        ("30 m", 1800),
+        ("2h", 7200),
+        ("1.5h", 5400),
+        ("1d", 86400),
+        ("1.5d", 129600),
+        ("+5", 5),
+        (7, 7.0),
+        (0.5, 0.5),
+    ],
+)
 def test_every_duration_form(text: str | float, seconds: float) -> None:
     assert parse_seconds(text, "--ttl") == seconds
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("0", "--ttl='0' must be positive"), ("0s", "--ttl='0s' must be positive"), ("0.0h", "must be positive"),
-     ("-5", "--ttl='-5' must be positive"), ("-1m", "must be positive"), (0, "--ttl=0 must be positive"),
-     (-1.0, "must be positive"), (float("inf"), "must be positive"), (float("nan"), "must be positive"),
-     ("", "--ttl='' is not a duration"), ("abc", "--ttl='abc' is not a duration"), ("5x", "is not a duration"),
-     ("1h30m", "is not a duration"), ("1e3", "is not a duration"), ("inf", "is not a duration"),
-     ("m", "is not a duration"), ("1.", "is not a duration")],
-)  # fmt: skip
+    [
+        ("0", "--ttl='0' must be positive"),
+        ("0s", "--ttl='0s' must be positive"),
+        ("0.0h", "must be positive"),
+        ("-5", "--ttl='-5' must be positive"),
+        ("-1m", "must be positive"),
+        (0, "--ttl=0 must be positive"),
+        (-1.0, "must be positive"),
+        (float("inf"), "must be positive"),
+        (float("nan"), "must be positive"),
+        ("", "--ttl='' is not a duration"),
+        ("abc", "--ttl='abc' is not a duration"),
+        ("5x", "is not a duration"),
+        ("1h30m", "is not a duration"),
+        ("1e3", "is not a duration"),
+        ("inf", "is not a duration"),
+        ("m", "is not a duration"),
+        ("1.", "is not a duration"),
+    ],
+)
 def test_bad_durations_are_one_line_listing_the_forms(text: str | float, message: str) -> None:
     with pytest.raises(UsageError) as info:
         parse_seconds(text, "--ttl")
@@ -39,19 +67,39 @@ def test_bad_durations_are_one_line_listing_the_forms(text: str | float, message
 
 @pytest.mark.parametrize(
     ("text", "mib"),
-    [("512", 512), ("512M", 512), ("512m", 512), ("512MB", 512), ("512MiB", 512), ("2G", 2048), ("2 GiB", 2048),
-     ("1t", 1048576), ("2048K", 2), (" 64 ", 64), (300, 300)],
-)  # fmt: skip
+    [
+        ("512", 512),
+        ("512M", 512),
+        ("512m", 512),
+        ("512MB", 512),
+        ("512MiB", 512),
+        ("2G", 2048),
+        ("2 GiB", 2048),
+        ("1t", 1048576),
+        ("2048K", 2),
+        (" 64 ", 64),
+        (300, 300),
+    ],
+)
 def test_every_size_form(text: str | int, mib: int) -> None:
     assert parse_mib(text, "--mem") == mib
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("0", "--mem size must be positive, got '0'"), ("0G", "must be positive"), ("512K", "must be positive"),
-     (0, "must be positive"), (-1, "must be positive"), ("-1", "bad --mem size '-1'"), ("lots", "bad --mem size"),
-     ("2X", "bad --mem size '2X'"), ("1.5G", "bad --mem size"), ("", "bad --mem size")],
-)  # fmt: skip
+    [
+        ("0", "--mem size must be positive, got '0'"),
+        ("0G", "must be positive"),
+        ("512K", "must be positive"),
+        (0, "must be positive"),
+        (-1, "must be positive"),
+        ("-1", "bad --mem size '-1'"),
+        ("lots", "bad --mem size"),
+        ("2X", "bad --mem size '2X'"),
+        ("1.5G", "bad --mem size"),
+        ("", "bad --mem size"),
+    ],
+)
 def test_bad_sizes_are_one_line_listing_the_forms(text: str | int, message: str) -> None:
     with pytest.raises(UsageError) as info:
         parse_mib(text, "--mem")
@@ -60,8 +108,9 @@ def test_bad_sizes_are_one_line_listing_the_forms(text: str | int, message: str)
 
 
 # -- the plugin's settings: where a bad value came from -----------------------------------------------
-def raw(cli: dict[str, str] | None = None, env: dict[str, str] | None = None,
-        ini: dict[str, str] | None = None) -> RawValues:  # fmt: skip
+def raw(
+    cli: dict[str, str] | None = None, env: dict[str, str] | None = None, ini: dict[str, str] | None = None
+) -> RawValues:
     cli, ini = cli or {}, ini or {}
     return raw_values(lambda d: cli.get(d), lambda d: ini.get(d), env or {})
 
@@ -153,10 +202,12 @@ def test_cli_size_options(args: list[str], flag: str, dest: str) -> None:
         assert getattr(ns, dest) == mib, (flag, text)
 
 
-@pytest.mark.parametrize(("args", "flag", "bad", "message"),
-                         [(a, f, "0", "must be positive") for a, f, _ in DURATIONS + SIZES]
-                         + [(a, f, "5x", "is not a duration") for a, f, _ in DURATIONS]
-                         + [(a, f, "5x", f"bad {f} size '5x'") for a, f, _ in SIZES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "flag", "bad", "message"),
+    [(a, f, "0", "must be positive") for a, f, _ in DURATIONS + SIZES]
+    + [(a, f, "5x", "is not a duration") for a, f, _ in DURATIONS]
+    + [(a, f, "5x", f"bad {f} size '5x'") for a, f, _ in SIZES],
+)
 def test_cli_bad_value_is_one_line_and_exit_2(
     capsys: pytest.CaptureFixture[str], args: list[str], flag: str, bad: str, message: str
 ) -> None:
@@ -181,10 +232,13 @@ def test_serve_parses_the_same_forms() -> None:
     pytest.importorskip("uvicorn")
     from pytest_ttenv.server.serve import serve
 
-    for kwargs, message in [({"default_lease": "0"}, "--default-lease='0' must be positive"),
-                            ({"max_lease": "later"}, "--max-lease='later' is not a duration"),
-                            ({"max_lease": 0.0}, "--max-lease=0.0 must be positive"),
-                            ({"mem_total": "lots"}, "bad --mem-total size 'lots'"),
-                            ({"disk_total": 0}, "--disk-total size must be positive")]:  # fmt: skip
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"default_lease": "0"}, "--default-lease='0' must be positive"),
+        ({"max_lease": "later"}, "--max-lease='later' is not a duration"),
+        ({"max_lease": 0.0}, "--max-lease=0.0 must be positive"),
+        ({"mem_total": "lots"}, "bad --mem-total size 'lots'"),
+        ({"disk_total": 0}, "--disk-total size must be positive"),
+    ]
+    for kwargs, message in cases:
         with pytest.raises(UsageError, match=message.replace("(", r"\(")):
             serve("127.0.0.1:1", **kwargs)

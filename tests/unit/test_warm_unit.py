@@ -4,24 +4,31 @@ checks, lock), verified state streaming, the agent's request format, settings an
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from pytest_ttenv.backend.engines import qemu, statecat, warm
+from pytest_ttenv.backend.engines import identity, qemu, statecat, templates, warm
+from pytest_ttenv.backend.engines.base import Boot, Start, machine_cmdline
+from pytest_ttenv.backend.engines.deferred import StartLater
+from pytest_ttenv.backend.engines.libvirt import LibvirtEngine
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.config import SETTINGS, resolve
-from pytest_ttenv.core.model import EnvSpec, ImageInfo, Resources, VmSpec
+from pytest_ttenv.core.keys import KeyPair
+from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.errors import TTError, UsageError
 
 from helpers.guest import identity_agent
@@ -29,7 +36,7 @@ from helpers.guest import identity_agent
 RES = Resources(cpu=2, mem_mib=512)
 
 
-def fake_image(root: Path, name: str = "debian-12-x86_64", **changes: object) -> ImageInfo:
+def fake_image(root: Path, name: str = "debian-12-x86_64", **changes: Any) -> ImageInfo:
     """An image directory with placeholder files (nothing here boots it)."""
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
@@ -50,7 +57,7 @@ def test_key_changes_with_every_input(tmp_path: Path) -> None:
         warm.template_inputs(image, "tcg", replace(RES, cpu=1), "alice"),
         warm.template_inputs(image, "kvm", RES, "alice"),
         warm.template_inputs(image, "tcg", RES, "bob"),
-        warm.template_inputs(image, "tcg", RES, "alice") | {"protocol": warm.PROTOCOL - 1},  # the agent's protocol
+        warm.template_inputs(image, "tcg", RES, "alice") | {"protocol": identity.PROTOCOL - 1},  # the agent's protocol
     ]
     assert len({key, *(warm.template_key(i) for i in others)}) == 6
     meta = image.file("image.json")
@@ -72,27 +79,104 @@ def test_cold_fallback_is_one_line(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path / "images", tmp_path / "state", progress=lines.append)
     image = fake_image(tmp_path / "images", access="cloud-init")
     vm = VmSpec("vm1", image.name, RES)
-    warm_spec, qemu_engine = EnvSpec("E", (vm,), "k", boot="warm"), backend._qemu
-    assert backend._warm_key(warm_spec, vm, image, "tcg", "me", qemu_engine) is None
+    warm_spec, qemu_engine = EnvSpec("E", (vm,), "k", boot="warm"), backend.engines.new
+    assert backend._plan(qemu_engine, warm_spec, vm, image, "tcg", "me").how == "cold"
     assert lines == ["vm1: cold boot (debian-12-x86_64 is set up by cloud-init; warm starts need an image ttenv built)"]
-    assert backend._warm_key(EnvSpec("E", (vm,), "k", boot="cold"), vm, image, "tcg", "me", qemu_engine) is None
-    assert len(lines) == 1  # cold asked for: nothing to explain
-    libvirt = SimpleNamespace(name="libvirt")
-    assert backend._warm_key(warm_spec, vm, fake_image(tmp_path / "images"), "tcg", "me", libvirt) is None
-    assert lines[-1] == "vm1: cold boot (warm starts need the qemu engine, not libvirt)"
+    cold = backend._plan(qemu_engine, EnvSpec("E", (vm,), "k", boot="cold"), vm, image, "tcg", "me")
+    assert cold == Boot("cold", "cold requested") and len(lines) == 1  # cold asked for: nothing to explain
+    libvirt = object.__new__(LibvirtEngine)  # its plan needs no host (nor libvirt-python)
+    assert backend._plan(libvirt, warm_spec, vm, fake_image(tmp_path / "images"), "tcg", "me").how == "cold"
+    assert lines[-1] == "vm1: cold boot (the libvirt engine has no warm start yet)"
 
 
-def _installed(store: warm.TemplateStore, key: str) -> warm.Template:
+@pytest.mark.skipif(shutil.which(qemu.QEMU_BINARY["x86_64"]) is None, reason="qemu-system-x86_64 not installed")
+def test_an_image_ttenv_built_is_planned_warm_with_its_template_key(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "images", tmp_path / "state")
+    image = fake_image(tmp_path / "images")
+    vm = VmSpec("vm1", image.name, RES)
+    boot = backend.engines.new.plan(EnvSpec("E", (vm,), "k", boot="warm"), vm, image, "tcg", "me")
+    inputs = warm.template_inputs(image, "tcg", RES, "me")
+    assert (boot.how, boot.key, boot.inputs) == ("warm", warm.template_key(inputs), inputs)
+
+
+def _job(tmp_path: Path, name: str, events: list[str], wanted: bool = True) -> Start:
+    """A job for StartLater alone: nothing is started, what happens is noted in ``events``."""
+    image = fake_image(tmp_path)
+    spec = EnvSpec("E", (VmSpec(name, image.name, RES),), "k", boot="warm")
+    env = EnvInfo("e1", "E", "me", 0.0, None, "booting", rundir=str(tmp_path))
+    info = VmInfo(name, image.name, "debian", "12", "x86_64", state="booting", boot="warm")
+
+    @contextlib.contextmanager
+    def resume() -> Iterator[bool]:
+        events.append(f"{name}: resume on {threading.current_thread().name}")
+        yield wanted
+
+    return Start(
+        env,
+        spec,
+        spec.vms[0],
+        image,
+        "tcg",
+        info,
+        tmp_path,
+        tmp_path / "seed.iso",
+        KeyPair.generate("t"),
+        "0" * 32,
+        Boot("warm", "", "k1"),
+        move_port=lambda: 1,
+        resume=resume,
+        fail=lambda message: events.append(f"{name}: failed: {message}"),
+    )
+
+
+def test_start_later_starts_waiting_vms_once_made_or_without_it(tmp_path: Path) -> None:
+    events: list[str] = []
+    started = threading.Semaphore(0)
+
+    def start(job: Start, made: str | None, why: str) -> None:
+        events.append(f"{job.vm.name}: start with {made!r} ({why})")
+        started.release()
+        if job.vm.name == "vm3":
+            raise TTError("qemu exited")
+
+    later = StartLater()
+    later.after(
+        "template-k1",
+        [_job(tmp_path, "vm1", events), _job(tmp_path, "vm2", events, wanted=False)],
+        lambda: "template k1",
+        start,
+    )  # vm2: its ENV was deleted meanwhile
+    assert started.acquire(timeout=10)
+
+    def fails() -> str:
+        raise TTError("no space left\nmore detail")
+
+    later.after("template-k2", [_job(tmp_path, "vm3", events)], fails, start)
+    assert started.acquire(timeout=10)
+    deadline = time.monotonic() + 10
+    while not any("failed" in e for e in events) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events == [
+        "vm1: resume on ttenv-starter",
+        "vm1: start with 'template k1' ()",
+        "vm2: resume on ttenv-starter",
+        "vm3: resume on ttenv-starter",
+        "vm3: start with None (no space left)",
+        "vm3: failed: VM vm3 could not be started: qemu exited",
+    ]
+
+
+def _installed(store: templates.TemplateStore, key: str) -> templates.Template:
     work = store.root / f".tmp-{key}-{os.getpid()}"
     work.mkdir(parents=True)
     (work / "disk.qcow2").write_bytes(b"disk")
     (work / "state").write_bytes(b"state" * 1000)
-    return store.install(work, key, {"image_id": warm.image_identity(store.image)}, time.time())
+    return store.install(work, key, {"image_id": templates.image_identity(store.image)}, time.time())
 
 
 def test_store_installs_finds_verifies_and_reaps(tmp_path: Path) -> None:
     image = fake_image(tmp_path)
-    store = warm.TemplateStore(image)
+    store = templates.TemplateStore(image)
     assert store.find("k1") is None
     template = _installed(store, "k1")
     assert store.find("k1") == template and not list(store.root.glob(".tmp-*"))
@@ -112,7 +196,7 @@ def test_store_installs_finds_verifies_and_reaps(tmp_path: Path) -> None:
     old = _installed(store, "k5")
     store.mark_used(template)
     past = time.time() - 8 * 86400
-    for f in (old.path / warm.META, template.path / warm.META):
+    for f in (old.path / templates.META, template.path / templates.META):
         os.utime(f, (past, past))
     assert [p.name for p in store.reap()] == ["k5"]  # unused for 8 days; k1 was used just now
 
@@ -122,7 +206,7 @@ def test_store_installs_finds_verifies_and_reaps(tmp_path: Path) -> None:
 
 
 def test_verify_catches_a_changed_disk_or_state(tmp_path: Path) -> None:
-    store = warm.TemplateStore(fake_image(tmp_path))
+    store = templates.TemplateStore(fake_image(tmp_path))
     template = _installed(store, "k1")
     template.disk.chmod(0o600)
     template.disk.write_bytes(b"DISK")
@@ -137,7 +221,7 @@ def test_verify_catches_a_changed_disk_or_state(tmp_path: Path) -> None:
 
 
 def test_lock_timeout_names_what_it_waited_for(tmp_path: Path) -> None:
-    store = warm.TemplateStore(fake_image(tmp_path))
+    store = templates.TemplateStore(fake_image(tmp_path))
     with store.lock("k1", 1.0):
         done = threading.Event()
         errors: list[str] = []
@@ -184,12 +268,12 @@ def test_agent_requests_round_trip(tmp_path: Path) -> None:
                 conn.sendall(agent.handle(line))
 
     threading.Thread(target=serve, daemon=True).start()
-    assert warm.agent_request(path, "ping", 5, "VM x", note="a b=c\n") == "0.000"
+    assert identity.agent_request(path, "ping", 5, "VM x", note="a b=c\n") == "0.000"
     op, nonce, note = seen[0].split(b" ")
     assert op == b"ping" and len(nonce) == 32 and int(nonce, 16) >= 0  # a new nonce per request
     assert note == b"note=" + base64.b64encode(b"a b=c\n")
     with pytest.raises(TTError, match="VM x: the identity agent failed: ValueError: unknown op bogus"):
-        warm.agent_request(path, "bogus", 5, "VM x")
+        identity.agent_request(path, "bogus", 5, "VM x")
     server.close()
 
 
@@ -199,7 +283,7 @@ def test_agent_request_timeout_names_the_vm(tmp_path: Path) -> None:
     server.bind(str(path))
     server.listen()
     with pytest.raises(TTError, match="VM y: no answer from the identity agent within 0 s"):
-        warm.agent_request(path, "ping", 0.2, "VM y")
+        identity.agent_request(path, "ping", 0.2, "VM y")
     server.close()
 
 
@@ -214,9 +298,21 @@ def test_boot_setting() -> None:
 def test_argv_of_a_warm_vm(tmp_path: Path) -> None:
     image = fake_image(tmp_path)
     x = tmp_path / "x"
-    cfg = warm.qemu_config(image, "tcg", RES, name="e/vm", disk=x, seed=x, port=2222, rundir=tmp_path, qmp=x,
-                           identity=tmp_path / "vm.id", cmdline=warm.machine_cmdline(image, "ab" * 16),
-                           vmgenid="g-u-i-d", incoming="exec:cat state")  # fmt: skip
+    cfg = warm.qemu_config(
+        image,
+        "tcg",
+        RES,
+        name="e/vm",
+        disk=x,
+        seed=x,
+        port=2222,
+        rundir=tmp_path,
+        qmp=x,
+        identity=tmp_path / "vm.id",
+        cmdline=machine_cmdline(image, "ab" * 16),
+        vmgenid="g-u-i-d",
+        incoming="exec:cat state",
+    )
     argv = " ".join(qemu.build_argv(cfg))
     assert f"socket,id=identity,path={tmp_path / 'vm.id'},server=on,wait=off" in argv
     assert "virtserialport,chardev=identity,name=org.ttenv.identity" in argv

@@ -168,10 +168,16 @@ def test_renew_and_keep(live: Live, subject: Subject) -> None:
 
 def test_unknown_names_are_not_found(live: Live, subject: Subject) -> None:
     backend = subject.backend
-    for call in (lambda: backend.show_env("nope"), lambda: backend.delete_env("nope"),
-                 lambda: backend.renew("nope", 60), lambda: backend.console("nope", "vm1"),
-                 lambda: backend.show_env("../" + ENV), lambda: backend.wait_vm(ENV, "novm", 5),
-                 lambda: backend.console(ENV, "novm"), lambda: backend.snapshot(ENV, "novm", "s")):  # fmt: skip
+    for call in (
+        lambda: backend.show_env("nope"),
+        lambda: backend.delete_env("nope"),
+        lambda: backend.renew("nope", 60),
+        lambda: backend.console("nope", "vm1"),
+        lambda: backend.show_env("../" + ENV),
+        lambda: backend.wait_vm(ENV, "novm", 5),
+        lambda: backend.console(ENV, "novm"),
+        lambda: backend.snapshot(ENV, "novm", "s"),
+    ):
         with pytest.raises(NotFound):
             call()
 

@@ -1,24 +1,24 @@
-"""The CI templates (ci-templates/) are not dead text.
+"""The CI templates (ci-templates/) run for real, with VMs.
 
-- Validated against the official schemas vendored by check-jsonschema.
-- Their shell steps run here for real, with the CI variables a runner sets: the GitHub workflow's
-  plan, test and report jobs (the `run:` steps in bash as GitHub runs them; the few actions they
-  use emulated: checkout copies the project, cache records its key, artifacts are directories)
-  and the GitLab template's test and report jobs (before_script + script in one shell).
-- The test jobs run a tiny matrix on the local backend: GitHub's runs the example suite plus a
-  suite with every outcome (pass, fail, error, skip, xfail, tt_env, host-only) under xdist on
-  Debian 12; GitLab's two example tests on Debian 11. Those real JUnit files then feed the report
-  tests, and the HTML report is opened in headless chromium.
+Their shell steps run here with the CI variables a runner sets: the GitHub workflow's plan, test
+and report jobs (the `run:` steps in bash as GitHub runs them; the few actions they use emulated:
+checkout copies the project, cache records its key, artifacts are directories) and the GitLab
+template's test and report jobs (before_script + script in one shell). The test jobs run a tiny
+matrix on the local backend: GitHub's runs the example suite plus a suite with every outcome (pass,
+fail, error, skip, xfail, tt_env, host-only) under xdist on Debian 12; GitLab's two example tests on
+Debian 11. Those real JUnit files then feed the report tests, and the HTML report is opened in
+headless chromium.
+
+Without VMs (schemas, apt lists, structure, the plan and report jobs, the server variant):
+tests/unit/test_ci_templates_static.py.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,192 +34,10 @@ from pytest_ttenv.report.junit import read_junit
 from pytest_ttenv.report.render_json import schema
 
 from conftest import HOST_ARCH, IMAGE_ROOT
-from helpers.ci import (
-    GITHUB,
-    GITLAB,
-    REPO,
-    SMALL_JUNIT,
-    TEMPLATE,
-    WORKFLOW,
-    Actions,
-    GitLab,
-    GitLabJob,
-    Job,
-    base_env,
-    load_yaml,
-)
-
-OUTCOMES_SUITE = """
-import pytest
-
-@pytest.fixture
-def broken(tt_vm):
-    raise RuntimeError(f"fixture broke on {tt_vm.name}")
-
-def test_passes(tt_vm):
-    assert tt_vm.run("true").ok
-
-def test_fails(tt_vm):
-    assert tt_vm.run("echo hi").stdout == "bye", f"expected failure on {tt_vm.name}"
-
-def test_errors(broken):
-    pass
-
-@pytest.mark.skip(reason="skipped by marker")
-def test_skipped_by_marker(tt_vm):
-    pass
-
-def test_skips_itself(tt_vm):
-    pytest.skip(f"skipped on {tt_vm.name}")
-
-@pytest.mark.xfail(reason="known bug", strict=True)
-def test_xfails(tt_vm):
-    assert tt_vm.run("false").ok
-
-@pytest.mark.parametrize("n", [1, 2])
-def test_param(tt_vm, n):
-    assert n in (1, 2)
-
-@pytest.mark.tt_os("debian11")
-def test_only_on_11(tt_vm):
-    pass
-
-def test_all_vms(tt_env):
-    assert all(r.ok for r in tt_env.run("true").values())
-
-def test_on_the_host():
-    pass
-"""
-
-
-# -- static checks -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("schema_name", "files"),
-    [
-        ("vendor.github-workflows", sorted(GITHUB.glob("*.yml"))),
-        ("vendor.gitlab-ci", sorted(GITLAB.glob("*.yml"))),
-    ],
-)
-def test_templates_valid_against_the_official_schemas(schema_name: str, files: list[Path]) -> None:
-    assert len(files) == 3
-    res = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", schema_name, *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
-
-
-def apt_list(text: str, name: str = "PKGS") -> list[str]:
-    m = re.search(name + r'=[("]([^)"]*)[)"]', text)
-    assert m, f"no {name} list"
-    return m.group(1).split()
-
-
-def test_apt_lists_are_setup_sh_s() -> None:
-    """The templates install what setup.sh calls the runtime, for every guest arch (no test-only packages)."""
-    setup = (REPO / "scripts" / "setup.sh").read_text()
-    wanted = sorted(apt_list(setup, "RUNTIME_PKGS") + apt_list(setup, "FOREIGN_PKGS"))
-    steps = load_yaml(WORKFLOW)["jobs"]["test"]["steps"]
-    install = next(s["run"] for s in steps if s.get("name") == "Install qemu and the image tools")
-    assert sorted(apt_list(install)) == wanted
-    assert sorted(apt_list("\n".join(load_yaml(TEMPLATE)["ttenv-test"]["script"]))) == wanted
-
-
-def test_template_structure() -> None:
-    jobs = load_yaml(WORKFLOW)["jobs"]
-    assert jobs["report"]["if"] == "${{ !cancelled() }}" and jobs["report"]["needs"] == "test"
-    assert jobs["test"]["strategy"]["fail-fast"] is False
-    uploads = [s for s in jobs["test"]["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
-    assert uploads[0]["if"] == "${{ !cancelled() }}" and "${{ matrix.os }}" in uploads[0]["with"]["name"]
-    gitlab = load_yaml(TEMPLATE)
-    test, report = gitlab["ttenv-test"], gitlab["ttenv-report"]
-    assert test["artifacts"]["when"] == "always" and test["artifacts"]["reports"]["junit"] == "ttenv-junit/*.xml"
-    assert "TTENV_OS" in test["parallel"]["matrix"][0]
-    assert report["stage"] == "report" and gitlab["stages"].index("report") > gitlab["stages"].index("test")
-    assert report["when"] == "always" and report["needs"] == [{"job": "ttenv-test", "artifacts": True}]
-    # the image store is cached: it must be the cached path inside the project dir
-    assert test["variables"]["TTENV_IMAGE_DIR"] == "$CI_PROJECT_DIR/.ttenv-images"
-    assert test["cache"]["paths"] == [".ttenv-images/"]
-
-
-@pytest.mark.parametrize(
-    ("os_input", "expected"),
-    [("debian11, debian12,debian11", '["debian11", "debian12"]'), ('["ubuntu2404", "deb"]', '["ubuntu2404", "deb"]')],
-)
-def test_github_plan_job(tmp_path: Path, os_input: str, expected: str) -> None:
-    job = Actions(tmp_path, {"os": os_input}, {}).run("plan")
-    assert [s.status for s in job.steps] == ["success"], job.steps
-    assert job.outputs == {"os": expected}
-
-
-def test_github_plan_job_refuses_an_empty_list(tmp_path: Path) -> None:
-    job = Actions(tmp_path, {"os": " , "}, {}).run("plan")
-    assert job.steps[0].status == "failure" and "the os input names no OS prefix" in job.steps[0].output
-
-
-
-def test_report_jobs_without_vms(tmp_path: Path) -> None:
-    """Both report jobs on a JUnit file a test job would have left (the VM runs are below)."""
-    gh = Actions(tmp_path / "gh", {"title": "Nightly"}, {})
-    (gh.artifacts / "ttenv-junit-debian12").mkdir()
-    (gh.artifacts / "ttenv-junit-debian12" / "junit-debian12-x86_64.xml").write_text(SMALL_JUNIT)
-    job = gh.run("report")
-    assert all(s.status == "success" for s in job.steps), job.steps
-    assert job.summary.startswith("## Nightly\n") and "| `tests.test_a::test_bad` | ❌ |" in job.summary
-    assert "<summary>❌ <code>tests.test_a::test_bad</code>" in job.summary  # --details
-    assert sorted(p.name for p in (gh.artifacts / "ttenv-report").iterdir()) == ["matrix.html", "matrix.json"]
-
-    gl = GitLab(tmp_path / "gl", {}, {})
-    fake = tmp_path / "fake-test-job"
-    (fake / "ttenv-junit").mkdir(parents=True)
-    (fake / "ttenv-junit" / "junit-debian12-x86_64.xml").write_text(SMALL_JUNIT)
-    dep = GitLabJob(fake, 1, "", fake, [], "")
-    report = gl.run("ttenv-report", {}, needs=[dep])
-    assert report.rc == 0, report.output
-    assert "| `tests.test_a::test_ok` | ✅ |" in (report.artifacts / "ttenv-report" / "matrix.md").read_text()
-
-
-def test_report_job_without_any_junit_is_one_line(tmp_path: Path) -> None:
-    job = Actions(tmp_path, {}, {}).run("report")  # every test job died before writing JUnit
-    matrix = job.step("Compatibility matrix")
-    assert matrix.status == "failure" and matrix.output.strip().endswith("ttenv: error: ttenv-junit: no such file")
-    assert job.step("Upload the report").status == "success"  # if: !cancelled(), nothing to upload
-
-
-def test_server_variant_installs_nothing_and_reaches_for_the_server(tmp_path: Path) -> None:
-    """backend = a server URL: no KVM, apt or cache work; pytest talks to the server (none listens
-    here, so the job fails with the plugin's one line) and the token never shows in a log."""
-    url, token = "http://127.0.0.1:9", "s3cret-token"
-    project = make_project(tmp_path / "project")
-    gh = Actions(tmp_path / "gh", {"os": "debian12", "backend": url, "pytest-args": "examples -p no:cacheprovider"},
-                 {"TTENV_STATE_DIR": str(tmp_path / "state")}, secrets={"ttenv-token": token})  # fmt: skip
-    job = gh.run("test", {"os": "debian12"}, project)
-    assert "or a remote backend" in job.step("Enable KVM").output
-    assert "nothing to install" in job.step("Install qemu and the image tools").output
-    assert job.step("Cache the image store").status == "skipped" and job.cache_keys == []
-    tests = job.step("Tests on debian12")
-    assert tests.status == "failure" and f"cannot reach the ttenv server at {url}" in tests.output, tests.output
-    assert job.step("Upload the JUnit file").status == "success"
-    assert all(token not in s.output for s in job.steps)
-
-    gl = GitLab(
-        tmp_path / "gl", {"TTENV_BACKEND": url, "TTENV_TOKEN": token, "TTENV_STATE_DIR": str(tmp_path / "s2")}, {}
-    )
-    test = gl.run("ttenv-test", {"TTENV_OS": "debian12", "TTENV_PYTEST_ARGS": "examples -p no:cacheprovider"}, project)
-    assert test.rc != 0 and f"backend {url}: the VMs run there" in test.output
-    assert f"cannot reach the ttenv server at {url}" in test.output and token not in test.output
+from helpers.ci import Actions, GitLab, GitLabJob, Job, base_env, make_project
 
 
 # -- the real runs ---------------------------------------------------------------------------------------------
-def make_project(where: Path) -> Path:
-    shutil.copytree(REPO / "examples", where / "examples")
-    (where / "suite").mkdir()
-    (where / "suite" / "test_outcomes.py").write_text(OUTCOMES_SUITE)
-    return where
-
-
 @dataclass
 class GitHubRun:
     actions: Actions

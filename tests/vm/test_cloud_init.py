@@ -37,8 +37,12 @@ def test_cloud_image_boots_from_its_own_boot_loader_with_our_seed(
 ) -> None:
     (image,) = images("debiancloud-12")
     assert (image.boot, image.kernel, image.initrd, image.access, image.user) == (
-        "bios", None, None, "cloud-init", "debian"
-    )  # fmt: skip
+        "bios",
+        None,
+        None,
+        "cloud-init",
+        "debian",
+    )
     image_root = IMAGE_ROOT
     if firmware == "uefi":  # the same (hybrid) disk, described as a UEFI image in a store of its own
         image_root = tmp_path / "images"
@@ -103,10 +107,31 @@ def _check_password_login_refused(port: int, host_key: str, tmp_path: Path) -> N
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{port} {host_key}\n")
     res = subprocess.run(
-        ["ssh", "-v", "-p", str(port), "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
-         "-o", "GlobalKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "PreferredAuthentications=none",
-         "-o", "ConnectTimeout=30", "-F", "/dev/null", "debian@127.0.0.1", "true"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            "ssh",
+            "-v",
+            "-p",
+            str(port),
+            "-o",
+            f"UserKnownHostsFile={known}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "PreferredAuthentications=none",
+            "-o",
+            "ConnectTimeout=30",
+            "-F",
+            "/dev/null",
+            "debian@127.0.0.1",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0
     assert "Authentications that can continue: publickey\n" in res.stderr, res.stderr[-2000:]

@@ -30,8 +30,9 @@ pytestmark = pytest.mark.vm
 
 def ttenv(state: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TTENV_STATE_DIR=str(state))
-    res = subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True,
-                         env=env, timeout=timeout)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
     print(f"$ ttenv {' '.join(args)} -> {res.returncode}\n{res.stdout}{res.stderr}")
     return res
 
@@ -62,13 +63,17 @@ def _env_cycle(state: Path, imgs: list[ImageInfo]) -> None:
     rundir = Path(env.rundir)
     for vm in env.vms:
         overlay = rundir / vm.name / "overlay.qcow2"
-        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(overlay)],
-                                         capture_output=True, text=True, check=True).stdout)  # fmt: skip
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "-U", "--output=json", str(overlay)], capture_output=True, text=True, check=True
+            ).stdout
+        )
         image = next(i for i in imgs if i.name == vm.image)
         backing = info["backing-filename"]
         if vm.boot == "warm":  # the CLI's default: a clone of the image's template disk, itself a clone
-            out = subprocess.run(["qemu-img", "info", "-U", "--output=json", backing], capture_output=True, text=True,
-                                 check=True).stdout  # fmt: skip
+            out = subprocess.run(
+                ["qemu-img", "info", "-U", "--output=json", backing], capture_output=True, text=True, check=True
+            ).stdout
             backing = json.loads(out)["backing-filename"]
         assert backing == str(image.file(image.disk))  # a linked clone, never a copy
         assert info["actual-size"] < 0.05 * image.file(image.disk).stat().st_size

@@ -44,11 +44,25 @@ def start(tmp: Path, suite: str, *args: str) -> tuple[subprocess.Popen[str], Pat
     state, marker = tmp / "state", tmp / "marker"
     env = dict(os.environ, TTENV_STATE_DIR=str(state), TTENV_IMAGE_DIR=str(IMAGE_ROOT), MARKER=str(marker))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--tt-os=debian12", f"--tt-arch={HOST_ARCH}",
-         "-o", "timeout=0", *args,
-         str(tmp / "suite")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--tt-os=debian12",
+            f"--tt-arch={HOST_ARCH}",
+            "-o",
+            "timeout=0",
+            *args,
+            str(tmp / "suite"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         preexec_fn=interactive_signals,
-    )  # fmt: skip
+    )
     return proc, state, marker
 
 
@@ -125,8 +139,9 @@ def test_sigint_twice_during_test(tmp_path: Path, debian12: ImageInfo) -> None:
 def test_sigterm_during_boot(tmp_path: Path, debian12: ImageInfo, when: str) -> None:
     proc, state, _ = start(tmp_path, LONG_TEST)
     if when == "env-created":  # while create_env is still at work
-        wait_for("the ENV's run dir", lambda: any((state / "envs").glob("*")) if (state / "envs").is_dir() else False,
-                 120)  # fmt: skip
+        wait_for(
+            "the ENV's run dir", lambda: any((state / "envs").glob("*")) if (state / "envs").is_dir() else False, 120
+        )
     else:
         wait_for("qemu to start", lambda: qemu_started(state), 120)
     proc.send_signal(signal.SIGTERM)
@@ -196,8 +211,9 @@ def run_cli(state: Path, *args: str, path: str | None = None) -> subprocess.Comp
     env = dict(os.environ, TTENV_STATE_DIR=str(state), TTENV_IMAGE_DIR=str(IMAGE_ROOT))
     if path is not None:
         env["PATH"] = path
-    return subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_qemu_missing_is_one_line_and_leaves_nothing(tmp_path: Path, debian12: ImageInfo) -> None:

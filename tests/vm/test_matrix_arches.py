@@ -38,13 +38,20 @@ def test_debian_matrix_with_aarch64(
     pytester.makepyfile(SUITE)
     junit = tmp_path / "junit.xml"
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--tt-os=debian11,debian12,debian13", "--tt-arch=x86_64,aarch64",
-        "--tt-mem=384", f"--junitxml={junit}", timeout=1800,
-    )  # fmt: skip
+        "-p",
+        "no:cacheprovider",
+        "--tt-os=debian11,debian12,debian13",
+        "--tt-arch=x86_64,aarch64",
+        "--tt-mem=384",
+        f"--junitxml={junit}",
+        timeout=1800,
+    )
     result.assert_outcomes(passed=4)
     names = sorted(c.get("name", "") for c in ET.parse(junit).getroot().iter("testcase"))
-    assert names == [f"test_arch_and_release[{n}]" for n in
-                     ("debian-11-x86_64", "debian-12-aarch64", "debian-12-x86_64", "debian-13-x86_64")]  # fmt: skip
+    assert names == [
+        f"test_arch_and_release[{n}]"
+        for n in ("debian-11-x86_64", "debian-12-aarch64", "debian-12-x86_64", "debian-13-x86_64")
+    ]
     assert leftovers(state) == []
 
 
@@ -61,6 +68,6 @@ def test_debian13_riscv64(
     pytester.makepyfile(SUITE)
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "--tt-os=debian13", "--tt-arch=riscv64", "--tt-mem=512", timeout=1800
-    )  # fmt: skip
+    )
     result.assert_outcomes(passed=1)
     assert leftovers(state) == []

@@ -81,9 +81,15 @@ def test_two_vms_without_xdist(
     junit = tmp_path / "junit.xml"
     matrix = tmp_path / "matrix.json"
     result = pytester.runpytest_subprocess(
-        "--tt-os=debian12,debian11", f"--tt-arch={HOST_ARCH}", "-p", "no:cacheprovider", "-rs", f"--junitxml={junit}",
-        f"--tt-matrix-report={matrix}", timeout=900,
-    )  # fmt: skip
+        "--tt-os=debian12,debian11",
+        f"--tt-arch={HOST_ARCH}",
+        "-p",
+        "no:cacheprovider",
+        "-rs",
+        f"--junitxml={junit}",
+        f"--tt-matrix-report={matrix}",
+        timeout=900,
+    )
     out = result.stdout.str()
     result.assert_outcomes(passed=10, failed=2, skipped=1)
     assert "ttenv last command on debian-12-x86_64" in out and "echo failing-command-ran" in out

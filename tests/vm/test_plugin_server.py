@@ -55,16 +55,22 @@ def server(images: Callable[..., list[ImageInfo]], tmp_path_factory: pytest.Temp
 
 def _client_env(tmp: Path, server: Server, **extra: str) -> dict[str, str]:
     """A client with its own (empty) local state and no images: everything comes from the server."""
-    return env_vars(TTENV_STATE_DIR=str(tmp / "client-state"), TTENV_IMAGE_DIR=str(tmp / "no-images"),
-                    TTENV_BACKEND=server.url, TTENV_TOKEN=server.tokens["alice"], **extra)  # fmt: skip
+    return env_vars(
+        TTENV_STATE_DIR=str(tmp / "client-state"),
+        TTENV_IMAGE_DIR=str(tmp / "no-images"),
+        TTENV_BACKEND=server.url,
+        TTENV_TOKEN=server.tokens["alice"],
+        **extra,
+    )
 
 
 def test_suite_runs_on_the_server_like_on_local(pytester: pytest.Pytester, server: Server, tmp_path: Path) -> None:
     pytester.makepyfile(test_suite=SUITE)
     for key, value in _client_env(tmp_path, server).items():
         pytester._monkeypatch.setenv(key, value)
-    result = pytester.runpytest_subprocess("--tt-os=debian12", f"--tt-arch={HOST_ARCH}", "-n", "2", "-rA",
-                                           "-p", "no:cacheprovider", timeout=900)  # fmt: skip
+    result = pytester.runpytest_subprocess(
+        "--tt-os=debian12", f"--tt-arch={HOST_ARCH}", "-n", "2", "-rA", "-p", "no:cacheprovider", timeout=900
+    )
     result.assert_outcomes(passed=5, failed=1)
     vm = f"debian-12-{HOST_ARCH}"
     assert f"PASSED test_suite.py::test_release[{vm}]" in result.stdout.str()
@@ -80,12 +86,23 @@ def test_killed_session_is_reaped_after_its_lease(pytester: pytest.Pytester, ser
     lease = 6.0
     # the ENV is created after collection, for a test that needs a VM: this one waits for its VM, then hangs
     suite = pytester.makepyfile(test_hang="import time\n\ndef test_hang(tt_vm):\n    time.sleep(600)\n")
-    argv = [sys.executable, "-m", "pytest", str(suite), "--tt-os=debian12", f"--tt-arch={HOST_ARCH}",
-            f"--tt-lease={lease}", "-p", "no:cacheprovider", "-q"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(suite),
+        "--tt-os=debian12",
+        f"--tt-arch={HOST_ARCH}",
+        f"--tt-lease={lease}",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+    ]
     log = tmp_path / "pytest.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, cwd=pytester.path, env=_client_env(tmp_path, server), stdout=out,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            argv, cwd=pytester.path, env=_client_env(tmp_path, server), stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         alice = server.backend()
         deadline = time.monotonic() + 120

@@ -4,7 +4,8 @@
 testinfra's own kind of tests run unchanged on Debian 11 and 13 in one pytest run (a subprocess),
 and on Debian 12 in another together with the reboot tests (a reboot under TCG takes twice as long
 with two more VMs on the cores); that one keeps its ENV, which the CLI tests then reboot and delete.
-The backend's sudo wrapping and the missing-extra message need no VM.
+The backend's sudo wrapping and the missing-extra message need no VM:
+tests/unit/test_testinfra_backend.py.
 """
 
 from __future__ import annotations
@@ -18,13 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import testinfra
 
 from pytest_ttenv.backend.local import LocalBackend
-from pytest_ttenv.core.model import ImageInfo, VmInfo
-from pytest_ttenv.errors import TTError, UsageError
-from pytest_ttenv.fixtures import handles
-from pytest_ttenv.ssh import RunResult
+from pytest_ttenv.core.model import ImageInfo
 
 from conftest import HOST_ARCH, IMAGE_ROOT
 from helpers.leftovers import qemu_pids_under
@@ -138,84 +135,6 @@ def test_7_next_test_after_a_plain_reboot(tt_vm):  # waits for SSH in the new bo
 """
 
 
-# -- no VM ----------------------------------------------------------------------------------------
-def test_without_testinfra_host_says_how_to_install_it() -> None:
-    code = """
-import sys
-sys.modules["testinfra"] = None  # as if pytest-testinfra were not installed
-import pytest_ttenv.plugin  # loads without it
-from pytest_ttenv.core.model import VmInfo
-from pytest_ttenv.fixtures.handles import Vm, register_testinfra
-from pytest_ttenv.session import VmState
-
-class Session:
-    vms = {"debian-12-x86_64": VmState(info=VmInfo("debian-12-x86_64", "debian-12-x86_64", "debian", "12", "x86_64"))}
-
-assert not register_testinfra()
-try:
-    Vm(Session(), "debian-12-x86_64").host
-except Exception as exc:
-    print(f"{type(exc).__name__}: {exc}")
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout == "TTError: tt_vm.host needs pytest-testinfra: pip install 'pytest-ttenv[testinfra]'\n"
-
-
-@dataclass
-class FakeVm:
-    """Stands in for a Vm handle: records commands, answers with a fixed result."""
-
-    name: str
-    info: VmInfo
-    commands: list[str]
-
-    def run(self, cmd: str) -> RunResult:
-        self.commands.append(cmd)
-        if "getpreferredencoding" in cmd:
-            return RunResult(cmd, 0, b"UTF-8\n", b"", 0.0, self.name)
-        return RunResult(cmd, 3, b"out\xc3\xa9", b"err", 0.0, self.name)
-
-
-@pytest.fixture
-def fake_vm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], FakeVm]]:
-    def make(user: str) -> FakeVm:
-        vm = FakeVm(f"fake-{user}", VmInfo(f"fake-{user}", "fake", "debian", "12", "x86_64", user=user), [])
-        monkeypatch.setitem(handles._ACTIVE, vm.name, vm)  # type: ignore[arg-type]
-        return vm
-
-    assert handles.register_testinfra()
-    yield make
-
-
-def test_backend_runs_through_the_vm_handle_with_testinfra_sudo(fake_vm: Callable[[str], FakeVm]) -> None:
-    vm = fake_vm("debian")
-    r = testinfra.get_host(f"ttenv://{vm.name}").run("ls %s", "a b")
-    assert (r.rc, r.stdout, r.stderr, r.command) == (3, "out\u00e9", "err", b"ls 'a b'")
-    host = testinfra.get_host(f"ttenv://{vm.name}", sudo=True)
-    host.run("id")
-    with host.sudo("www-data"):
-        host.run("id")
-    assert vm.commands == [
-        "ls 'a b'",
-        "python3 -c 'import locale;print(locale.getpreferredencoding())'",  # testinfra: non-ASCII output
-        "sudo -n /bin/sh -c id",
-        "sudo -n /bin/sh -c 'sudo -n -u www-data /bin/sh -c id'",
-    ]
-    root = fake_vm("root")  # root needs no sudo to be root
-    testinfra.get_host(f"ttenv://{root.name}", sudo=True).run("id")
-    testinfra.get_host(f"ttenv://{root.name}", sudo=True, sudo_user="nobody").run("id")
-    assert root.commands == ["id", "sudo -n -u nobody /bin/sh -c id"]
-
-
-def test_backend_bad_or_unused_vm_is_one_line() -> None:
-    assert handles.register_testinfra()
-    with pytest.raises(UsageError, match=r"bad testinfra host ttenv://root@vm: give a VM name"):
-        testinfra.get_host("ttenv://root@vm")
-    with pytest.raises(TTError, match=r"ttenv://no-such-vm: no VM of that name is in use by this test process"):
-        testinfra.get_host("ttenv://no-such-vm").run("true")
-
-
 # -- real VMs -------------------------------------------------------------------------------------
 @dataclass
 class Kept:
@@ -226,8 +145,9 @@ class Kept:
 
 def ttenv(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TTENV_STATE_DIR=str(state))
-    res = subprocess.run([sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True,
-                         env=env, timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest_ttenv.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
     print(f"$ ttenv {' '.join(args)} -> {res.returncode}\n{res.stdout}{res.stderr}")
     return res
 
@@ -242,10 +162,27 @@ def run_suite(tmp: Path, prefixes: str, *args: str, reboot: bool = False) -> str
         (suite / "test_reboot.py").write_text(REBOOT_SUITE)
     env = dict(os.environ, TTENV_STATE_DIR=str(tmp / "state"), TTENV_IMAGE_DIR=str(IMAGE_ROOT))
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "timeout=0", f"--tt-os={prefixes}",
-         f"--tt-arch={HOST_ARCH}", "-rf", "--durations=5", *args, str(suite)],
-        cwd=suite, env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "timeout=0",
+            f"--tt-os={prefixes}",
+            f"--tt-arch={HOST_ARCH}",
+            "-rf",
+            "--durations=5",
+            *args,
+            str(suite),
+        ],
+        cwd=suite,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     print(res.stdout[-6000:], res.stderr[-3000:])
     return res.stdout
 
@@ -306,8 +243,9 @@ def test_cli_env_run_reboot(kept: Kept) -> None:
     assert unknown.returncode == 2 and unknown.stderr.startswith("ttenv: error: no VM named no-such-vm in ENV")
     assert unknown.stderr.count("\n") == 1
 
-    late = ttenv(kept.state, "env", "run", kept.env, "--vm", VM12, "--reboot", "--boot-timeout", "0.5",
-                 "--cmd", "echo not-run")  # fmt: skip
+    late = ttenv(
+        kept.state, "env", "run", kept.env, "--vm", VM12, "--reboot", "--boot-timeout", "0.5", "--cmd", "echo not-run"
+    )
     assert late.returncode == 1 and late.stdout.startswith(f"== {VM12}: error: reboot failed: ")
     assert late.stdout.count("\n") == 1  # no command on a VM that did not come back
 

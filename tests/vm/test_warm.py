@@ -28,7 +28,7 @@ import pytest_ttenv
 from pytest_ttenv.access import target
 from pytest_ttenv.backend import local
 from pytest_ttenv.backend.engines import accel as accel_mod
-from pytest_ttenv.backend.engines import warm
+from pytest_ttenv.backend.engines import templates, warm
 from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.core.keys import KeyPair
@@ -90,8 +90,10 @@ def test_sigkill_while_making_a_template_leaves_nothing_used(store: ImageInfo, t
     with open(tmp_path / "out.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", KILLED, str(store.path.parent), str(tmp_path / "state"), store.name, CLIENT.public],
-            env=dict(os.environ, PYTHONPATH=pythonpath), stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env=dict(os.environ, PYTHONPATH=pythonpath),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:  # the moment of most risk: the state file is being written
         wait_for("the template's state being saved", lambda: any(warmdir.glob(f".tmp-*-{proc.pid}/state")), 900)
     finally:
@@ -99,40 +101,39 @@ def test_sigkill_while_making_a_template_leaves_nothing_used(store: ImageInfo, t
         proc.wait()
     assert [p.name for p in warmdir.iterdir() if not p.name.startswith(".")] == []  # no complete template
     (half,) = warmdir.glob(f".tmp-*-{proc.pid}")
-    assert (half / "state").exists() and not (half / warm.META).exists()
+    assert (half / "state").exists() and not (half / templates.META).exists()
     wait_for("the template VM to die with its maker", lambda: not qemu_pids_under(half), 10)
 
 
 @pytest.fixture(scope="module")
-def template(store: ImageInfo, backend: LocalBackend) -> warm.Template:
+def template(store: ImageInfo, backend: LocalBackend) -> templates.Template:
     """The template every later test starts from, made with a provisioning key we know."""
     vm = VmSpec("vm", store.name, RES)
     acc = accel_mod.choose("auto", store).name
     spec = EnvSpec("E", (vm,), CLIENT.public, boot="warm")
-    keyed = backend._warm_key(spec, vm, store, acc, local._user(), backend._qemu)
-    assert keyed is not None
-    key, inputs = keyed
-    tstore = warm.TemplateStore(store)
-    with tstore.lock(key, 60):
-        return warm.make_template(tstore, key, inputs, RES, 900, print, login=LOGIN)
+    boot = backend.engines.new.plan(spec, vm, store, acc, local._user())
+    assert boot.how == "warm", boot.why
+    tstore = templates.TemplateStore(store)
+    with tstore.lock(boot.key, 60):
+        return warm.make_template(tstore, boot.key, boot.inputs, RES, 900, print, login=LOGIN)
 
 
 @pytest.fixture(scope="module")
-def env(backend: LocalBackend, template: warm.Template, store: ImageInfo) -> Iterator[EnvInfo]:
+def env(backend: LocalBackend, template: templates.Template, store: ImageInfo) -> Iterator[EnvInfo]:
     vms = tuple(VmSpec(f"vm{i}", store.name, RES) for i in (1, 2))
     info = backend.create_env(EnvSpec("warm2", vms, CLIENT.public, boot="warm"))
     yield info
     backend.delete_env(info.id)
 
 
-def test_killed_work_was_reaped_and_a_fresh_template_made(store: ImageInfo, template: warm.Template) -> None:
+def test_killed_work_was_reaped_and_a_fresh_template_made(store: ImageInfo, template: templates.Template) -> None:
     assert store.path is not None
     assert not list((store.path / "warm").glob(".tmp-*")), "the killed maker's work dir is reaped"
     assert template.meta["created"] > time.time() - 3600 and template.state.stat().st_size > 10 << 20
 
 
 def test_two_warm_vms_answer_and_are_each_their_own_machine(
-    backend: LocalBackend, env: EnvInfo, template: warm.Template, store: ImageInfo, tmp_path: Path
+    backend: LocalBackend, env: EnvInfo, template: templates.Template, store: ImageInfo, tmp_path: Path
 ) -> None:
     key_file = tmp_path / "client"
     CLIENT.write_private(key_file)
@@ -145,10 +146,13 @@ def test_two_warm_vms_answer_and_are_each_their_own_machine(
         try:
             out = {"first": f"{time.monotonic() - started:.1f}", "host_key": vm.host_key}
             for item, cmd in {
-                "hostname": "hostname", "machine_id": "cat /etc/machine-id",
-                "key_file": "cat /etc/ssh/ssh_host_ed25519_key.pub", "authorized": "cat /root/.ssh/authorized_keys",
-                "clock": "date +%s.%N", "urandom": "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
-            }.items():  # fmt: skip
+                "hostname": "hostname",
+                "machine_id": "cat /etc/machine-id",
+                "key_file": "cat /etc/ssh/ssh_host_ed25519_key.pub",
+                "authorized": "cat /root/.ssh/authorized_keys",
+                "clock": "date +%s.%N",
+                "urandom": "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+            }.items():
                 out[item] = conn.run(cmd, timeout=60, check=True).stdout.strip()
                 if item == "clock":
                     out["clock_offset"] = str(float(out[item]) - time.time())
@@ -167,9 +171,21 @@ def test_two_warm_vms_answer_and_are_each_their_own_machine(
         assert vm["key_file"].split()[:2] == vm["host_key"].split()[:2]  # the key it serves is the one we know
         assert vm["authorized"].split()[:2] == CLIENT.public.split()[:2]  # the client's, and only it
         assert -5 < float(vm["clock_offset"]) < 1, "clock set to now (the template was saved minutes ago)"
-    chain = json.loads(subprocess.run(
-        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(Path(env.rundir) / "vm1" / "overlay.qcow2")],
-        capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    chain = json.loads(
+        subprocess.run(
+            [
+                "qemu-img",
+                "info",
+                "-U",
+                "--backing-chain",
+                "--output=json",
+                str(Path(env.rundir) / "vm1" / "overlay.qcow2"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     backing = [layer.get("backing-filename") for layer in chain]  # image <- template disk <- overlay: no copies
     assert backing == [str(template.disk), str(store.file(store.disk)), None]
 
@@ -209,18 +225,25 @@ def plugin_env(monkeypatch: pytest.MonkeyPatch, store: ImageInfo, tmp_path: Path
     monkeypatch.setenv("TTENV_STATE_DIR", str(tmp_path / "state"))
 
 
-def test_tt_vm_fresh_reverts_a_warm_vm(pytester: pytest.Pytester, plugin_env: None, template: warm.Template) -> None:
+def test_tt_vm_fresh_reverts_a_warm_vm(
+    pytester: pytest.Pytester, plugin_env: None, template: templates.Template
+) -> None:
     pytester.makepyfile(test_fresh=FRESH_SUITE)
     result = pytester.runpytest_subprocess(
-        "--tt-os=debian12", f"--tt-arch={HOST_ARCH}", "--tt-boot=warm", "-p", "no:cacheprovider", "-s",
+        "--tt-os=debian12",
+        f"--tt-arch={HOST_ARCH}",
+        "--tt-boot=warm",
+        "-p",
+        "no:cacheprovider",
+        "-s",
         timeout=600,
-    )  # fmt: skip
+    )
     result.assert_outcomes(passed=2)  # the first test asserts its VM started warm
     assert [p.name for p in template.path.parent.iterdir() if not p.name.startswith(".")] == [template.key]
 
 
 def test_changed_image_gets_one_new_template_for_two_envs_at_once(
-    backend: LocalBackend, store: ImageInfo, template: warm.Template, tmp_path: Path
+    backend: LocalBackend, store: ImageInfo, template: templates.Template, tmp_path: Path
 ) -> None:
     assert store.path is not None
     meta = store.file("image.json")

@@ -102,12 +102,31 @@ def probe_kvm(image: ImageInfo, timeout: float = PROBE_TIMEOUT) -> tuple[bool, s
     with tempfile.TemporaryDirectory(prefix="ttenv-probe-") as tmp:
         console = Path(tmp) / "console.log"
         argv = [
-            QEMU_BINARY[image.arch], "-nodefaults", "-no-user-config", "-display", "none",
-            "-machine", "q35" if image.arch == "x86_64" else "virt", "-accel", "kvm", "-cpu", "host",
-            "-m", "256", "-kernel", str(image.file(image.kernel)), "-initrd", str(image.file(image.initrd)),
-            "-append", f"{image.cmdline} ttenv.probe", "-no-reboot",
-            "-chardev", f"file,id=c,path={console}", "-serial", "chardev:c",
-        ]  # fmt: skip
+            QEMU_BINARY[image.arch],
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-machine",
+            "q35" if image.arch == "x86_64" else "virt",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "256",
+            "-kernel",
+            str(image.file(image.kernel)),
+            "-initrd",
+            str(image.file(image.initrd)),
+            "-append",
+            f"{image.cmdline} ttenv.probe",
+            "-no-reboot",
+            "-chardev",
+            f"file,id=c,path={console}",
+            "-serial",
+            "chardev:c",
+        ]
         started = time.monotonic()
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -155,8 +174,11 @@ def choose(requested: str, image: ImageInfo, probe_with: ImageInfo | None = None
     if verdict is None and probe is None:
         if requested == "kvm":  # asked for explicitly: trust /dev/kvm
             return Accel("kvm", "requested (not probed: no image with a kernel to probe with)")
-        return Accel("tcg", f"KVM not probed (no {image.arch} image with a kernel and initramfs to probe with); "
-                     "VMs run under TCG emulation")  # fmt: skip
+        return Accel(
+            "tcg",
+            f"KVM not probed (no {image.arch} image with a kernel and initramfs to probe with); "
+            "VMs run under TCG emulation",
+        )
     if verdict is None:
         assert probe is not None
         ok, detail = probe_kvm(probe)

@@ -1,12 +1,6 @@
-"""The libvirt engine: VMs as libvirt domains on one or more hosts, each a libvirt URI.
-
-Hosts: ``qemu:///system`` (this machine) or remote ones through libvirt's own remote protocol
-(``qemu+ssh://root@hostB/system``, ``qemu+tcp://hostB/system``); no protocol of ours. A host may
-carry overrides after ``#``: ``qemu+ssh://root@hostB/system#cpu=16&mem=64G&addr=10.0.0.7`` (its
-capacity instead of libvirt's figures, and the address clients reach its VMs at instead of the
-URI's host name). New VMs go to the reachable host with the most free memory (capacity minus what
-this backend's live VMs there hold, bounded by libvirt's free memory unless ``mem`` is given;
-vCPUs may be overcommitted and only break ties), so an ENV may span hosts.
+"""The libvirt engine: VMs as libvirt domains on one or more hosts, each a libvirt URI
+(``libvirt_place``: the hosts and where new VMs go; ``libvirt_xml``: the domain, snapshot and
+volume XML; ``virt``: the typed wrapper over libvirt-python).
 
 On each host everything lives in the storage pool ``ttenv`` (a dir pool, defined at
 ``/var/lib/libvirt/ttenv`` when the host has none) and is reached through libvirt alone, so a
@@ -21,14 +15,11 @@ remote host needs nothing but libvirtd:
   as with the qemu engine, where our images look for it) and ``<domain>-console.log`` (the serial
   console, read back through volume download).
 
-Domains: direct kernel boot or firmware (SeaBIOS, or UEFI with a per-domain NVRAM), TCG tuned as
-the qemu engine (64 MiB translation cache, ``cpu mode='maximum'``), user-mode networking with the
-SSH port forward through ``<qemu:commandline>`` (libvirt 9 has no usable passt ``<portForward>``
-here). Snapshots are libvirt internal snapshots (memory and disk, in the overlay). Deleting a VM
+Snapshots are libvirt internal snapshots (memory and disk, in the overlay). Deleting a VM
 destroys the domain, deletes its volumes, then undefines it (the domain is the record that owns
 them). A host that cannot be reached reports its VMs ``stopped`` with the reason; deleting them
 succeeds and leaves their remains to ``gc``, which sweeps the hosts once they answer
-(``<state>/libvirt-pending.json`` remembers which).
+(``<state>/libvirt-pending.json`` remembers which). No warm start yet: every VM boots cold.
 """
 
 from __future__ import annotations
@@ -46,12 +37,23 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from pytest_ttenv.backend.engines import qemu
-from pytest_ttenv.backend.engines.base import Start, host_label, tail_text
+from pytest_ttenv.backend.engines.base import Boot, Start, host_label
+from pytest_ttenv.backend.engines.console import tail_text
+from pytest_ttenv.backend.engines.libvirt_place import Capacity, Host, parse_hosts, place
+from pytest_ttenv.backend.engines.libvirt_xml import (
+    NS,
+    DomainConfig,
+    domain_name,
+    domain_xml,
+    qcow2_virtual_size,
+    snapshot_xml,
+    volume_xml,
+)
+from pytest_ttenv.backend.engines.net import ssh_banner
 from pytest_ttenv.backend.engines.virt import (
     NO_SNAPSHOT,
     START_HINT,
@@ -62,20 +64,15 @@ from pytest_ttenv.backend.engines.virt import (
     VirtError,
     open_conn,
 )
-from pytest_ttenv.core.model import EnvInfo, ImageInfo, VmInfo, VmSpec
-from pytest_ttenv.core.naming import parse_mib
-from pytest_ttenv.errors import BootError, NotFound, QuotaError, TTError, UsageError
+from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
+from pytest_ttenv.errors import BootError, NotFound, TTError
 
-DEFAULT_URI = "qemu:///system"
 POOL = "ttenv"
 POOL_PATH = "/var/lib/libvirt/ttenv"
 PENDING_FILE = "libvirt-pending.json"
-NS = "https://pytest-ttenv.invalid/libvirt/1"
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 OPEN_TIMEOUT = 20.0
 DOWN_FOR = 10.0  # after a failed connect, the host counts as down this long without retrying
 _VOLUME_OF_VM = re.compile(r"^(ttenv-[0-9a-f]{12}-.+?)-(disk\.qcow2|seed\.iso|console\.log(\.\d+)?)$")
-_URI_HINT = "e.g. qemu:///system, qemu+ssh://root@hostB/system, qemu+tcp://hostB/system#cpu=8&mem=16G"
 _RUNS = {1, 2, 3, 4, 7}  # running, blocked, paused (snapshot in progress), shutting down, pm-suspended
 _SHUTOFF_WHY = {
     1: "the guest powered off",
@@ -86,234 +83,6 @@ _SHUTOFF_WHY = {
     6: "qemu failed",
     7: "its domain was restored from a snapshot that is shut off",
 }
-
-ET.register_namespace("qemu", QEMU_NS)
-ET.register_namespace("ttenv", NS)
-
-
-@dataclass(frozen=True)
-class Host:
-    """A libvirt host: its URI and optional overrides (capacity, the address of its VMs)."""
-
-    uri: str
-    cpu: int | None = None
-    mem_mib: int | None = None
-    addr: str | None = None
-
-    @property
-    def remote(self) -> bool:
-        """Whether the URI names a host (images are then uploaded to it, ports forwarded on all
-        its addresses); ``qemu:///system`` and ``qemu+unix://`` are this machine."""
-        return bool(urlsplit(self.uri).hostname)
-
-    @property
-    def label(self) -> str:
-        return host_label(self.uri) or "this machine"
-
-
-def parse_host(text: str) -> Host:
-    """``URI[#cpu=N&mem=SIZE&addr=ADDRESS]`` -> Host; UsageError saying what is accepted."""
-    uri, _, overrides = text.strip().partition("#")
-    parts = urlsplit(uri)
-    if not parts.scheme.startswith("qemu") or parts.path not in ("/system", "/session"):
-        raise UsageError(f"--libvirt-uri {text!r} is not a libvirt qemu URI", _URI_HINT)
-    values: dict[str, str] = {}
-    for item in filter(None, overrides.split("&")):
-        key, sep, value = item.partition("=")
-        if key not in ("cpu", "mem", "addr") or not sep or not value:
-            raise UsageError(f"--libvirt-uri {text!r}: bad override {item!r}", "use #cpu=N&mem=MiB|4G&addr=ADDRESS")
-        values[key] = value
-    cpu = None
-    if "cpu" in values:
-        if not values["cpu"].isdigit() or int(values["cpu"]) < 1:
-            raise UsageError(f"--libvirt-uri {text!r}: cpu must be a positive number")
-        cpu = int(values["cpu"])
-    mem = parse_mib(values["mem"], f"--libvirt-uri {text!r} mem") if "mem" in values else None
-    return Host(uri, cpu, mem, values.get("addr"))
-
-
-def parse_hosts(texts: Sequence[str]) -> list[Host]:
-    """The hosts of ``--libvirt-uri`` values (default: this machine's ``qemu:///system``)."""
-    hosts = [parse_host(t) for t in texts] or [Host(DEFAULT_URI)]
-    uris = [h.uri for h in hosts]
-    dup = sorted({u for u in uris if uris.count(u) > 1})
-    if dup:
-        raise UsageError(f"--libvirt-uri given twice: {', '.join(dup)}")
-    return hosts
-
-
-# -- placement (pure) ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Capacity:
-    """What a host offers: vCPUs and memory (MiB), and what libvirt says is free now (None when
-    the host's memory was overridden: the override alone counts)."""
-
-    uri: str
-    cpu: int
-    mem_mib: int
-    free_now_mib: int | None = None
-
-
-def place(vms: Sequence[VmSpec], hosts: Sequence[Capacity], held: Sequence[VmInfo]) -> list[str]:
-    """The host URI for each VM, in order: the host with the most free memory that fits it
-    (ties: most free vCPUs, then the order of ``hosts``). ``held``: live VMs already placed.
-    QuotaError naming what each host has free when a VM fits none."""
-    mem = {h.uri: h.mem_mib - sum(v.resources.mem_mib for v in held if v.host == h.uri) for h in hosts}
-    cpu = {h.uri: h.cpu - sum(v.resources.cpu for v in held if v.host == h.uri) for h in hosts}
-    now = {h.uri: h.free_now_mib for h in hosts}
-    order = {h.uri: i for i, h in enumerate(hosts)}
-
-    def free(uri: str) -> int:
-        live = now[uri]
-        return mem[uri] if live is None else min(mem[uri], live)
-
-    chosen = []
-    for vm in vms:
-        fits = [h.uri for h in hosts if free(h.uri) >= vm.resources.mem_mib]
-        if not fits:
-            room = "; ".join(f"{host_label(h.uri) or h.uri}: {max(0, free(h.uri))} MiB" for h in hosts)
-            raise QuotaError(
-                f"no libvirt host has {vm.resources.mem_mib} MiB free for VM {vm.name} (free: {room})",
-                hint="delete ENVs, add hosts (--libvirt-uri) or ask for less memory",
-            )
-        best = max(fits, key=lambda u: (free(u), cpu[u], -order[u]))
-        chosen.append(best)
-        mem[best] -= vm.resources.mem_mib
-        cpu[best] -= vm.resources.cpu
-        if now[best] is not None:
-            now[best] = (now[best] or 0) - vm.resources.mem_mib
-    return chosen
-
-
-# -- domain XML (pure) --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DomainConfig:
-    """Everything one domain definition needs; paths are paths on the host."""
-
-    name: str
-    uuid: str
-    title: str
-    metadata: dict[str, str]
-    arch: str
-    accel: str  # kvm | tcg
-    cpu: int
-    mem_mib: int
-    pool: str
-    disk_volume: str
-    seed_volume: str
-    console: str
-    port: int
-    bind_addr: str
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str = ""
-    uefi: bool = False
-    tcg_cx16: bool = True
-
-
-def domain_xml(cfg: DomainConfig) -> str:
-    """The libvirt domain XML for ``cfg``: the qemu engine's VM (same devices as the guest sees
-    them) in libvirt's terms, with the SSH port forward through the qemu:commandline passthrough."""
-    x86 = cfg.arch == "x86_64"
-    dom = ET.Element("domain", type="kvm" if cfg.accel == "kvm" else "qemu")
-    ET.SubElement(dom, "name").text = cfg.name
-    ET.SubElement(dom, "uuid").text = cfg.uuid
-    ET.SubElement(dom, "title").text = cfg.title
-    meta = ET.SubElement(dom, "metadata")
-    ET.SubElement(meta, f"{{{NS}}}vm", cfg.metadata)
-    ET.SubElement(dom, "memory", unit="MiB").text = str(cfg.mem_mib)
-    ET.SubElement(dom, "vcpu").text = str(cfg.cpu)
-    os_ = ET.SubElement(dom, "os")
-    ET.SubElement(os_, "type", arch=cfg.arch, machine="q35" if x86 else "virt").text = "hvm"
-    if cfg.kernel:
-        ET.SubElement(os_, "kernel").text = cfg.kernel
-        if cfg.initrd:
-            ET.SubElement(os_, "initrd").text = cfg.initrd
-        ET.SubElement(os_, "cmdline").text = cfg.cmdline
-    elif cfg.uefi:
-        code, template = qemu.UEFI_FIRMWARE[cfg.arch]
-        ET.SubElement(os_, "loader", readonly="yes", type="pflash").text = code
-        ET.SubElement(os_, "nvram", template=template)
-    if not cfg.kernel:
-        ET.SubElement(os_, "boot", dev="hd")
-    features = ET.SubElement(dom, "features")
-    if x86 or cfg.uefi:
-        ET.SubElement(features, "acpi")
-    if cfg.accel == "kvm":
-        ET.SubElement(dom, "cpu", mode="host-passthrough")
-    else:
-        ET.SubElement(ET.SubElement(features, "tcg"), "tb-cache", unit="MiB").text = "64"
-        cpu = ET.SubElement(dom, "cpu", mode="maximum")
-        if x86 and not cfg.tcg_cx16:
-            ET.SubElement(cpu, "feature", policy="disable", name="cx16")
-    ET.SubElement(dom, "on_poweroff").text = "destroy"
-    ET.SubElement(dom, "on_reboot").text = "restart"
-    ET.SubElement(dom, "on_crash").text = "destroy"
-    dev = ET.SubElement(dom, "devices")
-    disk = ET.SubElement(dev, "disk", type="volume", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
-    ET.SubElement(disk, "source", pool=cfg.pool, volume=cfg.disk_volume)
-    ET.SubElement(disk, "target", dev="vda", bus="virtio")
-    seed = ET.SubElement(dev, "disk", type="volume", device="disk", snapshot="no")
-    ET.SubElement(seed, "driver", name="qemu", type="raw")
-    ET.SubElement(seed, "source", pool=cfg.pool, volume=cfg.seed_volume)
-    ET.SubElement(seed, "target", dev="vdb", bus="virtio")
-    ET.SubElement(seed, "readonly")
-    serial = ET.SubElement(dev, "serial", type="file")
-    ET.SubElement(serial, "source", path=cfg.console, append="on")  # survives a revert's qemu restart
-    rng = ET.SubElement(dev, "rng", model="virtio")
-    ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
-    if x86:
-        ET.SubElement(dev, "panic", model="isa")  # a guest panic ends the domain at once
-    ET.SubElement(dev, "controller", type="usb", model="none")
-    ET.SubElement(dev, "memballoon", model="none")
-    ET.SubElement(ET.SubElement(dev, "video"), "model", type="none")
-    # libvirt 9 here rejects <interface type='user'><backend type='passt'/> (no passt): qemu's own
-    # user networking through the passthrough. The device is JSON so qemu creates it after
-    # libvirt's own (JSON) devices and gives it a free slot.
-    nic = {"driver": "virtio-net-pci", "netdev": "ttnet0", "mac": qemu.GUEST_MAC, "romfile": ""}  # as the qemu engine's
-    net = json.dumps(nic, separators=(",", ":"))
-    cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
-    for arg in ("-netdev", f"user,id=ttnet0,hostfwd=tcp:{cfg.bind_addr}:{cfg.port}-:22", "-device", net):
-        ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=arg)
-    return ET.tostring(dom, encoding="unicode")
-
-
-def snapshot_xml(name: str) -> str:
-    """An internal snapshot of memory and the root disk (the seed disk is read-only: not saved)."""
-    snap = ET.Element("domainsnapshot")
-    ET.SubElement(snap, "name").text = name
-    ET.SubElement(snap, "memory", snapshot="internal")
-    disks = ET.SubElement(snap, "disks")
-    ET.SubElement(disks, "disk", name="vda", snapshot="internal")
-    ET.SubElement(disks, "disk", name="vdb", snapshot="no")
-    return ET.tostring(snap, encoding="unicode")
-
-
-def volume_xml(name: str, capacity: int, fmt: str = "raw", backing: str | None = None) -> str:
-    """A volume of ``capacity`` bytes; with ``backing``, a qcow2 overlay of that qcow2 file."""
-    vol = ET.Element("volume")
-    ET.SubElement(vol, "name").text = name
-    ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
-    ET.SubElement(ET.SubElement(vol, "target"), "format", type=fmt)
-    if backing is not None:
-        store = ET.SubElement(vol, "backingStore")
-        ET.SubElement(store, "path").text = backing
-        ET.SubElement(store, "format", type="qcow2")
-    return ET.tostring(vol, encoding="unicode")
-
-
-def qcow2_virtual_size(path: Path) -> int:
-    """The virtual size of a qcow2 file (its header), or the file's size for anything else."""
-    with open(path, "rb") as f:
-        head = f.read(32)
-    if head[:4] == b"QFI\xfb" and len(head) == 32:
-        return int.from_bytes(head[24:32], "big")
-    return path.stat().st_size
-
-
-def domain_name(env_id: str, vm_name: str) -> str:
-    return f"ttenv-{env_id}-{vm_name}"
 
 
 def machine_id() -> str:
@@ -332,9 +101,14 @@ class LibvirtEngine:
     name = "libvirt"
 
     def __init__(
-        self, uris: Sequence[str], state: Path, *, bind_addr: str = "127.0.0.1", probe_addr: str = "127.0.0.1",
+        self,
+        uris: Sequence[str],
+        state: Path,
+        *,
+        bind_addr: str = "127.0.0.1",
+        probe_addr: str = "127.0.0.1",
         progress: Callable[[str], None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         from pytest_ttenv.backend.engines.virt import available
 
         self.hosts = parse_hosts(uris)
@@ -429,8 +203,21 @@ class LibvirtEngine:
     def probe_addr(self, vm: VmInfo) -> str:
         return vm.address if self._host(vm.host).remote else self._probe_addr
 
+    def plan(self, spec: EnvSpec, vm: VmSpec, image: ImageInfo, accel: str, owner: str) -> Boot:
+        if spec.boot != "warm":
+            return Boot("cold", "cold requested")
+        return Boot("cold", "the libvirt engine has no warm start yet")
+
     # -- start ---------------------------------------------------------------------------------
-    def start(self, job: Start) -> None:
+    def start(self, jobs: Sequence[Start]) -> None:
+        """Each VM cold, in order, recorded once its domain runs."""
+        for job in jobs:
+            self._start(job)
+            job.record()
+            where = f" on {host_label(job.info.host)}" if host_label(job.info.host) else ""
+            self.progress(f"{job.vm.name}: booting{where} ({job.accel}, ssh port {job.info.port})")
+
+    def _start(self, job: Start) -> None:
         host = self._host(job.info.host)
         conn = self.conn(host.uri)
         pool = self._pool(conn)
@@ -444,13 +231,26 @@ class LibvirtEngine:
         meta = {"machine": self.machine, "state": str(self.state), "env": job.env.id, "vm": job.vm.name}
         size = max(qcow2_virtual_size(image.file(image.disk)), job.vm.resources.disk_mib * 2**20)
         cfg = DomainConfig(
-            name=name, uuid=str(uuid.uuid4()), title=f"ttenv {job.spec.name}/{job.vm.name}", metadata=meta,
-            arch=image.arch, accel=job.accel, cpu=job.vm.resources.cpu, mem_mib=job.vm.resources.mem_mib,
-            pool=POOL, disk_volume=f"{name}-disk.qcow2", seed_volume=f"{name}-seed.iso",
-            console=f"{pool.path}/{name}-console.log", port=info.port,
+            name=name,
+            uuid=str(uuid.uuid4()),
+            title=f"ttenv {job.spec.name}/{job.vm.name}",
+            metadata=meta,
+            arch=image.arch,
+            accel=job.accel,
+            cpu=job.vm.resources.cpu,
+            mem_mib=job.vm.resources.mem_mib,
+            pool=POOL,
+            disk_volume=f"{name}-disk.qcow2",
+            seed_volume=f"{name}-seed.iso",
+            console=f"{pool.path}/{name}-console.log",
+            port=info.port,
             bind_addr="0.0.0.0" if host.remote else self.bind_addr,
-            kernel=kernel, initrd=initrd, cmdline=job.cmdline, uefi=uefi, tcg_cx16=qemu.tcg_cx16_safe(image.arch),
-        )  # fmt: skip
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=job.cmdline,
+            uefi=uefi,
+            tcg_cx16=qemu.tcg_cx16_safe(image.arch),
+        )
         conn.define(domain_xml(cfg))  # first: the domain is the record that owns the volumes below
         pool.create(volume_xml(cfg.disk_volume, size, "qcow2", backing=disk), cfg.disk_volume)
         seed = job.seed.read_bytes()
@@ -467,8 +267,10 @@ class LibvirtEngine:
                 return
             except VirtError as exc:
                 if "host forwarding" not in exc.message:
-                    raise BootError(f"libvirt could not start VM {job.vm.name} on {host.label}: {exc.message}",
-                                    self.console_of(conn, name, 20)) from None  # fmt: skip
+                    raise BootError(
+                        f"libvirt could not start VM {job.vm.name} on {host.label}: {exc.message}",
+                        self.console_of(conn, name, 20),
+                    ) from None
             info.port = job.move_port()  # its port was taken on that host: move it
             cfg = dataclasses.replace(cfg, port=info.port)
             conn.define(domain_xml(cfg))
@@ -527,14 +329,18 @@ class LibvirtEngine:
             if copy.hexdigest() != digest.hexdigest():
                 pool.delete(vol)
                 got, want = copy.hexdigest()[:16], digest.hexdigest()[:16]
-                raise TTError(f"the copy of {image.name}/{file} on {host.label} does not match (sha256 {got} "
-                              f"!= {want}); nothing was kept", "retry")  # fmt: skip
+                raise TTError(
+                    f"the copy of {image.name}/{file} on {host.label} does not match (sha256 {got} "
+                    f"!= {want}); nothing was kept",
+                    "retry",
+                )
             text = f"{digest.hexdigest()}  {file}\n".encode()
             pool.create(volume_xml(mark, len(text)), mark)
             for _ in pool.upload(mark, io.BytesIO(text), len(text)):
                 pass
-            self.progress(f"{image.name}: {file} copied to {host.label} in {time.monotonic() - started:.1f} s, "
-                          f"sha256 verified")  # fmt: skip
+            self.progress(
+                f"{image.name}: {file} copied to {host.label} in {time.monotonic() - started:.1f} s, sha256 verified"
+            )
             return path
 
     # -- state ---------------------------------------------------------------------------------
@@ -554,8 +360,14 @@ class LibvirtEngine:
             return "the guest crashed"
         return _SHUTOFF_WHY.get(reason, "its domain is shut off")
 
-    def boot_log(self, env: EnvInfo, vm: VmInfo) -> str:
-        return ""
+    def ready(self, env: EnvInfo, vm: VmInfo, timeout: float) -> bool:
+        return ssh_banner(self.probe_addr(vm), vm.port, timeout)
+
+    def wait_budget(self, vm: VmInfo, boot_timeout: float) -> float:
+        return boot_timeout
+
+    def boot_failure(self, env: EnvInfo, vm: VmInfo, why: str) -> str:
+        return f"VM {vm.name} died during boot ({why})"
 
     def halt(self, env: EnvInfo, vm: VmInfo) -> None:
         with contextlib.suppress(HostDown):
@@ -567,8 +379,10 @@ class LibvirtEngine:
             self._remove_domain(conn, domain_name(env.id, vm.name))
         except HostDown as exc:
             self._pending(add=vm.host, why=exc.message)
-            return (f"VM {vm.name}: host {host_label(vm.host) or vm.host} unreachable ({exc.message}); its domain "
-                    f"and volumes there are removed by ttenv gc once it answers")  # fmt: skip
+            return (
+                f"VM {vm.name}: host {host_label(vm.host) or vm.host} unreachable ({exc.message}); its domain "
+                f"and volumes there are removed by ttenv gc once it answers"
+            )
         return None
 
     def _remove_domain(self, conn: Conn, name: str) -> None:
@@ -614,6 +428,13 @@ class LibvirtEngine:
         return tail_text(data, tail)
 
     # -- gc ------------------------------------------------------------------------------------
+    def abandon(self, env_id: str, rundir: Path) -> None:
+        """Nothing at once: the domains of an ENV that is not in the store are swept by
+        ``reap_strays`` (its ENV is not live)."""
+
+    def reap_saved(self, images: Sequence[ImageInfo]) -> None:
+        """Nothing: no warm start, so no saved states."""
+
     def reap_strays(self, state: Path, live: Callable[[str], bool]) -> None:
         """Sweep the configured hosts and those with leftovers of deletes they missed: remove
         domains (and their volumes) of this machine whose state dir is gone, or that belong to

@@ -1,4 +1,4 @@
-"""The qemu engine: one direct qemu process per VM, no daemon.
+"""qemu itself, for the qemu engine (``qemu_engine``): one direct qemu process per VM, no daemon.
 
 ``build_argv`` is pure (unit-tested); the rest starts, inspects and stops processes.
 A VM's process is identified by its pid *and* its run dir appearing in its command line,
@@ -19,12 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_ttenv.backend.engines.base import GUEST_MAC
 from pytest_ttenv.core.model import Resources
+from pytest_ttenv.core.paths import socket_dir
 from pytest_ttenv.errors import TTError
 
 QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64", "riscv64": "qemu-system-riscv64"}
 QEMU_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm", "riscv64": "qemu-system-misc"}
-GUEST_MAC = "52:54:00:12:34:56"  # qemu's default for a first NIC, set explicitly: the seed matches on it
 IDENTITY_PORT = "org.ttenv.identity"  # the virtio-serial port name the guest's identity agent serves
 _PR_SET_PDEATHSIG = 1
 PRIVATE_UMASK = 0o077  # qemu and qemu-img run with it: disks, console logs, pidfiles, saved states 0600
@@ -55,17 +56,27 @@ class QemuConfig:
     incoming: str | None = None  # warm boot: the migration stream to start from (``exec:...``)
 
 
+def qmp_path(env_id: str, vm_name: str) -> Path:
+    """The VM's QMP socket: in the short private runtime dir, not the (possibly deep) run dir."""
+    return socket_dir(env_id) / f"{vm_name}.qmp"
+
+
+def identity_path(env_id: str, vm_name: str) -> Path:
+    """A warm VM's identity agent channel (its virtio-serial port's host end), beside its QMP socket."""
+    return socket_dir(env_id) / f"{vm_name}.id"
+
+
 def build_argv(cfg: QemuConfig) -> list[str]:
     """The qemu command line for ``cfg``: direct kernel boot, virtio disk/net/rng, user-mode
-    networking with guest port 22 forwarded from ``bind_addr``:``port``, serial console to a file,
-    QMP on a unix socket. TCG uses multi-threaded translation with a 64 MiB translation cache.
+    networking with guest port 22 forwarded from ``bind_addr``:``port`` (the NIC's MAC: ``GUEST_MAC``),
+    serial console to a file, QMP on a unix socket. TCG uses multi-threaded translation with a 64 MiB translation cache.
     Without a kernel the image's own boot loader runs under the firmware (SeaBIOS, or UEFI when
     ``uefi_vars`` is given), booting from the root disk first. No NIC option ROM is loaded
     (iPXE: nothing network-boots, and it costs firmware time under emulation).
     Warm boot adds the identity agent's virtio-serial port, a VM generation ID (x86_64) and, for a
     VM started from a saved state, ``-incoming``.
     The console log is always opened for appending (``append=on``), so the backend can cap it by
-    truncating it from outside (``engine.cap_log``): qemu's next write then starts at the new end.
+    truncating it from outside (``console.cap_log``): qemu's next write then starts at the new end.
     """
     if cfg.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], "host"
@@ -80,22 +91,45 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         machine = ["-machine", "virt"]
         cpu = "rv64" if cfg.accel != "kvm" else "host"
     argv = [
-        QEMU_BINARY[cfg.arch], "-name", f"ttenv:{cfg.name}",
-        "-nodefaults", "-no-user-config", "-display", "none",
-        *machine, *accel, "-cpu", cpu,
-        "-smp", str(cfg.resources.cpu), "-m", str(cfg.resources.mem_mib),
-        "-chardev", f"file,id=console,path={cfg.console},append=on",
-        "-serial", "chardev:console",
-        "-qmp", f"unix:{cfg.qmp},server=on,wait=off",
-        "-pidfile", str(cfg.pidfile),
-        "-drive", f"if=none,id=root,file={cfg.disk},format=qcow2,cache=unsafe,discard=unmap",
-        "-device", "virtio-blk-pci,drive=root" + (",bootindex=0" if cfg.kernel is None else ""),
-        "-netdev", f"user,id=net0,hostfwd=tcp:{cfg.bind_addr}:{cfg.port}-:22",
-        "-device", f"virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile=",
-        "-device", "virtio-rng-pci",
+        QEMU_BINARY[cfg.arch],
+        "-name",
+        f"ttenv:{cfg.name}",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        *machine,
+        *accel,
+        "-cpu",
+        cpu,
+        "-smp",
+        str(cfg.resources.cpu),
+        "-m",
+        str(cfg.resources.mem_mib),
+        "-chardev",
+        f"file,id=console,path={cfg.console},append=on",
+        "-serial",
+        "chardev:console",
+        "-qmp",
+        f"unix:{cfg.qmp},server=on,wait=off",
+        "-pidfile",
+        str(cfg.pidfile),
+        "-drive",
+        f"if=none,id=root,file={cfg.disk},format=qcow2,cache=unsafe,discard=unmap",
+        "-device",
+        "virtio-blk-pci,drive=root" + (",bootindex=0" if cfg.kernel is None else ""),
+        "-netdev",
+        f"user,id=net0,hostfwd=tcp:{cfg.bind_addr}:{cfg.port}-:22",
+        "-device",
+        f"virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile=",
+        "-device",
+        "virtio-rng-pci",
         # A guest kernel panic ends qemu, so a dead guest is seen at once, not after a timeout.
-        "-device", "pvpanic" if cfg.arch == "x86_64" else "pvpanic-pci", "-action", "panic=exit-failure",
-    ]  # fmt: skip
+        "-device",
+        "pvpanic" if cfg.arch == "x86_64" else "pvpanic-pci",
+        "-action",
+        "panic=exit-failure",
+    ]
     if cfg.identity is not None:
         argv += ["-device", "virtio-serial-pci,id=vser"]
         argv += ["-chardev", f"socket,id=identity,path={cfg.identity},server=on,wait=off"]
@@ -183,10 +217,14 @@ def start(cfg: QemuConfig, log: Path, die_with_parent: bool) -> subprocess.Popen
     with open(fd, "ab") as out:
         try:
             return subprocess.Popen(
-                build_argv(cfg), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None,
+                build_argv(cfg),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if die_with_parent else None,
                 umask=PRIVATE_UMASK,
-            )  # fmt: skip
+            )
         except FileNotFoundError:
             raise TTError(
                 f"{QEMU_BINARY[cfg.arch]} not found", f"apt-get install -y {QEMU_PACKAGE[cfg.arch]}"

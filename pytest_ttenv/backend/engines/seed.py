@@ -15,7 +15,7 @@ from pathlib import Path
 import pycdlib
 import yaml
 
-from pytest_ttenv.backend.engines.qemu import GUEST_MAC
+from pytest_ttenv.backend.engines.base import GUEST_MAC
 from pytest_ttenv.core.keys import KeyPair
 
 

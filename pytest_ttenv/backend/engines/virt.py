@@ -198,8 +198,11 @@ class Conn:
 
     def undefine(self, name: str) -> None:
         """Forget the domain with its NVRAM, managed save and snapshot metadata; nothing if missing."""
-        flags = (self._lv.VIR_DOMAIN_UNDEFINE_NVRAM | self._lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                 | self._lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)  # fmt: skip
+        flags = (
+            self._lv.VIR_DOMAIN_UNDEFINE_NVRAM
+            | self._lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | self._lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        )
         try:
             dom = self._dom(name)
             self._call(f"undefining domain {name}", lambda: dom.undefineFlags(flags))

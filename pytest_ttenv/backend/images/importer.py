@@ -137,10 +137,22 @@ def import_image(
                     shutil.copyfile(path, out / target)
                     files["kernel" if target == "vmlinuz" else "initrd"] = target
             image = ImageInfo(
-                name=name, os=os_name, version=version, arch=arch, disk="disk.qcow2", disk_mib=disk_mib, user=user,
-                boot=boot, access="cloud-init", kernel=files["kernel"], initrd=files["initrd"], cmdline=cmdline,
-                source="import", created=time.time(), details={"file": str(src.resolve()), "format": fmt},
-            )  # fmt: skip
+                name=name,
+                os=os_name,
+                version=version,
+                arch=arch,
+                disk="disk.qcow2",
+                disk_mib=disk_mib,
+                user=user,
+                boot=boot,
+                access="cloud-init",
+                kernel=files["kernel"],
+                initrd=files["initrd"],
+                cmdline=cmdline,
+                source="import",
+                created=time.time(),
+                details={"file": str(src.resolve()), "format": fmt},
+            )
             store.install(out, image)
         finally:
             shutil.rmtree(work, ignore_errors=True)

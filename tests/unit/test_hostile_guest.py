@@ -18,15 +18,19 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
+import pycdlib
 import pytest
 
-from pytest_ttenv.backend import local
-from pytest_ttenv.backend.engines import base as engine
-from pytest_ttenv.backend.engines import qemu, seed, warm
+from pytest_ttenv.backend import owner, sweep
+from pytest_ttenv.backend.engines import console, identity, qemu, seed, warm
+from pytest_ttenv.backend.engines.base import Boot, Start
+from pytest_ttenv.backend.engines.qemu_engine import QemuEngine
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.backend.store import Store
 from pytest_ttenv.core import paths
+from pytest_ttenv.core.keys import KeyPair
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.errors import TTError
 
@@ -58,7 +62,7 @@ def _exchange(talk: Callable[[socket.socket, bytes], None], timeout: float = 2.0
     host, thread = _peer(talk)
     with host:
         try:
-            return warm.exchange(host, f"ping {NONCE}\n".encode(), NONCE, time.monotonic() + timeout, "VM v")
+            return identity.exchange(host, f"ping {NONCE}\n".encode(), NONCE, time.monotonic() + timeout, "VM v")
         finally:
             host.shutdown(socket.SHUT_RDWR)
             thread.join(5)
@@ -73,7 +77,8 @@ def test_a_guest_that_never_stops_talking_is_cut_off_with_bounded_memory() -> No
     tracemalloc.start()
     started = time.monotonic()
     try:
-        with pytest.raises(TTError, match=f"VM v: the identity agent sent a line longer than {warm.REPLY_MAX} bytes"):
+        longer = f"VM v: the identity agent sent a line longer than {identity.REPLY_MAX} bytes"
+        with pytest.raises(TTError, match=longer):
             _exchange(flood)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -158,7 +163,7 @@ def test_agent_request_over_a_unix_socket_flooded(tmp_path: Path) -> None:
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         with pytest.raises(TTError, match="VM z: the identity agent sent a line longer than"):
-            warm.agent_request(path, "ping", 5, "VM z")
+            identity.agent_request(path, "ping", 5, "VM z")
         thread.join(5)
 
 
@@ -169,15 +174,15 @@ def test_the_agent_answers_with_the_requests_nonce() -> None:
     assert agent.handle(b"ping not-hex") == b""
     bad = agent.handle(f"refresh {NONCE} time=***".encode())
     assert bad.startswith(f"error {NONCE} ".encode()) and bad.endswith(b"\n") and bad.count(b"\n") == 1
-    status, nonce, _ = warm._parse_reply(agent.handle(f"bogus {NONCE}".encode()).rstrip(b"\n"), "VM a")
+    status, nonce, _ = identity._parse_reply(agent.handle(f"bogus {NONCE}".encode()).rstrip(b"\n"), "VM a")
     assert (status, nonce) == ("error", NONCE)
 
 
 def test_template_key_changes_with_the_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     image = _image(tmp_path)
     inputs = warm.template_inputs(image, "tcg", Resources(), "alice")
-    assert inputs["protocol"] == warm.PROTOCOL
-    monkeypatch.setattr(warm, "PROTOCOL", warm.PROTOCOL + 1)
+    assert inputs["protocol"] == identity.PROTOCOL
+    monkeypatch.setattr(identity, "PROTOCOL", identity.PROTOCOL + 1)
     assert warm.template_key(warm.template_inputs(image, "tcg", Resources(), "alice")) != warm.template_key(inputs)
 
 
@@ -199,13 +204,21 @@ def test_console_tails_strip_every_control_but_newline_and_tab(tmp_path: Path) -
     log = tmp_path / "console.log"
     log.write_bytes(HOSTILE)
     expected = [
-        "boot ok", "clip", "link text", "dcs", "red  alt", " c1-csi  c1-osc", "bell backspace del tab\there", "", "end",
-    ]  # fmt: skip
-    for text in (engine.tail_file(log, 50), warm._tail(log), engine.tail_text(HOSTILE, 50)):
+        "boot ok",
+        "clip",
+        "link text",
+        "dcs",
+        "red  alt",
+        " c1-csi  c1-osc",
+        "bell backspace del tab\there",
+        "",
+        "end",
+    ]
+    for text in (console.tail_file(log, 50), console.tail_text(HOSTILE, 50)):
         assert text.splitlines() == expected
         assert not any((c < " " and c not in "\t\n") or "\x7f" <= c <= "\x9f" for c in text)
-    assert engine.tail_file(log, 2).splitlines() == ["", "end"]
-    assert engine.clean_text("a\x1b]52;c;x\x1b\\b\x1b") == "ab"
+    assert console.tail_file(log, 2).splitlines() == ["", "end"]
+    assert console.clean_text("a\x1b]52;c;x\x1b\\b\x1b") == "ab"
 
 
 def test_tails_read_only_the_end_of_a_huge_log(tmp_path: Path) -> None:
@@ -217,13 +230,12 @@ def test_tails_read_only_the_end_of_a_huge_log(tmp_path: Path) -> None:
     tracemalloc.start()
     started = time.monotonic()
     try:
-        assert engine.tail_file(log, 1) == "last line"
-        assert warm._tail(log, 1) == "last line"
+        assert console.tail_file(log, 1) == "last line"
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert time.monotonic() - started < 2.0
-    assert peak < 2 * engine.TAIL_BYTES + 2**20, peak
+    assert peak < 2 * console.TAIL_BYTES + 2**20, peak
 
 
 def test_console_logs_are_capped_and_the_writer_goes_on(tmp_path: Path) -> None:
@@ -231,23 +243,35 @@ def test_console_logs_are_capped_and_the_writer_goes_on(tmp_path: Path) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # as qemu's chardev (append=on)
     with open(fd, "wb", buffering=0) as writer:
         writer.write(b"".join(b"line %06d\n" % i for i in range(2000)))  # 24000 bytes
-        assert not engine.cap_log(log, limit=30000, keep=1100)
+        assert not console.cap_log(log, limit=30000, keep=1100)
         writer.write(b"".join(b"line %06d\n" % i for i in range(2000, 4000)))
-        assert engine.cap_log(log, limit=30000, keep=1100)
+        assert console.cap_log(log, limit=30000, keep=1100)
         assert log.stat().st_size == 0
-        kept = engine.rotated(log)
+        kept = console.rotated(log)
         assert kept.read_bytes().endswith(b"line 003999\n") and kept.stat().st_size == 1100
         assert stat.S_IMODE(kept.stat().st_mode) == 0o600
         writer.write(b"after\n")
     assert log.read_bytes() == b"after\n"  # at the new end: no hole, no zeros
-    assert engine.tail_file(log, 3).splitlines() == ["line 003998", "line 003999", "after"]
+    assert console.tail_file(log, 3).splitlines() == ["line 003998", "line 003999", "after"]
 
 
 def test_qemu_console_chardev_appends(tmp_path: Path) -> None:
     image = _image(tmp_path)
     x = tmp_path / "x"
-    cfg = warm.qemu_config(image, "tcg", Resources(), name="e/vm", disk=x, seed=x, port=2222, rundir=tmp_path, qmp=x,
-                           identity=x, cmdline="", vmgenid="0")  # fmt: skip
+    cfg = warm.qemu_config(
+        image,
+        "tcg",
+        Resources(),
+        name="e/vm",
+        disk=x,
+        seed=x,
+        port=2222,
+        rundir=tmp_path,
+        qmp=x,
+        identity=x,
+        cmdline="",
+        vmgenid="0",
+    )
     assert f"file,id=console,path={tmp_path / 'console.log'},append=on" in qemu.build_argv(cfg)
 
 
@@ -276,9 +300,13 @@ def fake_qemu() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         argv = f"qemu-system-x86_64|-name|ttenv:E/{vmdir.name}|-chardev|{console}"
         python = sys.executable if user is None else "/usr/bin/python3"  # one another user may run
         proc = subprocess.Popen(
-            [python, "-c", FAKE, argv, "x" * (len(argv) + 64)], stdout=subprocess.PIPE, text=True,
-            user=user, start_new_session=True, cwd="/",
-        )  # fmt: skip
+            [python, "-c", FAKE, argv, "x" * (len(argv) + 64)],
+            stdout=subprocess.PIPE,
+            text=True,
+            user=user,
+            start_new_session=True,
+            cwd="/",
+        )
         procs.append(proc)
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
         return proc
@@ -305,7 +333,7 @@ def test_gc_reaps_only_its_own_state_dirs_strays(tmp_path: Path, fake_qemu: Fake
     found = dict(qemu.ttenv_processes())
     assert found[mine.pid] == ours / "envs" / "e1" / "vm1" and other.pid in found
     lines: list[str] = []
-    engine.QemuEngine(progress=lines.append).reap_strays(ours, lambda env_id: False)
+    QemuEngine(progress=lines.append).reap_strays(ours, lambda env_id: False)
     assert mine.wait(10) is not None
     assert alive.poll() is None and other.poll() is None
     assert lines == []
@@ -321,7 +349,7 @@ def test_gc_never_touches_another_users_processes(tmp_path: Path, fake_qemu: Fak
     foreign = fake_qemu(state / "envs" / "e1" / "vm1", user=65534)  # nobody, naming our state dir
     assert foreign.pid not in dict(qemu.ttenv_processes())
     assert foreign.pid in dict(qemu.ttenv_processes(uid=65534))
-    engine.QemuEngine().reap_strays(state, lambda env_id: False)
+    QemuEngine().reap_strays(state, lambda env_id: False)
     assert foreign.poll() is None
 
 
@@ -340,7 +368,7 @@ def test_gc_skips_a_process_it_cannot_handle_with_a_line(
 
     monkeypatch.setattr(qemu, "stop", stop)
     lines: list[str] = []
-    engine.QemuEngine(progress=lines.append).reap_strays(state, lambda env_id: False)
+    QemuEngine(progress=lines.append).reap_strays(state, lambda env_id: False)
     assert stopped == [second.pid] and first.poll() is None
     assert len(lines) == 1 and lines[0].startswith(f"gc: skipped qemu process {first.pid} (")
     assert "Permission denied" in lines[0]
@@ -383,14 +411,14 @@ def test_seed_iso_is_private_while_it_is_written(
     tmp_path: Path, loose_umask: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[int] = []
-    real = seed.pycdlib.PyCdlib.write_fp
+    real = pycdlib.PyCdlib.write_fp
 
-    def write_fp(self: object, fp: object, *args: object, **kwargs: object) -> None:
+    def write_fp(self: pycdlib.PyCdlib, fp: BinaryIO, *args: Any, **kwargs: Any) -> None:
         seen.append(_mode(tmp_path / "seed.iso.tmp"))
-        real(self, fp, *args, **kwargs)  # type: ignore[arg-type]
+        real(self, fp, *args, **kwargs)
 
-    monkeypatch.setattr(seed.pycdlib.PyCdlib, "write_fp", write_fp)
-    key = seed.KeyPair.generate("t")
+    monkeypatch.setattr(pycdlib.PyCdlib, "write_fp", write_fp)
+    key = KeyPair.generate("t")
     seed.write_seed_iso(seed.SeedData("vm", "i", "root", key.public, key), tmp_path / "seed.iso")
     assert seen == [0o600] and _mode(tmp_path / "seed.iso") == 0o600
     assert not (tmp_path / "seed.iso.tmp").exists()
@@ -405,8 +433,20 @@ def test_qemu_and_qemu_img_create_private_files(
     assert _mode(tmp_path / "overlay.qcow2") == 0o600
     made = tmp_path / "made-by-qemu"
     monkeypatch.setattr(qemu, "build_argv", lambda cfg: ["sh", "-c", f"echo hi > {made}"])
-    cfg = warm.qemu_config(_image(tmp_path), "tcg", Resources(), name="n", disk=base, seed=base, port=1,
-                           rundir=tmp_path, qmp=base, identity=base, cmdline="", vmgenid="0")  # fmt: skip
+    cfg = warm.qemu_config(
+        _image(tmp_path),
+        "tcg",
+        Resources(),
+        name="n",
+        disk=base,
+        seed=base,
+        port=1,
+        rundir=tmp_path,
+        qmp=base,
+        identity=base,
+        cmdline="",
+        vmgenid="0",
+    )
     proc = qemu.start(cfg, tmp_path / "qemu.log", die_with_parent=False)
     assert proc.wait(10) == 0
     assert _mode(made) == 0o600 and _mode(tmp_path / "qemu.log") == 0o600
@@ -468,13 +508,26 @@ def test_the_pid_is_recorded_before_qemu_is_waited_for(tmp_path: Path, monkeypat
         assert recorded == [proc.pid]  # stored before this wait began
         return True
 
-    monkeypatch.setattr(engine.QemuEngine, "_wait_monitor", staticmethod(wait_monitor))
+    monkeypatch.setattr(QemuEngine, "_wait_monitor", staticmethod(wait_monitor))
     env = EnvInfo("e1", "E", "me", 0.0, None, "booting", rundir=str(vmdir.parent))
     spec = EnvSpec("E", (VmSpec("vm1", image.name),), "k")
-    job = engine.Start(env, spec, spec.vms[0], image, "tcg", info, vmdir, vmdir / "seed.iso", "", lambda: 1,
-                       record=lambda: recorded.append(info.pid))  # fmt: skip
+    job = Start(
+        env,
+        spec,
+        spec.vms[0],
+        image,
+        "tcg",
+        info,
+        vmdir,
+        vmdir / "seed.iso",
+        KeyPair.generate("t"),
+        "0" * 32,
+        Boot("cold", "cold requested"),
+        move_port=lambda: 1,
+        record=lambda: recorded.append(info.pid),
+    )
     try:
-        engine.QemuEngine().start(job)
+        QemuEngine().start([job])
     finally:
         proc.kill()
         proc.wait()
@@ -485,7 +538,7 @@ def _pending_env(backend: LocalBackend, env_id: str, creator: dict[str, object] 
     rundir = backend.state / "envs" / env_id
     rundir.mkdir(parents=True)
     if creator is not None:
-        (rundir / local.CREATOR).write_text(json.dumps(creator))
+        (rundir / sweep.CREATOR).write_text(json.dumps(creator))
     env = EnvInfo(env_id, env_id, "me", time.time(), None, "booting", rundir=str(rundir))
     backend.store.add_env(env, None, None)
     vm = VmInfo("vm1", "debian-12-x86_64", "debian", "12", "x86_64", state="booting", boot="warm", pid=0)
@@ -497,7 +550,7 @@ def test_vms_whose_creator_is_gone_fail_when_the_backend_opens(tmp_path: Path) -
     dead = subprocess.Popen(["true"])
     dead.wait()
     _pending_env(backend, "gone", {"pid": dead.pid, "start": 1})
-    _pending_env(backend, "alive", {"pid": os.getpid(), "start": local.start_time(os.getpid())})
+    _pending_env(backend, "alive", {"pid": os.getpid(), "start": owner.start_time(os.getpid())})
     _pending_env(backend, "unknown", None)
     reopened = LocalBackend(tmp_path / "images", tmp_path / "state")
     states = {e.id: (e.state, e.vms[0].state, e.vms[0].error) for e in reopened.store.list_envs()}

@@ -1,10 +1,11 @@
 """ttagent: the guest-side command agent of pytest_ttenv.ssh (this file is sent to the VM as is).
 
-`pytest_ttenv.ssh` starts it over one SSH exec channel as `python3 -I -S -c BOOTSTRAP`; the
-bootstrap reads this source from stdin and runs it, and from then on stdin/stdout carry frames.
-It needs Python >= 3.6 and only modules that Debian's python3-minimal has (os, sys, struct,
-selectors, subprocess, signal, errno, time), so it must stay free of newer syntax and of typing
-(annotations live in type comments).
+`pytest_ttenv.ssh.agent_channel` starts it over one SSH exec channel as `python3 -I -S -c BOOTSTRAP`;
+the bootstrap reads this source from stdin and runs it, and from then on stdin/stdout carry frames.
+It runs stand-alone: it needs Python >= 3.6 and only modules that Debian's python3-minimal has (os,
+sys, struct, selectors, subprocess, signal, errno, time), so it must stay free of newer syntax, of
+typing (annotations live in type comments) and of any import from pytest_ttenv. The host side
+imports the wire format (HDR, the frame types, pack) from here: this is its one definition.
 
 Frame: a 9-byte header `>BII` (type, request id, payload length), then the payload.
   client -> agent  RUN  b"R": packed [timeout, script, packed argv, packed env, stdin, flags]

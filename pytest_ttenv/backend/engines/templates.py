@@ -1,0 +1,228 @@
+"""The warm templates of an image: ``<image dir>/warm/`` (see ``warm`` for what a template is).
+
+    <image dir>/warm/<key>/disk.qcow2   the template's frozen disk (backing file: the image's disk)
+                          /state        the migration stream: devices and RAM
+                          /meta.json    the key's inputs, sha256 of disk and state (written last)
+                          /console.log  the template's boot log
+                          /used         touched whenever a VM starts from it
+    <image dir>/warm/.lock-<key>        flock: one process makes a template, the others wait
+    <image dir>/warm/.tmp-<key>-<pid>   work in progress, renamed into place only when complete
+
+A template appears by one rename when complete and sealed (read-only, fsynced, checksummed), is
+verified before use, and is deleted by renaming it out of view first, so no process ever starts
+from half a template.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_ttenv.backend.engines import statecat
+from pytest_ttenv.core.model import ImageInfo
+from pytest_ttenv.errors import TTError
+
+META = "meta.json"
+UNUSED_DAYS = 7.0  # a template no VM started from for this long is deleted
+_verified: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256 seen this process
+
+
+def image_identity(image: ImageInfo) -> str:
+    """sha256 over the image's metadata and the size and modification time of each of its files:
+    a rebuilt, replaced or touched image gets a new identity (and so new templates)."""
+    if image.path is None:
+        raise TTError(f"image {image.name} has no directory")
+    h = hashlib.sha256()
+    meta = image.path / "image.json"
+    h.update(meta.read_bytes())
+    for name in ("image.json", image.disk, image.kernel, image.initrd):
+        if name:
+            st = (image.path / name).stat()
+            h.update(f"\0{name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Template:
+    """A complete template: its directory and metadata (checked with ``TemplateStore.verify``)."""
+
+    key: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state"
+
+    def incoming(self) -> str:
+        """qemu's ``-incoming`` source: the state streamed through statecat, which verifies its
+        sha256 before the end of the stream reaches qemu (so a corrupt state never runs)."""
+        argv = [sys.executable, "-I", "-S", statecat.__file__, str(self.state), str(self.meta.get("state_sha256"))]
+        return "exec:" + " ".join(shlex.quote(a) for a in argv)
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256, remembered for this process while its inode, size and mtime stay."""
+    st = path.stat()
+    memo = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if memo not in _verified:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _verified[memo] = h.hexdigest()
+    return _verified[memo]
+
+
+class TemplateStore:
+    """The templates of one image: ``<image dir>/warm/``."""
+
+    def __init__(self, image: ImageInfo) -> None:
+        if image.path is None:
+            raise TTError(f"image {image.name} has no directory")
+        self.image = image
+        self.root = image.path / "warm"
+
+    def find(self, key: str) -> Template | None:
+        """The complete template ``key``, or None (absent, or its metadata unreadable)."""
+        path = self.root / key
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            return None
+        return Template(key, path, meta)
+
+    def verify(self, template: Template) -> None:
+        """TTError unless the template's disk has the checksum it was saved with and its state the
+        size; the state's checksum is verified on every use, as it streams (``incoming``)."""
+        what = f"warm template {template.key} of {self.image.name}"
+        try:
+            digest = sha256_file(template.disk)
+            size = template.state.stat().st_size
+        except OSError as exc:
+            raise TTError(f"{what} is unreadable: {exc}") from None
+        if digest != template.meta.get("disk_sha256"):
+            raise TTError(f"{what}: its disk fails its checksum")
+        if size != template.meta.get("state_bytes"):
+            raise TTError(f"{what}: its state is {size} bytes, not the {template.meta.get('state_bytes')} saved")
+
+    def remove(self, key: str) -> None:
+        """Delete template ``key`` (VMs started from it keep their open files)."""
+        remove_dir(self.root / key)
+
+    def lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        """The template's lock, held while making it: TTError after ``timeout`` s of waiting."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        what = f"the lock of warm template {key} of {self.image.name} (another process is making it)"
+        return flock(self.root / f".lock-{key}", timeout, what)
+
+    def mark_used(self, template: Template) -> None:
+        """Note that a VM starts from ``template`` now (``reap`` keeps templates in use)."""
+        (template.path / "used").touch()
+
+    def reap(self, unused_days: float = UNUSED_DAYS) -> list[Path]:
+        """Delete work dirs whose process is gone, templates of another image identity (the image
+        changed since) and templates unused for ``unused_days`` (made by an older ttenv or qemu,
+        or for resources nobody asks for any more); returns what was deleted."""
+        if not self.root.is_dir():
+            return []
+        current = image_identity(self.image)
+        stale = time.time() - unused_days * 86400
+        removed = []
+        for d in self.root.iterdir():
+            m = re.match(r"^\.(?:tmp|old)-\w+-(\d+)(?:-\w+)?$", d.name)
+            try:
+                if m and d.is_dir() and not Path(f"/proc/{m.group(1)}").exists():
+                    shutil.rmtree(d)
+                    removed.append(d)
+                elif not d.name.startswith(".") and d.is_dir():
+                    template = self.find(d.name)
+                    used = max((f.stat().st_mtime for f in (d / "used", d / META) if f.exists()), default=0.0)
+                    if template is None or template.meta.get("inputs", {}).get("image_id") != current or used < stale:
+                        self.remove(d.name)
+                        removed.append(d)
+                        (self.root / f".lock-{d.name}").unlink(missing_ok=True)
+            except OSError:  # not ours to delete, or deleted meanwhile
+                continue
+        return removed
+
+    def install(self, work: Path, key: str, inputs: dict[str, Any], started: float) -> Template:
+        """Checksum, seal (read-only, fsynced) and rename a finished work dir into place."""
+        meta = {
+            "key": key,
+            "inputs": inputs,
+            "created": time.time(),
+            "seconds": round(time.time() - started, 1),
+            "disk_sha256": sha256_file(work / "disk.qcow2"),
+            "state_sha256": sha256_file(work / "state"),
+            "state_bytes": (work / "state").stat().st_size,
+        }
+        (work / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name in ("disk.qcow2", "state", META):
+            (work / name).chmod(0o400)
+            with open(work / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(work)
+        self.remove(key)
+        os.replace(work, self.root / key)
+        _fsync_dir(self.root)
+        found = self.find(key)
+        assert found is not None
+        return found
+
+
+def remove_dir(template: Path) -> None:
+    """Delete a template directory: renamed out of view at once (atomic), then deleted."""
+    doomed = template.with_name(f".old-{template.name}-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        os.replace(template, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+@contextmanager
+def flock(path: Path, timeout: float, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if missing); TTError naming ``what`` if it
+    is not ours within ``timeout`` s."""
+    with open(path, "a") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TTError(f"waited {timeout:.0f} s for {what}") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
