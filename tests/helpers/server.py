@@ -66,9 +66,8 @@ class Server:
     def log(self) -> Path:
         return self.state.parent / f"{self.state.name}-serve-{self.starts}.log"
 
-    def start(self, timeout: float = 30.0) -> Server:
-        self.starts += 1
-        argv = [
+    def argv(self) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "pytest_ttenv.cli",
@@ -81,20 +80,31 @@ class Server:
             str(self.images),
             *self.options,
         ]
+
+    def preexec(self) -> None:
+        """Run in the server's child process before it execs."""
+        interactive_signals()
+
+    def answers(self) -> bool:
+        """Whether the server answers its OpenAPI document (one try, 2 s)."""
+        try:
+            verify = str(self.ca) if self.ca else True
+            return requests.get(f"{self.url}/v1/openapi.json", timeout=2, verify=verify).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def start(self, timeout: float = 30.0) -> Server:
+        self.starts += 1
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=interactive_signals
+                self.argv(), stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=self.preexec
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"ttenv serve exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                verify = str(self.ca) if self.ca else True
-                if requests.get(f"{self.url}/v1/openapi.json", timeout=2, verify=verify).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
+            if self.answers():
+                return self
             time.sleep(0.1)
         raise AssertionError(f"ttenv serve did not answer within {timeout} s:\n{self.output()}")
 

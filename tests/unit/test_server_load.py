@@ -40,7 +40,6 @@ from pytest_ttenv.server.errors import Conflict
 from pytest_ttenv.server.quota import Amounts, Quota
 from pytest_ttenv.server.service import ServerConfig, Service
 
-from helpers.leftovers import interactive_signals
 from helpers.server import Server, free_port, start_server
 
 _port = iter(range(40000, 60000))
@@ -127,36 +126,12 @@ class LimitedServer(Server):
 
     nofile: int = 1024
 
-    def start(self, timeout: float = 30.0) -> Server:
-        self.starts += 1
-        argv = [
-            sys.executable,
-            "-m",
-            "pytest_ttenv.cli",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--state-dir",
-            str(self.state),
-            "--image-dir",
-            str(self.images),
-            *self.options,
-        ]
-        nofile = self.nofile
+    def preexec(self) -> None:
+        super().preexec()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
-        def child() -> None:
-            interactive_signals()
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=child)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            if timed_get(f"{self.url}/v1/openapi.json", {}, 2, quiet=True)[0] == 200:
-                return self
-            time.sleep(0.1)
-        raise AssertionError(f"ttenv serve did not answer within {timeout} s:\n{self.output()}")
+    def answers(self) -> bool:
+        return timed_get(f"{self.url}/v1/openapi.json", {}, 2, quiet=True)[0] == 200
 
 
 class Flood:
