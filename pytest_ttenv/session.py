@@ -293,7 +293,7 @@ class EnvSession:
         if info is None or info.boot != "warm":  # a warm VM's backend set its clock (identity agent)
             conn = self.connection(name)
             conn.run("true", timeout=30)  # connect first: under TCG that takes seconds, which the clock would lag by
-            conn.run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
+            conn.run(f"date -s @{time.time():.3f} >/dev/null", timeout=30, sudo=True)  # sudo: none for root
 
     def reboot(self, name: str, timeout: float | None = None) -> None:
         """Reboot the guest; return once SSH answers in its new boot (within ``timeout``, default

@@ -38,7 +38,7 @@ from pytest_ttenv.backend.engines import accel as accel_mod
 from pytest_ttenv.backend.engines.base import Boot, Engine, Start, waiting
 from pytest_ttenv.backend.engines.net import any_ports, free_ports
 from pytest_ttenv.backend.engines.registry import Engines
-from pytest_ttenv.backend.engines.seed import SeedData, write_seed_iso
+from pytest_ttenv.backend.engines.seed import SeedData, instance_id, write_seed_iso
 from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.backend.owner import current, start_time
 from pytest_ttenv.backend.store import Store
@@ -247,7 +247,7 @@ class LocalBackend:
         resize = vm.resources.disk_mib > image.disk_mib
         machine_id = secrets.token_hex(16)
         write_seed_iso(
-            SeedData(vm.name, f"{env.id}-{vm.name}", image.user, spec.client_pubkey, host_key, resize=resize),
+            SeedData(vm.name, instance_id(env.id, vm.name), image.user, spec.client_pubkey, host_key, resize=resize),
             vmdir / "seed.iso",
         )
         info = VmInfo(

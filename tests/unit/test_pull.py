@@ -549,6 +549,7 @@ def test_plugin_pulls_a_missing_catalog_image_on_first_use(
         "--tt-arch=x86_64",
         "--tt-boot-timeout=3",
         "--tt-accel=tcg",
+        "--tt-boot=cold",  # a cloud-init image would start warm: its template VM would fail to boot first
         timeout=300,
     )
     out = result.stdout.str()

@@ -25,6 +25,8 @@ from pytest_ttenv.backend.engines import identity, qemu, statecat, templates, wa
 from pytest_ttenv.backend.engines.base import Boot, Start, machine_cmdline
 from pytest_ttenv.backend.engines.deferred import StartLater
 from pytest_ttenv.backend.engines.libvirt import LibvirtEngine
+from pytest_ttenv.backend.engines.libvirt_place import parse_hosts
+from pytest_ttenv.backend.engines.libvirt_warm import LibvirtWarm
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.config import SETTINGS, resolve
 from pytest_ttenv.core.keys import KeyPair
@@ -68,25 +70,39 @@ def test_key_changes_with_every_input(tmp_path: Path) -> None:
 def test_ineligible_images_say_why(tmp_path: Path) -> None:
     image = fake_image(tmp_path)
     assert warm.ineligible(image, RES) == ""
+    firmware = replace(image, kernel=None, initrd=None, boot="bios")
+    vendor = replace(firmware, access="cloud-init", user="debian")  # pulled, imported or our cloud variant
+    # an engine that says nothing starts only direct-kernel images ttenv built warm
     assert "cloud-init" in warm.ineligible(replace(image, access="cloud-init"), RES)
-    assert "firmware" in warm.ineligible(replace(image, kernel=None, initrd=None, boot="bios"), RES)
+    assert "firmware" in warm.ineligible(firmware, RES)
     assert "root" in warm.ineligible(replace(image, user="debian"), RES)
     assert "larger" in warm.ineligible(image, replace(RES, disk_mib=image.disk_mib + 1))
+    # the qemu engine's warm starts serve firmware boots and cloud-init images too
+    for eligible in (replace(image, access="cloud-init"), firmware, replace(firmware, boot="uefi"), vendor):
+        assert warm.ineligible(eligible, RES, firmware=True, cloud_init=True) == ""
+    assert warm.ineligible(replace(image, user="debian"), RES, firmware=True, cloud_init=True) == (
+        "debian-12-x86_64 logs in as debian without cloud-init's sudo; warm starts need root or sudo"
+    )
+    assert "firmware" in warm.ineligible(vendor, RES, cloud_init=True)
 
 
 def test_cold_fallback_is_one_line(tmp_path: Path) -> None:
     lines: list[str] = []
     backend = LocalBackend(tmp_path / "images", tmp_path / "state", progress=lines.append)
-    image = fake_image(tmp_path / "images", access="cloud-init")
-    vm = VmSpec("vm1", image.name, RES)
+    image = fake_image(tmp_path / "images")
+    vm = VmSpec("vm1", image.name, replace(RES, disk_mib=image.disk_mib + 1))
     warm_spec, qemu_engine = EnvSpec("E", (vm,), "k", boot="warm"), backend.engines.new
     assert backend._plan(qemu_engine, warm_spec, vm, image, "tcg", "me").how == "cold"
-    assert lines == ["vm1: cold boot (debian-12-x86_64 is set up by cloud-init; warm starts need an image ttenv built)"]
+    assert lines == ["vm1: cold boot (a disk larger than the image's (3073 > 3072 MiB) needs a cold boot)"]
     cold = backend._plan(qemu_engine, EnvSpec("E", (vm,), "k", boot="cold"), vm, image, "tcg", "me")
     assert cold == Boot("cold", "cold requested") and len(lines) == 1  # cold asked for: nothing to explain
-    libvirt = object.__new__(LibvirtEngine)  # its plan needs no host (nor libvirt-python)
-    assert backend._plan(libvirt, warm_spec, vm, fake_image(tmp_path / "images"), "tcg", "me").how == "cold"
-    assert lines[-1] == "vm1: cold boot (the libvirt engine has no warm start yet)"
+    libvirt = object.__new__(LibvirtEngine)  # its plan needs no libvirt host to say why not (nor libvirt-python)
+    libvirt.warm = LibvirtWarm(parse_hosts(["qemu+ssh://root@b/system"]), *(None,) * 3, lines.append, "m")  # type: ignore[arg-type]
+    fits = VmSpec("vm1", image.name, RES)
+    assert backend._plan(libvirt, warm_spec, fits, fake_image(tmp_path / "images"), "tcg", "me").how == "cold"
+    assert lines[-1] == (
+        "vm1: cold boot (libvirt warm starts need this machine's libvirt among the hosts (it makes templates))"
+    )
 
 
 @pytest.mark.skipif(shutil.which(qemu.QEMU_BINARY["x86_64"]) is None, reason="qemu-system-x86_64 not installed")

@@ -2,7 +2,9 @@
 OVMF, Debian's initramfs, cloud-init reading our NoCloud seed. The image is built on first use
 (the cloud variant: ``ttenv image build debian-12 --variant cloud``), booted through the local
 backend, and checked over SSH with strict host-key checking: our client key is accepted for the
-image's user, the host key is the one injected, password login is off and cloud-init reports done."""
+image's user, the host key is the one injected, password login is off and cloud-init reports done;
+a snapshot revert (``tt_vm_fresh``'s) works under both firmwares. Its warm starts:
+``test_warm_cloud``."""
 
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ def test_cloud_image_boots_from_its_own_boot_loader_with_our_seed(
     key_file = tmp_path / "id"
     key.write_private(key_file)
     started = time.monotonic()
-    env = backend.create_env(EnvSpec("CLOUD", (VmSpec("vm1", image.name, Resources(2, 512)),), key.public))
+    vms = (VmSpec("vm1", image.name, Resources(2, 512)),)
+    env = backend.create_env(EnvSpec("CLOUD", vms, key.public, boot="cold"))
     try:
         cmdline = Path(f"/proc/{env.vms[0].pid}/cmdline").read_bytes().split(b"\0")
         assert b"-kernel" not in cmdline and b"-initrd" not in cmdline  # the image's own GRUB boots it
@@ -69,6 +72,14 @@ def test_cloud_image_boots_from_its_own_boot_loader_with_our_seed(
             _check_guest(conn, vm.host_key, f"{env.id}-vm1", started)
             efi = conn.run("test -d /sys/firmware/efi").ok
             assert efi == (firmware == "uefi")
+            backend.snapshot(env.id, "vm1", "fresh")  # tt_vm_fresh's: UEFI's variable store is qcow2 for it
+            conn.run("touch ~/dirty", check=True)
+        finally:
+            conn.close()
+        backend.revert(env.id, "vm1", "fresh")
+        conn = Connection(target(vm, key_file))
+        try:
+            assert conn.run("test ! -e ~/dirty", timeout=120).ok
         finally:
             conn.close()
         _check_password_login_refused(vm.port, vm.host_key, tmp_path)

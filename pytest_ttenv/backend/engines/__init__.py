@@ -14,7 +14,8 @@ the image store (``backend.images``): an image is handed to them as ``ImageInfo`
   ``identity`` (the guest identity agent's channel), ``statecat`` (a saved state streamed into qemu,
   verified), ``deferred`` (VMs started once what they wait for is made);
 - ``libvirt`` (the libvirt engine), ``libvirt_place`` (its hosts, placement), ``libvirt_xml`` (its
-  XML), ``virt`` (the only importer of libvirt-python);
+  XML, libvirt's save-image header), ``libvirt_upload`` (files copied once to a host, verified),
+  ``libvirt_warm`` (its warm starts), ``virt`` (the only importer of libvirt-python);
 - shared: ``accel`` (KVM or TCG, boot timeouts), ``seed`` (host keys and the NoCloud seed ISO),
   ``console`` (console tails safe to print, capped logs), ``net`` (host ports, the SSH banner probe).
 """

@@ -116,6 +116,8 @@ class Identity:
     user: str
     authorized_key: str
     host_key: KeyPair
+    instance_id: str = ""  # the instance-id in the VM's seed: a cloud-init guest's instance becomes this one
+    user_data: str = ""  # the user-data in the VM's seed: what cloud-init's cached cloud-config becomes
 
     def to_dict(self) -> dict[str, str]:
         return {
@@ -125,6 +127,8 @@ class Identity:
             "authorized_key": self.authorized_key,
             "host_key": self.host_key.private,
             "host_key_pub": self.host_key.public,
+            "instance_id": self.instance_id,
+            "user_data": self.user_data,
         }
 
     @classmethod
@@ -135,12 +139,17 @@ class Identity:
             data["user"],
             data["authorized_key"],
             KeyPair(data["host_key"], data["host_key_pub"]),
+            data.get("instance_id", ""),
+            data.get("user_data", ""),
         )
 
 
 def apply_identity(sock: Path, ident: Identity, timeout: float, what: str) -> None:
     """Make the restored VM behind ``sock`` its own machine: entropy and a CRNG reseed, the clock
-    set to now, hostname, machine-id, host key, and ``authorized_key`` as the only login."""
+    set to now, hostname, machine-id, host key, and ``authorized_key`` as the only login; with an
+    ``instance_id``, a cloud-init guest's record of its instance moved to that id, its cached
+    cloud-config made ``user_data`` (an agent of protocol 2 that predates them ignores both)."""
+    extra = {"instance_id": ident.instance_id, "user_data": ident.user_data} if ident.instance_id else {}
     agent_request(
         sock,
         "identity",
@@ -154,6 +163,7 @@ def apply_identity(sock: Path, ident: Identity, timeout: float, what: str) -> No
         host_key_pub=ident.host_key.public + "\n",
         user=ident.user,
         authorized_keys=ident.authorized_key + "\n",
+        **extra,
     )
 
 

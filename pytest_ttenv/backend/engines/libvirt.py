@@ -19,7 +19,7 @@ Snapshots are libvirt internal snapshots (memory and disk, in the overlay). Dele
 destroys the domain, deletes its volumes, then undefines it (the domain is the record that owns
 them). A host that cannot be reached reports its VMs ``stopped`` with the reason; deleting them
 succeeds and leaves their remains to ``gc``, which sweeps the hosts once they answer
-(``<state>/libvirt-pending.json`` remembers which). No warm start yet: every VM boots cold.
+(``<state>/libvirt-pending.json`` remembers which). Warm starts: ``libvirt_warm``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
-import io
+import functools
 import json
 import re
 import socket
@@ -41,9 +40,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pytest_ttenv.backend.engines import qemu
-from pytest_ttenv.backend.engines.base import Boot, Start, host_label
+from pytest_ttenv.backend.engines.base import Boot, Start, host_label, waiting
 from pytest_ttenv.backend.engines.console import tail_text
 from pytest_ttenv.backend.engines.libvirt_place import Capacity, Host, parse_hosts, place
+from pytest_ttenv.backend.engines.libvirt_upload import upload_once
+from pytest_ttenv.backend.engines.libvirt_warm import LibvirtWarm
 from pytest_ttenv.backend.engines.libvirt_xml import (
     NS,
     DomainConfig,
@@ -54,16 +55,17 @@ from pytest_ttenv.backend.engines.libvirt_xml import (
     volume_xml,
 )
 from pytest_ttenv.backend.engines.net import ssh_banner
+from pytest_ttenv.backend.engines.templates import Template
 from pytest_ttenv.backend.engines.virt import (
     NO_SNAPSHOT,
     START_HINT,
-    VOLUME_EXISTS,
     Conn,
     HostDown,
     Pool,
     VirtError,
     open_conn,
 )
+from pytest_ttenv.backend.engines.warm import template_budget
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
 from pytest_ttenv.errors import BootError, NotFound, TTError
 
@@ -72,7 +74,7 @@ POOL_PATH = "/var/lib/libvirt/ttenv"
 PENDING_FILE = "libvirt-pending.json"
 OPEN_TIMEOUT = 20.0
 DOWN_FOR = 10.0  # after a failed connect, the host counts as down this long without retrying
-_VOLUME_OF_VM = re.compile(r"^(ttenv-[0-9a-f]{12}-.+?)-(disk\.qcow2|seed\.iso|console\.log(\.\d+)?)$")
+_VOLUME_OF_VM = re.compile(r"^(ttenv-[0-9a-f]{12}-.+?)-(disk\.qcow2|seed\.iso|restore\.save|console\.log(\.\d+)?)$")
 _RUNS = {1, 2, 3, 4, 7}  # running, blocked, paused (snapshot in progress), shutting down, pm-suspended
 _SHUTOFF_WHY = {
     1: "the guest powered off",
@@ -124,6 +126,7 @@ class LibvirtEngine:
         self._down: dict[str, tuple[float, str]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self.warm = LibvirtWarm(self.hosts, self.conn, self._pool, self._lock, self.progress, self.machine)
 
     # -- hosts ---------------------------------------------------------------------------------
     def _host(self, uri: str) -> Host:
@@ -204,20 +207,45 @@ class LibvirtEngine:
         return vm.address if self._host(vm.host).remote else self._probe_addr
 
     def plan(self, spec: EnvSpec, vm: VmSpec, image: ImageInfo, accel: str, owner: str) -> Boot:
-        if spec.boot != "warm":
-            return Boot("cold", "cold requested")
-        return Boot("cold", "the libvirt engine has no warm start yet")
+        return self.warm.plan(spec, vm, image, accel, owner)
 
     # -- start ---------------------------------------------------------------------------------
     def start(self, jobs: Sequence[Start]) -> None:
-        """Each VM cold, in order, recorded once its domain runs."""
+        """Each VM cold, or warm from its template, in order, recorded once its domain runs; VMs
+        whose template does not exist yet wait (recorded with no console) while one thread per
+        template makes it, then start."""
+        later: dict[str, list[Start]] = {}
         for job in jobs:
-            self._start(job)
-            job.record()
-            where = f" on {host_label(job.info.host)}" if host_label(job.info.host) else ""
-            self.progress(f"{job.vm.name}: booting{where} ({job.accel}, ssh port {job.info.port})")
+            template = None
+            if job.boot.how == "warm":
+                why = self.warm.unusable(job, self._host(job.info.host))
+                if why:
+                    self.warm.cold_instead(job, why)
+                else:
+                    self.warm.keep_identity(job)
+                    template = self.warm.find(job.image, job.boot.key)
+                    if template is None:
+                        job.record()
+                        self.progress(f"{job.vm.name}: waiting for the warm template of {job.image.name}")
+                        later.setdefault(job.boot.key, []).append(job)
+                        continue
+            self._launch(job, template)
+        for key, group in later.items():
+            self.warm.later.after(f"template-{key}", group, functools.partial(self.warm.make, group[0]), self._resume)
 
-    def _start(self, job: Start) -> None:
+    def _resume(self, job: Start, template: Template | None, why: str) -> None:
+        if template is None:
+            self.warm.cold_instead(job, why)
+        self._launch(job, template)
+
+    def _launch(self, job: Start, template: Template | None) -> None:
+        self._start(job, template)
+        job.record()
+        where = f" on {host_label(job.info.host)}" if host_label(job.info.host) else ""
+        how = f"warm start from template {template.key}" if template is not None else "booting"
+        self.progress(f"{job.vm.name}: {how}{where} ({job.accel}, ssh port {job.info.port})")
+
+    def _start(self, job: Start, template: Template | None = None) -> None:
         host = self._host(job.info.host)
         conn = self.conn(host.uri)
         pool = self._pool(conn)
@@ -251,6 +279,10 @@ class LibvirtEngine:
             uefi=uefi,
             tcg_cx16=qemu.tcg_cx16_safe(image.arch),
         )
+        if template is not None:  # the warm VM's devices: its template's (libvirt_warm.blank_config)
+            meta["template"] = template.key
+            cfg = dataclasses.replace(cfg, metadata=meta, identity=True, genid=str(uuid.uuid4()))
+            disk = self.warm.backing(host, pool, template, disk)
         conn.define(domain_xml(cfg))  # first: the domain is the record that owns the volumes below
         pool.create(volume_xml(cfg.disk_volume, size, "qcow2", backing=disk), cfg.disk_volume)
         seed = job.seed.read_bytes()
@@ -263,7 +295,10 @@ class LibvirtEngine:
         for _attempt in range(5):
             info.boot_seconds = time.time()  # start time until wait_vm turns it into the boot duration
             try:
-                conn.start(name)
+                if template is not None:
+                    self.warm.restore(job, host, conn, pool, template, cfg)
+                else:
+                    conn.start(name)
                 return
             except VirtError as exc:
                 if "host forwarding" not in exc.message:
@@ -287,61 +322,10 @@ class LibvirtEngine:
         return path(image.disk) or "", path(image.kernel), path(image.initrd)
 
     def _upload_once(self, host: Host, pool: Pool, image: ImageInfo, file: str) -> str:
-        """The path on the host of image file ``file``: uploaded and verified if no complete copy
-        is there. A copy another process is uploading is waited for (as long as an upload at
-        2 MiB/s would take, at least 2 minutes); one left incomplete by a dead upload is replaced."""
-        src = image.file(file)
+        """The path on the host of image file ``file``, uploaded once (``libvirt_upload``)."""
         vol = f"ttenv-img-{image.name}-{int(image.created)}-{file}"
-        mark = f"{vol}.sha256"
-        path = f"{pool.path}/{vol}"
         with self._lock(f"image {host.uri} {vol}"):
-            if pool.exists(mark):
-                return path
-            size = src.stat().st_size
-            try:
-                pool.create(volume_xml(vol, size), vol)
-            except VirtError as exc:
-                if exc.code != VOLUME_EXISTS:
-                    raise
-                deadline = time.monotonic() + max(120.0, size / (2 * 2**20))
-                self.progress(f"{image.name}: waiting for another upload of {file} to {host.label}")
-                while time.monotonic() < deadline:
-                    if pool.exists(mark):
-                        return path
-                    time.sleep(1.0)
-                self.progress(f"{image.name}: the copy of {file} on {host.label} is incomplete; uploading it again")
-                pool.delete(vol)
-                pool.create(volume_xml(vol, size), vol)
-            started = time.monotonic()
-            self.progress(f"{image.name}: copying {file} ({size / 2**20:.0f} MiB) to {host.label} (once)")
-            digest = hashlib.sha256()
-            try:
-                with open(src, "rb") as f:
-                    for chunk in pool.upload(vol, f, size):
-                        digest.update(chunk)
-                copy = hashlib.sha256()
-                for chunk in pool.download(vol):
-                    copy.update(chunk)
-            except BaseException:
-                with contextlib.suppress(TTError):
-                    pool.delete(vol)
-                raise
-            if copy.hexdigest() != digest.hexdigest():
-                pool.delete(vol)
-                got, want = copy.hexdigest()[:16], digest.hexdigest()[:16]
-                raise TTError(
-                    f"the copy of {image.name}/{file} on {host.label} does not match (sha256 {got} "
-                    f"!= {want}); nothing was kept",
-                    "retry",
-                )
-            text = f"{digest.hexdigest()}  {file}\n".encode()
-            pool.create(volume_xml(mark, len(text)), mark)
-            for _ in pool.upload(mark, io.BytesIO(text), len(text)):
-                pass
-            self.progress(
-                f"{image.name}: {file} copied to {host.label} in {time.monotonic() - started:.1f} s, sha256 verified"
-            )
-            return path
+            return upload_once(pool, host.label, image.file(file), vol, image.name, self.progress)
 
     # -- state ---------------------------------------------------------------------------------
     def dead(self, env: EnvInfo, vm: VmInfo) -> str | None:
@@ -361,10 +345,13 @@ class LibvirtEngine:
         return _SHUTOFF_WHY.get(reason, "its domain is shut off")
 
     def ready(self, env: EnvInfo, vm: VmInfo, timeout: float) -> bool:
+        if vm.boot == "warm":
+            dom = domain_name(env.id, vm.name)
+            return self.warm.ready(self.conn(vm.host), dom, Path(env.rundir) / vm.name, vm.name)
         return ssh_banner(self.probe_addr(vm), vm.port, timeout)
 
     def wait_budget(self, vm: VmInfo, boot_timeout: float) -> float:
-        return boot_timeout
+        return boot_timeout + (template_budget(boot_timeout) if waiting(vm) and vm.boot == "warm" else 0.0)
 
     def boot_failure(self, env: EnvInfo, vm: VmInfo, why: str) -> str:
         return f"VM {vm.name} died during boot ({why})"
@@ -409,6 +396,8 @@ class LibvirtEngine:
             if exc.code == NO_SNAPSHOT:
                 raise NotFound(f"VM {vm.name} has no snapshot named {name!r}", "snapshot it first") from None
             raise
+        if vm.boot == "warm":
+            self.warm.refresh(self.conn(vm.host), domain_name(env.id, vm.name), vm.name)
 
     def console(self, env: EnvInfo, vm: VmInfo, tail: int) -> str:
         try:
@@ -433,7 +422,17 @@ class LibvirtEngine:
         ``reap_strays`` (its ENV is not live)."""
 
     def reap_saved(self, images: Sequence[ImageInfo]) -> None:
-        """Nothing: no warm start, so no saved states."""
+        """Warm templates: here as the qemu engine's, and their copies on remote hosts."""
+        self.warm.reap(images, self._templates_in_use)
+
+    def _templates_in_use(self, conn: Conn) -> set[str]:
+        """Keys of the templates the ttenv domains of this machine on the host start from."""
+        used = set()
+        for name in conn.domains():
+            meta = _parse_meta(conn.metadata(name, NS)) if name.startswith("ttenv-") else None
+            if meta is not None and meta.get("machine") == self.machine and meta.get("template"):
+                used.add(meta["template"])
+        return used
 
     def reap_strays(self, state: Path, live: Callable[[str], bool]) -> None:
         """Sweep the configured hosts and those with leftovers of deletes they missed: remove

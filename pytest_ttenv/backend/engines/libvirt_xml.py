@@ -10,12 +10,13 @@ ttenv metadata (``NS``) naming this machine, state dir and ENV.
 from __future__ import annotations
 
 import json
+import struct
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_ttenv.backend.engines.base import GUEST_MAC
-from pytest_ttenv.backend.engines.qemu import UEFI_FIRMWARE
+from pytest_ttenv.backend.engines.qemu import IDENTITY_PORT, UEFI_FIRMWARE
 
 NS = "https://pytest-ttenv.invalid/libvirt/1"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -47,6 +48,10 @@ class DomainConfig:
     cmdline: str = ""
     uefi: bool = False
     tcg_cx16: bool = True
+    disk_file: str = ""  # set: the root disk is this file (a warm template's), not ``disk_volume``
+    seed_file: str = ""  # set: the seed is this file, not ``seed_volume``
+    identity: bool = False  # warm boot: the identity agent's virtio-serial channel (``IDENTITY_PORT``)
+    genid: str = ""  # warm boot (x86_64): the VM generation ID, a GUID new for every VM
 
 
 def domain_xml(cfg: DomainConfig) -> str:
@@ -56,6 +61,8 @@ def domain_xml(cfg: DomainConfig) -> str:
     dom = ET.Element("domain", type="kvm" if cfg.accel == "kvm" else "qemu")
     ET.SubElement(dom, "name").text = cfg.name
     ET.SubElement(dom, "uuid").text = cfg.uuid
+    if cfg.genid and x86:
+        ET.SubElement(dom, "genid").text = cfg.genid
     ET.SubElement(dom, "title").text = cfg.title
     meta = ET.SubElement(dom, "metadata")
     ET.SubElement(meta, f"{{{NS}}}vm", cfg.metadata)
@@ -88,17 +95,27 @@ def domain_xml(cfg: DomainConfig) -> str:
     ET.SubElement(dom, "on_reboot").text = "restart"
     ET.SubElement(dom, "on_crash").text = "destroy"
     dev = ET.SubElement(dom, "devices")
-    disk = ET.SubElement(dev, "disk", type="volume", device="disk")
+    disk = ET.SubElement(dev, "disk", type="file" if cfg.disk_file else "volume", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
-    ET.SubElement(disk, "source", pool=cfg.pool, volume=cfg.disk_volume)
+    if cfg.disk_file:
+        ET.SubElement(disk, "source", file=cfg.disk_file)
+    else:
+        ET.SubElement(disk, "source", pool=cfg.pool, volume=cfg.disk_volume)
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
-    seed = ET.SubElement(dev, "disk", type="volume", device="disk", snapshot="no")
+    seed = ET.SubElement(dev, "disk", type="file" if cfg.seed_file else "volume", device="disk", snapshot="no")
     ET.SubElement(seed, "driver", name="qemu", type="raw")
-    ET.SubElement(seed, "source", pool=cfg.pool, volume=cfg.seed_volume)
+    if cfg.seed_file:
+        ET.SubElement(seed, "source", file=cfg.seed_file)
+    else:
+        ET.SubElement(seed, "source", pool=cfg.pool, volume=cfg.seed_volume)
     ET.SubElement(seed, "target", dev="vdb", bus="virtio")
     ET.SubElement(seed, "readonly")
     serial = ET.SubElement(dev, "serial", type="file")
     ET.SubElement(serial, "source", path=cfg.console, append="on")  # survives a revert's qemu restart
+    if cfg.identity:  # libvirt picks the host socket's path; reached with virDomainOpenChannel
+        chan = ET.SubElement(dev, "channel", type="unix")
+        ET.SubElement(chan, "source", mode="bind")
+        ET.SubElement(chan, "target", type="virtio", name=IDENTITY_PORT)
     rng = ET.SubElement(dev, "rng", model="virtio")
     ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
     if x86:
@@ -152,3 +169,51 @@ def qcow2_virtual_size(path: Path) -> int:
 
 def domain_name(env_id: str, vm_name: str) -> str:
     return f"ttenv-{env_id}-{vm_name}"
+
+
+# libvirt's save image (virDomainSave): a 92-byte header (magic, version, data_len, was_running,
+# format, cookieOffset, 14 unused; native byte order), then data_len bytes (the domain XML and the
+# migration cookie, each NUL-terminated, zero-padded: libvirt leaves 64 KiB spare for an edited
+# XML), then qemu's migration stream.
+SAVE_MAGIC = b"LibvirtQemudSave"
+SAVE_HEADER = struct.Struct("=16s5I56x")
+
+
+@dataclass(frozen=True)
+class SaveImage:
+    """The parsed head of a libvirt save image."""
+
+    length: int  # bytes of header and data: where qemu's migration stream starts
+    xml: str
+    cookie: bytes
+    fields: tuple[int, int, int, int, int]  # version, data_len, was_running, format, cookieOffset
+
+
+def read_save_head(head: bytes) -> SaveImage:
+    """The head of a save image (at least its first 92 + data_len bytes); ValueError
+    if it is not a complete, raw (uncompressed) libvirt save image of version 2."""
+    if len(head) < SAVE_HEADER.size:
+        raise ValueError("too short for a libvirt save image")
+    magic, version, data_len, running, fmt, cookie_at = SAVE_HEADER.unpack_from(head)
+    if magic != SAVE_MAGIC or version != 2 or fmt != 0:
+        raise ValueError(f"not a complete raw libvirt save image (magic {magic!r}, version {version}, format {fmt})")
+    data = head[SAVE_HEADER.size : SAVE_HEADER.size + data_len]
+    if len(data) != data_len:
+        raise ValueError("its header is cut short")
+    xml_end = cookie_at or data_len
+    xml = data[:xml_end].split(b"\0", 1)[0].decode()
+    cookie = data[xml_end:].split(b"\0", 1)[0] if cookie_at else b""
+    return SaveImage(SAVE_HEADER.size + data_len, xml, cookie, (version, data_len, running, fmt, cookie_at))
+
+
+def save_head_with(image: SaveImage, xml: str) -> bytes:
+    """``image``'s head with the domain XML ``xml`` instead of its own: the same length, so it
+    replaces the first ``image.length`` bytes of a copy of the save image. ValueError if it does
+    not fit."""
+    version, data_len, running, fmt, _ = image.fields
+    body = xml.encode() + b"\0"
+    cookie = image.cookie + b"\0" if image.cookie else b""
+    if len(body) + len(cookie) > data_len:
+        raise ValueError(f"a domain XML of {len(body)} bytes does not fit the save image's {data_len}")
+    data = (body + cookie).ljust(data_len, b"\0")
+    return SAVE_HEADER.pack(SAVE_MAGIC, version, data_len, running, fmt, len(body) if cookie else 0) + data

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_ttenv.backend.engines.base import GUEST_MAC
-from pytest_ttenv.core.model import Resources
+from pytest_ttenv.core.model import ImageInfo, Resources
 from pytest_ttenv.core.paths import socket_dir
 from pytest_ttenv.errors import TTError
 
@@ -48,7 +48,7 @@ class QemuConfig:
     console: Path
     qmp: Path
     pidfile: Path
-    uefi_vars: Path | None = None  # UEFI boot: this VM's writable copy of the firmware variables
+    uefi_vars: Path | None = None  # UEFI boot: this VM's writable copy of the firmware variables (qcow2 if so named)
     tcg_cx16: bool = True  # False: hide CMPXCHG16B from x86_64 TCG guests (see tcg_cx16_safe)
     bind_addr: str = "127.0.0.1"  # host address the SSH port is forwarded on (a server: its listen address)
     identity: Path | None = None  # warm boot: unix socket of the virtio-serial port the identity agent serves
@@ -71,7 +71,8 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     networking with guest port 22 forwarded from ``bind_addr``:``port`` (the NIC's MAC: ``GUEST_MAC``),
     serial console to a file, QMP on a unix socket. TCG uses multi-threaded translation with a 64 MiB translation cache.
     Without a kernel the image's own boot loader runs under the firmware (SeaBIOS, or UEFI when
-    ``uefi_vars`` is given), booting from the root disk first. No NIC option ROM is loaded
+    ``uefi_vars`` is given: a ``.qcow2`` variable store is given to the pflash device as qcow2, so
+    ``savevm`` can snapshot it with the disk), booting from the root disk first. No NIC option ROM is loaded
     (iPXE: nothing network-boots, and it costs firmware time under emulation).
     Warm boot adds the identity agent's virtio-serial port, a VM generation ID (x86_64) and, for a
     VM started from a saved state, ``-incoming``.
@@ -146,7 +147,8 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     elif cfg.uefi_vars is not None:  # the image's own boot loader, under UEFI firmware
         code, _ = UEFI_FIRMWARE[cfg.arch]
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}"]
-        argv += ["-drive", f"if=pflash,format=raw,unit=1,file={cfg.uefi_vars}"]
+        fmt = "qcow2" if cfg.uefi_vars.suffix == ".qcow2" else "raw"
+        argv += ["-drive", f"if=pflash,format={fmt},unit=1,file={cfg.uefi_vars}"]
     # else: the image's own boot loader under the default BIOS (SeaBIOS boots virtio-blk)
     if cfg.incoming is not None:
         argv += ["-incoming", cfg.incoming]
@@ -161,12 +163,35 @@ UEFI_FIRMWARE = {
 UEFI_PACKAGE = {"x86_64": "ovmf", "aarch64": "qemu-efi-aarch64"}
 
 
-def uefi_vars_copy(arch: str, dest: Path) -> Path:
-    """A per-VM writable copy of the UEFI variable store for ``arch`` (TTError if not installed)."""
+def uses_uefi(image: ImageInfo) -> bool:
+    """Whether the image's own boot loader runs under UEFI firmware (no kernel given, and UEFI
+    asked for or the only firmware of its arch)."""
+    return image.kernel is None and (image.boot == "uefi" or image.arch == "aarch64")
+
+
+def require_uefi(arch: str) -> None:
+    """TTError, one line with the apt command, if there is no UEFI firmware for ``arch`` guests."""
     if arch not in UEFI_FIRMWARE or not Path(UEFI_FIRMWARE[arch][0]).exists():
         pkg = UEFI_PACKAGE.get(arch)
         raise TTError(f"no UEFI firmware for {arch} guests", f"apt-get install -y {pkg}" if pkg else None)
-    shutil.copyfile(UEFI_FIRMWARE[arch][1], dest)
+
+
+def uefi_vars_copy(arch: str, dest: Path, source: Path | None = None) -> Path:
+    """A per-VM writable copy (0600) of the UEFI variable store for ``arch``: the firmware's empty
+    one, or ``source`` (a warm template's). Written as qcow2 if ``dest`` ends in ``.qcow2`` (then
+    ``savevm`` snapshots it like the disk), else raw. TTError if the firmware is not installed."""
+    require_uefi(arch)
+    src = source or Path(UEFI_FIRMWARE[arch][1])
+    if dest.suffix != ".qcow2":
+        shutil.copyfile(src, dest)
+        dest.chmod(0o600)
+        return dest
+    fmt = "qcow2" if src.suffix == ".qcow2" else "raw"
+    argv = ["qemu-img", "convert", "-q", "-f", fmt, "-O", "qcow2", str(src), str(dest)]
+    res = subprocess.run(argv, capture_output=True, text=True, umask=PRIVATE_UMASK)
+    if res.returncode != 0:
+        raise TTError(f"cannot copy the UEFI variable store {src} to {dest}: {res.stderr.strip()}")
+    dest.chmod(0o600)
     return dest
 
 

@@ -4,7 +4,7 @@ the short runtime dir (``qemu.qmp_path``). Warm starts: ``qemu_warm``.
 
 Files in a VM's run dir: ``overlay.qcow2`` (linked clone of the image, or of a warm template's
 disk), ``console.log`` and ``qemu.log`` (capped: ``console.cap_log``), ``qemu.pid``, and for UEFI
-boot ``uefi-vars.fd``.
+boot ``uefi-vars.qcow2`` (its firmware variables: qcow2, so ``savevm`` snapshots them with the disk).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pytest_ttenv.backend.engines.console import cap_log, tail_file
 from pytest_ttenv.backend.engines.net import ssh_banner
 from pytest_ttenv.backend.engines.qemu import identity_path, qmp_path
 from pytest_ttenv.backend.engines.qemu_warm import WarmStarts
-from pytest_ttenv.backend.engines.templates import Template
+from pytest_ttenv.backend.engines.templates import UEFI_VARS, Template
 from pytest_ttenv.backend.engines.warm import qemu_config, template_budget
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
 from pytest_ttenv.core.paths import is_private_dir, runtime_candidates, runtime_dir
@@ -69,9 +69,6 @@ class _LogCapper:
                         cap_log(log)
                 except Exception:  # noqa: BLE001 - a vanished run dir: the VM is gone
                     continue
-
-
-_CAPPER = _LogCapper()
 
 
 _CAPPER = _LogCapper()
@@ -146,8 +143,9 @@ class QemuEngine:
         else:
             qemu.create_overlay(image.file(image.disk), overlay, job.vm.resources.disk_mib)
         uefi_vars = None
-        if image.kernel is None and (image.boot == "uefi" or image.arch == "aarch64"):
-            uefi_vars = qemu.uefi_vars_copy(image.arch, vmdir / "uefi-vars.fd")
+        if qemu.uses_uefi(image):  # qcow2, so savevm snapshots it (tt_vm_fresh); a warm VM's starts as its template's
+            source = template.uefi_vars if template is not None else None
+            uefi_vars = qemu.uefi_vars_copy(image.arch, vmdir / UEFI_VARS, source)
         for _attempt in range(5):
             cfg = qemu.QemuConfig(
                 name=f"{job.spec.name}/{job.vm.name}",
@@ -183,6 +181,7 @@ class QemuEngine:
                     vmgenid=str(uuid.uuid4()),
                     bind_addr=self.bind_addr,
                     incoming=template.incoming(),
+                    uefi_vars=uefi_vars,
                 )
             die = job.spec.owner_pid is not None and job.spec.die_with_owner
             proc = qemu.start(cfg, vmdir / "qemu.log", die_with_parent=die)

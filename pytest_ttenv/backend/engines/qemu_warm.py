@@ -20,6 +20,7 @@ from pytest_ttenv.backend.engines import qemu, warm
 from pytest_ttenv.backend.engines.base import Boot, Start
 from pytest_ttenv.backend.engines.deferred import StartLater
 from pytest_ttenv.backend.engines.identity import AGENT_TIMEOUT, Identity, apply_identity, refresh
+from pytest_ttenv.backend.engines.seed import read_seed_file, seed_instance_id
 from pytest_ttenv.backend.engines.templates import META, Template, TemplateStore, flock, remove_dir
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
 from pytest_ttenv.core.paths import write_private
@@ -38,9 +39,11 @@ class WarmStarts:
         """Warm, keyed by its template, if asked for and the image allows it; else cold, saying why."""
         if spec.boot != "warm":
             return Boot("cold", "cold requested")
-        why = warm.ineligible(image, vm.resources)
+        why = warm.ineligible(image, vm.resources, firmware=True, cloud_init=True)
         if not why:
             qemu.require(image.arch)  # said now, not by a background template maker
+            if qemu.uses_uefi(image):
+                qemu.require_uefi(image.arch)
             try:
                 inputs = warm.template_inputs(image, accel, vm.resources, owner)
             except (OSError, TTError) as exc:
@@ -104,7 +107,15 @@ class WarmStarts:
     @staticmethod
     def keep_identity(job: Start) -> None:
         """Keep what makes the VM its own machine once it runs (sent by ``ready``, then deleted)."""
-        ident = Identity(job.vm.name, job.machine_id, job.image.user, job.spec.client_pubkey, job.host_key)
+        ident = Identity(
+            job.vm.name,
+            job.machine_id,
+            job.image.user,
+            job.spec.client_pubkey,
+            job.host_key,
+            seed_instance_id(job.seed),  # a cloud-init guest takes over the template's instance as this one
+            read_seed_file(job.seed, "user-data"),
+        )
         with open(os.open(job.vmdir / "identity.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             json.dump(ident.to_dict(), f)
 

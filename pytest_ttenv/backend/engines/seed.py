@@ -35,6 +35,11 @@ class SeedData:
     mac: str = GUEST_MAC  # the MAC of the VM's NIC (qemu's argv sets the same)
 
 
+def instance_id(env_id: str, vm_name: str) -> str:
+    """The cloud-init instance-id in a VM's seed (a warm VM's cloud-init instance is renamed to it)."""
+    return f"{env_id}-{vm_name}"
+
+
 def cloud_hostname(name: str) -> str:
     """``name`` as a valid host name (RFC 1123 label): other characters become ``-``."""
     return re.sub(r"[^A-Za-z0-9-]", "-", name).strip("-")[:63] or "vm"
@@ -85,6 +90,30 @@ def seed_files(seed: SeedData) -> dict[str, str]:
         "ttenv/network": net,
         "ttenv/user": seed.user + "\n",
     } | ({"ttenv/resize": "1\n"} if seed.resize else {})
+
+
+def read_seed_file(iso_path: Path, name: str) -> str:
+    """The text of file ``name`` (e.g. ``user-data``) in a seed ISO ('' if it has none)."""
+    iso = pycdlib.PyCdlib()
+    iso.open(str(iso_path))
+    try:
+        buf = io.BytesIO()
+        try:
+            iso.get_file_from_iso_fp(buf, rr_path=f"/{name}")
+        except pycdlib.pycdlibexception.PyCdlibInvalidInput:
+            return ""
+        return buf.getvalue().decode()
+    finally:
+        iso.close()
+
+
+def seed_instance_id(iso_path: Path) -> str:
+    """The instance-id in a seed ISO's meta-data ('' if none)."""
+    for line in read_seed_file(iso_path, "meta-data").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "instance-id":
+            return value.strip()
+    return ""
 
 
 def write_seed_iso(seed: SeedData, dest: Path) -> None:

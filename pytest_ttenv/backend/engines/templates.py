@@ -2,6 +2,7 @@
 
     <image dir>/warm/<key>/disk.qcow2   the template's frozen disk (backing file: the image's disk)
                           /state        the migration stream: devices and RAM
+                          /uefi-vars.qcow2  a UEFI template's firmware variable store (each VM starts from a copy)
                           /meta.json    the key's inputs, sha256 of disk and state (written last)
                           /console.log  the template's boot log
                           /used         touched whenever a VM starts from it
@@ -36,6 +37,7 @@ from pytest_ttenv.core.model import ImageInfo
 from pytest_ttenv.errors import TTError
 
 META = "meta.json"
+UEFI_VARS = "uefi-vars.qcow2"
 UNUSED_DAYS = 7.0  # a template no VM started from for this long is deleted
 _verified: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256 seen this process
 
@@ -70,6 +72,11 @@ class Template:
     @property
     def state(self) -> Path:
         return self.path / "state"
+
+    @property
+    def uefi_vars(self) -> Path | None:
+        """The firmware variable store of a template that booted through UEFI, else None."""
+        return self.path / UEFI_VARS if "uefi_vars_sha256" in self.meta else None
 
     def incoming(self) -> str:
         """qemu's ``-incoming`` source: the state streamed through statecat, which verifies its
@@ -124,6 +131,13 @@ class TemplateStore:
             raise TTError(f"{what}: its disk fails its checksum")
         if size != template.meta.get("state_bytes"):
             raise TTError(f"{what}: its state is {size} bytes, not the {template.meta.get('state_bytes')} saved")
+        if template.uefi_vars is not None:
+            try:
+                vars_digest = sha256_file(template.uefi_vars)
+            except OSError as exc:
+                raise TTError(f"{what} is unreadable: {exc}") from None
+            if vars_digest != template.meta["uefi_vars_sha256"]:
+                raise TTError(f"{what}: its UEFI variable store fails its checksum")
 
     def remove(self, key: str) -> None:
         """Delete template ``key`` (VMs started from it keep their open files)."""
@@ -176,8 +190,12 @@ class TemplateStore:
             "state_sha256": sha256_file(work / "state"),
             "state_bytes": (work / "state").stat().st_size,
         }
+        sealed = ["disk.qcow2", "state", META]
+        if (work / UEFI_VARS).exists():
+            meta["uefi_vars_sha256"] = sha256_file(work / UEFI_VARS)
+            sealed.append(UEFI_VARS)
         (work / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        for name in ("disk.qcow2", "state", META):
+        for name in sealed:
             (work / name).chmod(0o400)
             with open(work / name, "rb") as f:
                 os.fsync(f.fileno())

@@ -210,6 +210,34 @@ class Conn:
             if exc.code != NO_DOMAIN:
                 raise
 
+    def create_transient(self, xml: str) -> None:
+        """Create and start a transient domain (gone once it stops)."""
+        self._call("creating a domain", lambda: self._c.createXML(xml, 0))
+
+    def save(self, name: str, path: str) -> None:
+        """virDomainSave: the running domain's memory and devices into the file ``path`` on the
+        host (libvirt's save image); the domain stops (a transient one is gone)."""
+        dom = self._dom(name)
+        self._call(f"saving domain {name}", lambda: dom.save(path))
+
+    def restore(self, path: str) -> None:
+        """virDomainRestore from the save image ``path`` on the host: the domain its header names
+        runs (a defined domain of that name and UUID runs as itself)."""
+        self._call(f"restoring {path}", lambda: self._c.restore(path))
+
+    def versions(self) -> tuple[int, int]:
+        """(hypervisor version, libvirt version) of the host, as libvirt numbers them."""
+        return int(self._call("getVersion", lambda: self._c.getVersion())), int(
+            self._call("getLibVersion", lambda: self._c.getLibVersion())
+        )
+
+    def channel(self, name: str, port: str) -> Channel:
+        """A non-blocking stream to the host end of the domain's channel ``port`` (its target name)."""
+        dom = self._dom(name)
+        stream = self._call("opening a stream", lambda: self._c.newStream(self._lv.VIR_STREAM_NONBLOCK))
+        self._call(f"opening channel {port} of {name}", lambda: dom.openChannel(port, stream, 0))
+        return Channel(self, stream)
+
     def domains(self) -> list[str]:
         """Names of every domain, running or defined."""
         doms = self._call("listing domains", lambda: self._c.listAllDomains(0))
@@ -320,12 +348,19 @@ class Pool:
         info = self.conn._call(f"size of storage pool {self.name}", lambda: self._p.info())
         return int(info[1]), int(info[3])
 
-    def upload(self, name: str, src: IO[bytes], length: int, chunk: int = 1 << 20) -> Iterator[bytes]:
-        """Write ``length`` bytes from ``src`` into volume ``name`` from offset 0, yielding each
+    def clone(self, xml: str, name: str, source: str) -> str:
+        """Create volume ``name`` from its XML as a copy of volume ``source`` (made on the host);
+        returns its path."""
+        src = self._vol(source)
+        vol = self.conn._call(f"copying volume {source}", lambda: self._p.createXMLFrom(xml, src, 0))
+        return str(vol.path())
+
+    def upload(self, name: str, src: IO[bytes], length: int, chunk: int = 1 << 20, offset: int = 0) -> Iterator[bytes]:
+        """Write ``length`` bytes from ``src`` into volume ``name`` from ``offset``, yielding each
         chunk after it was sent (the caller may hash it). The stream is aborted on any failure."""
         vol = self._vol(name)
         stream = self.conn._call("opening a stream", lambda: self.conn._c.newStream(0))
-        self.conn._call(f"uploading to volume {name}", lambda: vol.upload(stream, 0, length, 0))
+        self.conn._call(f"uploading to volume {name}", lambda: vol.upload(stream, offset, length, 0))
         done = False
         try:
             sent = 0
@@ -368,3 +403,29 @@ class Pool:
                     stream.abort()
                 except Exception:  # noqa: BLE001 - the download was cut short
                     pass
+
+
+class Channel:
+    """A non-blocking stream to a domain's channel (``Conn.channel``)."""
+
+    def __init__(self, conn: Conn, stream: Any) -> None:
+        self.conn = conn
+        self._s = stream
+
+    def send(self, data: bytes) -> int:
+        """Bytes of ``data`` sent now (0: try again later)."""
+        n = int(self.conn._call("writing to a channel", lambda: self._s.send(data)))
+        return max(n, 0)
+
+    def recv(self, size: int) -> bytes | None:
+        """Bytes the guest sent; None if none yet; b'' once the channel closed."""
+        data = self.conn._call("reading a channel", lambda: self._s.recv(size))
+        if isinstance(data, bytes):
+            return data
+        return None if data == -2 else b""
+
+    def close(self) -> None:
+        try:
+            self._s.abort()
+        except Exception:  # noqa: BLE001 - closing a stream that failed or ended
+            pass

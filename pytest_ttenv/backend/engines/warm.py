@@ -2,16 +2,22 @@
 
 A *template* is made once per image identity, arch, accelerator, vCPUs, memory, qemu version,
 qemu device set, identity agent and owner (the inputs of its key): a VM of the image is booted
-cold, the identity agent (``guest/ttenv-identity``, ``identity``) started in it over SSH with a
-provisioning key used only then, SSH access sealed (no authorized key, no session left), its state
-migrated into a file, and qemu quits. It lives next to the image and goes with it (``ttenv image
-rm``, a rebuild): ``templates`` holds the store (layout, lock, atomic install, checks, reaping).
+cold (through its firmware and boot loader if it has no kernel of ours; a UEFI one with a qcow2
+variable store that the template keeps), cloud-init, if the image has it, waited for until its
+first boot is done, the identity agent (``guest/ttenv-identity``, ``identity``) started in it
+over SSH (as root, or through sudo) with a provisioning key used only then, SSH access sealed (no
+authorized key, no session left), its state migrated into a file, and qemu quits. It lives next
+to the image and goes with it (``ttenv image rm``, a rebuild): ``templates`` holds the store
+(layout, lock, atomic install, checks, reaping).
 
 Each warm VM gets a linked clone of the frozen disk (image <- template disk <- VM overlay) and a
 qemu started with ``-incoming`` from the state, then, before anyone uses it, its own identity sent
 over the virtio-serial port the agent serves: hostname, machine-id, SSH host key, the client's
 authorized key, the wall clock, and fresh entropy with a CRNG reseed (plus a new VM generation ID,
-which kernels with the vmgenid driver reseed on). ``qemu_warm`` does that for the qemu engine.
+which kernels with the vmgenid driver reseed on); in a cloud-init guest, cloud-init's record of
+the template's instance becomes the VM's (its instance-id is the one in the VM's seed), so a
+reboot is the same instance and no per-instance module runs again. A UEFI VM starts from a copy of
+the template's variable store. ``qemu_warm`` does that for the qemu engine.
 
 The state holds nothing of any client: the provisioning key's private half never leaves the
 process that makes the template, and its public half is removed before the state is saved. The
@@ -27,6 +33,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import time
@@ -38,11 +45,11 @@ from typing import Any
 from pytest_ttenv.backend.engines import identity as agent
 from pytest_ttenv.backend.engines import qemu
 from pytest_ttenv.backend.engines.base import machine_cmdline
-from pytest_ttenv.backend.engines.console import tail_file
+from pytest_ttenv.backend.engines.console import clean_text, tail_file
 from pytest_ttenv.backend.engines.identity import AGENT_PATH, AGENT_TIMEOUT, agent_request, agent_source
 from pytest_ttenv.backend.engines.net import free_port, ssh_banner
 from pytest_ttenv.backend.engines.seed import SeedData, write_seed_iso
-from pytest_ttenv.backend.engines.templates import Template, TemplateStore, image_identity
+from pytest_ttenv.backend.engines.templates import UEFI_VARS, Template, TemplateStore, image_identity
 from pytest_ttenv.core.keys import KeyPair
 from pytest_ttenv.core.model import ImageInfo, Resources
 from pytest_ttenv.core.paths import runtime_dir
@@ -60,13 +67,20 @@ def template_budget(boot_limit: float) -> float:
     return 2 * boot_limit + 60
 
 
-def ineligible(image: ImageInfo, res: Resources) -> str:
-    """Why VMs of ``image`` with ``res`` cannot start warm, or '' if they can."""
-    if image.access != "ttenv":
+def ineligible(image: ImageInfo, res: Resources, *, firmware: bool = False, cloud_init: bool = False) -> str:
+    """Why VMs of ``image`` with ``res`` cannot start warm, or '' if they can. The caller says what
+    its warm starts can do beyond direct-kernel images ttenv built: ``firmware`` (an image's own
+    boot loader under SeaBIOS or UEFI, with a per-VM copy of the template's variable store) and
+    ``cloud_init`` (images set up by cloud-init, ours or a vendor's, pulled or imported: the
+    template waits for cloud-init's first boot, each VM takes over its instance, and logs in
+    through sudo). The qemu engine can do both."""
+    if image.access != "ttenv" and not cloud_init:
         return f"{image.name} is set up by {image.access}; warm starts need an image ttenv built"
-    if image.kernel is None or image.initrd is None:
+    if (image.kernel is None or image.initrd is None) and not firmware:
         return f"{image.name} boots through firmware; warm starts need direct kernel boot"
-    if image.user != "root":
+    if image.user != "root" and not (cloud_init and image.access == "cloud-init"):
+        if cloud_init:
+            return f"{image.name} logs in as {image.user} without cloud-init's sudo; warm starts need root or sudo"
         return f"{image.name} logs in as {image.user}; warm starts need root"
     if res.disk_mib > image.disk_mib:
         return f"a disk larger than the image's ({res.disk_mib} > {image.disk_mib} MiB) needs a cold boot"
@@ -89,10 +103,12 @@ def qemu_config(
     vmgenid: str,
     bind_addr: str = "127.0.0.1",
     incoming: str | None = None,
+    uefi_vars: Path | None = None,
 ) -> qemu.QemuConfig:
     """The qemu config of a template or of a warm VM: one function, so both have one device set.
-    ``cmdline``: the kernel's (a VM's own machine-id on it, so a reboot keeps it)."""
-    assert image.kernel is not None and image.initrd is not None  # ineligible() said so
+    ``cmdline``: the kernel's for direct boot (a VM's own machine-id on it, so a reboot keeps it);
+    without a kernel the image's boot loader runs under its firmware (``uefi_vars``: the variable
+    store, for an image that boots through UEFI)."""
     return qemu.QemuConfig(
         name=name,
         arch=image.arch,
@@ -100,14 +116,15 @@ def qemu_config(
         resources=res,
         disk=disk,
         seed=seed,
-        kernel=image.file(image.kernel),
-        initrd=image.file(image.initrd),
+        kernel=image.file(image.kernel) if image.kernel else None,
+        initrd=image.file(image.initrd) if image.initrd else None,
         cmdline=cmdline,
         port=port,
         console=rundir / "console.log",
         qmp=qmp,
         pidfile=rundir / "qemu.pid",
         tcg_cx16=qemu.tcg_cx16_safe(image.arch),
+        uefi_vars=uefi_vars,
         bind_addr=bind_addr,
         identity=identity,
         vmgenid=vmgenid,
@@ -132,6 +149,7 @@ def template_inputs(image: ImageInfo, accel: str, res: Resources, owner: str) ->
             identity=x,
             cmdline=machine_cmdline(image, "0"),
             vmgenid="0",
+            uefi_vars=x.with_suffix(".qcow2") if qemu.uses_uefi(image) else None,
         )
     )
     return {
@@ -188,6 +206,7 @@ def make_template(
             SeedData("ttenv-template", f"template-{key}", image.user, login.public, host_key), work / "seed.iso"
         )
         qmp, ident = sockets / "qmp", sockets / "identity"
+        uefi_vars = qemu.uefi_vars_copy(image.arch, work / UEFI_VARS) if qemu.uses_uefi(image) else None
         for _attempt in range(5):
             port = free_port(what="a template VM")
             cfg = qemu_config(
@@ -203,6 +222,7 @@ def make_template(
                 identity=ident,
                 cmdline=machine_cmdline(image, secrets.token_hex(16)),
                 vmgenid=str(uuid.uuid4()),
+                uefi_vars=uefi_vars,
             )
             proc = qemu.start(cfg, work / "qemu.log", die_with_parent=True)
             if _wait_banner_or_exit(proc, port, boot_timeout, image.name):
@@ -214,7 +234,7 @@ def make_template(
         else:
             raise TTError(f"no usable host port for the template VM of {image.name} after 5 tries")
         what = f"template of {image.name}"
-        _provision(port, image.user, login, host_key.public, agent_source(), AGENT_TIMEOUT, what)
+        provision(port, image.user, login, host_key.public, agent_source(), boot_timeout, what)
         deadline = time.monotonic() + AGENT_TIMEOUT
         while True:  # the agent needs a moment to start; the socket answers once it serves the port
             try:
@@ -255,15 +275,25 @@ def _wait_banner_or_exit(proc: subprocess.Popen[bytes], port: int, timeout: floa
     raise BootError(f"the template VM of {image} did not answer SSH within {timeout:.0f} s")
 
 
-def _provision(port: int, user: str, login: KeyPair, host_key: str, source: str, timeout: float, what: str) -> None:
-    """Over SSH (strict host key): put the agent into the guest's /run and start it as a unit."""
+def provision(port: int, user: str, login: KeyPair, host_key: str, source: str, timeout: float, what: str) -> None:
+    """Over SSH (strict host key): wait until cloud-init, if the image has it, has finished its
+    first boot (within ``timeout`` s: the saved state must not hold it half done), then put the
+    agent into the guest's /run and start it as a unit (through sudo for a user other than root)."""
+    settle = (
+        "if command -v cloud-init >/dev/null; then cloud-init status --wait >/dev/null; rc=$?; "
+        # 0: done; 2: done, with recoverable errors (cloud-init >= 23.4); else it failed
+        'if [ $rc != 0 ] && [ $rc != 2 ]; then echo "cloud-init did not finish: $(cloud-init status)" >&2; exit 1; fi; '
+        "fi"
+    )
     command = (
         f"command -v python3 >/dev/null || {{ echo 'no python3 in the guest' >&2; exit 1; }}; "
         f"cat > {AGENT_PATH} && chmod 0755 {AGENT_PATH} && "
         f"systemd-run --quiet --unit=ttenv-identity /usr/bin/python3 {AGENT_PATH}"
     )
+    if user != "root":
+        command = f"sudo -n /bin/sh -c {shlex.quote(command)}"
 
-    async def run() -> asyncssh.SSHCompletedProcess:
+    async def run() -> list[asyncssh.SSHCompletedProcess]:
         async with asyncssh.connect(
             "127.0.0.1",
             port,
@@ -272,13 +302,16 @@ def _provision(port: int, user: str, login: KeyPair, host_key: str, source: str,
             known_hosts=([asyncssh.import_public_key(host_key)], [], []),
             config=None,
             agent_path=None,
-            connect_timeout=timeout,
+            connect_timeout=AGENT_TIMEOUT,
         ) as conn:
-            return await conn.run(command, input=source, check=False, timeout=timeout)
+            settled = await conn.run(settle, check=False, timeout=timeout)
+            if settled.exit_status != 0:
+                return [settled]
+            return [settled, await conn.run(command, input=source, check=False, timeout=AGENT_TIMEOUT)]
 
     try:
-        result = asyncio.run(run())
+        results = asyncio.run(run())
     except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
         raise TTError(f"{what}: starting the identity agent over SSH failed: {exc}") from None
-    if result.exit_status != 0:
-        raise TTError(f"{what}: starting the identity agent failed: {str(result.stderr).strip()}")
+    if results[-1].exit_status != 0:
+        raise TTError(f"{what}: starting the identity agent failed: {clean_text(str(results[-1].stderr)).strip()}")

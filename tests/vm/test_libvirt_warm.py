@@ -1,0 +1,205 @@
+"""Warm starts of the libvirt engine against real libvirt hosts (tests/helpers/libvirt_hosts.py):
+a template made once on this machine's libvirt and VMs restored from it with their own identity,
+reset (``tt_vm_fresh``'s snapshot/revert); a remote host (qemu+ssh into a network namespace) that
+gets the template copied once, checked by sha256; gc of the copies; ``ttenv serve``.
+
+Without a libvirt host: tests/unit/test_libvirt_warm_unit.py."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_ttenv.access import target
+from pytest_ttenv.backend.engines.templates import TemplateStore
+from pytest_ttenv.backend.local import LocalBackend
+from pytest_ttenv.core.keys import KeyPair
+from pytest_ttenv.core.model import EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
+from pytest_ttenv.ssh import Connection
+
+from conftest import IMAGE_ROOT
+from helpers.leftovers import leftovers
+from helpers.libvirt_hosts import LibvirtHost, missing
+
+BOOT = 900.0  # seconds a VM may take to answer SSH here (TCG, 2 cores shared with other VMs)
+WAIT = 3 * BOOT  # the first ENV also makes the template (one cold boot, then the save)
+RES = Resources(1, 320)
+
+
+@pytest.fixture
+def hosts() -> Iterator[Callable[..., LibvirtHost]]:
+    """``hosts(remote=False)`` -> a started LibvirtHost; every one is killed and removed after the test."""
+    reason = missing()
+    if reason:
+        pytest.skip(f"no libvirt hosts here: {reason}")
+    made: list[LibvirtHost] = []
+    roots: list[Path] = []
+
+    def make(remote: bool = False) -> LibvirtHost:
+        root = Path(tempfile.mkdtemp(prefix="ttlv-", dir="/tmp"))
+        roots.append(root)
+        host = LibvirtHost(root, remote=remote)
+        made.append(host)
+        return host.start()
+
+    yield make
+    for host in made:
+        host.close()
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _ssh(vm: VmInfo, key: Path) -> Connection:
+    return Connection(target(vm, key), use_agent=False, connect_timeout=60)
+
+
+def _facts(vm: VmInfo, key: Path) -> list[str]:
+    """hostname, machine-id, seconds the guest clock is off, the host key's fingerprint line."""
+    conn = _ssh(vm, key)
+    try:
+        out = conn.run("hostname; cat /etc/machine-id; date +%s", timeout=120, check=True).stdout.split()
+    finally:
+        conn.close()
+    return [out[0], out[1], str(abs(int(out[2]) - time.time()) < 30)]
+
+
+@pytest.mark.vm
+def test_warm_vms_from_a_template_on_this_machines_libvirt(
+    tmp_path: Path, hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+) -> None:
+    (image,) = images("debian-12")
+    host = hosts()
+    state = tmp_path / "state"
+    said: list[str] = []
+    backend = LocalBackend(IMAGE_ROOT, state, engine="libvirt", libvirt_uris=[host.uri], progress=said.append)
+    key = KeyPair.generate("client")
+    key_file = tmp_path / "id"
+    key.write_private(key_file)
+    env = backend.create_env(EnvSpec("W1", (VmSpec("vm1", image.name, RES),), key.public, accel="tcg", boot="warm"))
+    try:
+        vm = backend.wait_vm("W1", "vm1", WAIT)
+        assert vm.boot == "warm", said
+        assert _facts(vm, key_file)[::2] == ["vm1", "True"]  # its name, and the clock set to now
+        backend.snapshot("W1", "vm1", "fresh")  # tt_vm_fresh: reset to the snapshot after each test
+        conn = _ssh(vm, key_file)
+        conn.run("touch /root/dirty", timeout=60, check=True)
+        conn.close()
+        backend.revert("W1", "vm1", "fresh")
+        conn = _ssh(vm, key_file)
+        assert not conn.run("test -e /root/dirty", timeout=120).ok
+        conn.close()
+        assert _facts(vm, key_file)[::2] == ["vm1", "True"]
+    finally:
+        backend.delete_env(env.id)
+
+    # the template is there now: two VMs start warm from it, each its own machine
+    said.clear()
+    started = time.monotonic()
+    vms = tuple(VmSpec(f"vm{i}", image.name, RES) for i in (1, 2))
+    env = backend.create_env(EnvSpec("W2", vms, key.public, accel="tcg", boot="warm"))
+    try:
+        up = [backend.wait_vm("W2", v.name, BOOT) for v in vms]
+        seconds = time.monotonic() - started
+        assert [v.boot for v in up] == ["warm", "warm"], said
+        assert not any("making a warm template" in line for line in said)
+        facts = [_facts(v, key_file) for v in up]
+        assert [f[0] for f in facts] == ["vm1", "vm2"] and facts[0][1] != facts[1][1]  # own name, machine-id
+        assert up[0].host_key != up[1].host_key  # and host key (the SSH above checked it strictly)
+        print(f"2 warm libvirt VMs ready {seconds:.1f} s after env add")
+        assert seconds < 120
+    finally:
+        backend.delete_env(env.id)
+    assert host.domains() == [] and host.volumes() == []
+    assert leftovers(state) == []
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_warm_vm_on_a_remote_host_gets_the_template_copied_once(
+    tmp_path: Path, hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+) -> None:
+    (image,) = images("debian-12")
+    a, b = hosts(), hosts(remote=True)
+    state = tmp_path / "state"
+    said: list[str] = []
+    uris = [f"{a.uri}#mem=100", f"{b.uri}#mem=2048"]  # nothing fits on A: the VMs go to B, A makes the template
+    backend = LocalBackend(IMAGE_ROOT, state, engine="libvirt", libvirt_uris=uris, progress=said.append)
+    key = KeyPair.generate("client")
+    key_file = tmp_path / "id"
+    key.write_private(key_file)
+    env = backend.create_env(EnvSpec("R1", (VmSpec("vm1", image.name, RES),), key.public, accel="tcg", boot="warm"))
+    try:
+        vm = backend.wait_vm("R1", "vm1", WAIT)
+        assert (vm.boot, vm.host, vm.address) == ("warm", b.uri, b.addr), said
+        assert _facts(vm, key_file)[::2] == ["vm1", "True"]
+        copies = [v for v in b.volumes() if v.startswith("ttenv-tpl-")]
+        assert sorted(v.rsplit("-", 1)[-1] for v in copies) == [
+            "disk.qcow2",
+            "disk.qcow2.sha256",
+            "state",
+            "state.sha256",
+        ]
+        assert any("state" in line and "sha256 verified" in line for line in said)
+        backend.snapshot("R1", "vm1", "fresh")
+        backend.revert("R1", "vm1", "fresh")  # libvirt restarts qemu there: the template's copy backs it
+        assert _facts(vm, key_file)[::2] == ["vm1", "True"]
+    finally:
+        backend.delete_env(env.id)
+
+    said.clear()
+    started = time.monotonic()
+    env = backend.create_env(EnvSpec("R2", (VmSpec("vm2", image.name, RES),), key.public, accel="tcg", boot="warm"))
+    try:
+        vm = backend.wait_vm("R2", "vm2", BOOT)
+        seconds = time.monotonic() - started
+        assert vm.boot == "warm" and not any("copying" in line for line in said), said  # the copy is there
+        print(f"warm VM on the remote host ready {seconds:.1f} s after env add")
+        assert _facts(vm, key_file)[0] == "vm2"
+    finally:
+        backend.delete_env(env.id)
+
+    # gc: the copies there stay while this machine keeps the template; once it is gone, they go too
+    backend.gc()
+    assert [v for v in b.volumes() if v.startswith("ttenv-tpl-")] == copies
+    key_of = copies[0][len("ttenv-tpl-") :].split("-", 1)[0]
+    TemplateStore(image).remove(key_of)
+    backend.gc()
+    assert [v for v in b.volumes() if v.startswith("ttenv-tpl-")] == []
+    assert a.domains() == [] and b.domains() == [] and leftovers(state) == []
+
+
+@pytest.mark.vm
+def test_server_starts_libvirt_vms_warm(
+    tmp_path: Path, hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+) -> None:
+    """ttenv serve --engine libvirt: a warm ENV through the API (the server makes the template)."""
+    from helpers.server import image_dir_with, start_server
+
+    (image,) = images("debian-12")
+    host = hosts()
+    server = start_server(
+        tmp_path,
+        image_dir_with(tmp_path / "images", [image]),
+        options=["--engine", "libvirt", "--libvirt-uri", host.uri],
+    )
+    key = KeyPair.generate("client")
+    key_file = tmp_path / "id"
+    key.write_private(key_file)
+    try:
+        client = server.backend()
+        client.create_env(EnvSpec("SW", (VmSpec("vm1", image.name, RES),), key.public, boot="warm"))
+        vm = client.wait_vm("SW", "vm1", WAIT)
+        assert vm.boot == "warm"
+        assert _facts(vm, key_file)[::2] == ["vm1", "True"]
+        client.snapshot("SW", "vm1", "fresh")
+        client.revert("SW", "vm1", "fresh")
+        assert _facts(vm, key_file)[0] == "vm1"
+        client.delete_env("SW")
+        assert host.domains() == [] and host.volumes() == []
+    finally:
+        server.cleanup()
