@@ -1,14 +1,16 @@
-"""Shared fixtures: real Debian images (built once, cached in the user cache like CI does); and the
-folder rule (tests/helpers/layout.py): a VM test in tests/unit or a test without VMs in tests/vm
-fails the collection."""
+"""Shared fixtures: real Debian images (built once, cached in the user cache like CI does), real
+libvirt hosts (tests/helpers/libvirt_hosts.py); and the folder rule (tests/helpers/layout.py): a
+VM test in tests/unit or a test without VMs in tests/vm fails the collection."""
 
 from __future__ import annotations
 
 import os
 import platform
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -18,6 +20,9 @@ from pytest_ttenv.core.model import ImageInfo
 from pytest_ttenv.core.paths import image_dir
 
 from helpers.layout import misplaced
+
+if TYPE_CHECKING:
+    from helpers.libvirt_hosts import LibvirtHost
 
 HOST_ARCH = platform.machine()
 IMAGE_ROOT = image_dir()  # read before any test moves HOME (pytester does)
@@ -46,6 +51,32 @@ def images() -> Callable[..., list[ImageInfo]]:
         return ensure_images(store, names, progress=lambda line: print(line, flush=True))
 
     return get
+
+
+@pytest.fixture
+def libvirt_hosts() -> Iterator[Callable[..., LibvirtHost]]:
+    """``libvirt_hosts(remote=False)`` -> a started LibvirtHost; every one is killed and removed
+    after the test (skipped where libvirt hosts cannot be started)."""
+    from helpers.libvirt_hosts import LibvirtHost, missing  # here: test_test_folders runs this file without it
+
+    reason = missing()
+    if reason:
+        pytest.skip(f"no libvirt hosts here: {reason}")
+    made: list[LibvirtHost] = []
+    roots: list[Path] = []
+
+    def make(remote: bool = False) -> LibvirtHost:
+        root = Path(tempfile.mkdtemp(prefix="ttlv-", dir="/tmp"))  # short: libvirt's socket lives there
+        roots.append(root)
+        host = LibvirtHost(root, remote=remote)
+        made.append(host)
+        return host.start()
+
+    yield make
+    for host in made:
+        host.close()
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m/-k deselect: a misplaced test is reported however the run selects

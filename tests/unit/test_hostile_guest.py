@@ -35,6 +35,7 @@ from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmIn
 from pytest_ttenv.errors import TTError
 
 from helpers.guest import identity_agent
+from helpers.qemu_configs import warm_config
 
 NONCE = "ab" * 16
 
@@ -256,22 +257,7 @@ def test_console_logs_are_capped_and_the_writer_goes_on(tmp_path: Path) -> None:
 
 
 def test_qemu_console_chardev_appends(tmp_path: Path) -> None:
-    image = _image(tmp_path)
-    x = tmp_path / "x"
-    cfg = warm.qemu_config(
-        image,
-        "tcg",
-        Resources(),
-        name="e/vm",
-        disk=x,
-        seed=x,
-        port=2222,
-        rundir=tmp_path,
-        qmp=x,
-        identity=x,
-        cmdline="",
-        vmgenid="0",
-    )
+    cfg = warm_config(_image(tmp_path), tmp_path, Resources())
     assert f"file,id=console,path={tmp_path / 'console.log'},append=on" in qemu.build_argv(cfg)
 
 

@@ -1,9 +1,13 @@
 """The qemu command line built for a VM (pure)."""
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
-from pytest_ttenv.backend.engines.qemu import QemuConfig, build_argv
+import pytest
+
+from pytest_ttenv.backend.engines import qemu
+from pytest_ttenv.backend.engines.qemu import QemuConfig, build_argv, deferred_incoming, load_state
 from pytest_ttenv.core.model import Resources
 
 
@@ -103,3 +107,34 @@ def test_riscv64_tcg_direct_boot_through_opensbi() -> None:
     assert "-bios" not in argv  # qemu's default firmware for virt (OpenSBI) hands over to -kernel
     assert ("-kernel", "/img/vmlinuz") in itertools.pairwise(argv)
     assert "pvpanic-pci" in argv and "virtio-blk-pci,drive=root" in argv
+
+
+def test_a_template_writes_its_ram_to_a_shared_file_and_a_clone_maps_it_privately() -> None:
+    for arch, machine in (("x86_64", "q35"), ("aarch64", "virt"), ("riscv64", "virt")):
+        ram = Path("/img/warm/k/ram")
+        template = build_argv(replace(cfg(arch), ram_file=ram, ram_share=True))
+        assert ("-machine", f"{machine},memory-backend=ttenv.ram") in itertools.pairwise(template)
+        backend = "memory-backend-file,id=ttenv.ram,size=768M,mem-path=/img/warm/k/ram"
+        assert ("-object", f"{backend},share=on") in itertools.pairwise(template)
+        assert "-incoming" not in template
+        clone = replace(cfg(arch), ram_file=ram, incoming="exec:cat state")
+        argv = build_argv(clone)
+        assert ("-object", f"{backend},share=off") in itertools.pairwise(argv)
+        # the state is loaded by load_state once x-ignore-shared is set, not at once
+        assert ("-incoming", "defer") in itertools.pairwise(argv) and deferred_incoming(clone)
+    plain = replace(cfg(), incoming="exec:cat state")  # a template whose state holds its RAM
+    argv = build_argv(plain)
+    assert ("-incoming", "exec:cat state") in itertools.pairwise(argv) and not deferred_incoming(plain)
+    assert not any(a.startswith("memory-backend") for a in argv) and ("-machine", "q35") in itertools.pairwise(argv)
+    load_state(plain)  # nothing to do: qemu loads it itself (no monitor is asked)
+
+
+def test_qemu_shares_ram_from_version_5(monkeypatch: pytest.MonkeyPatch) -> None:
+    for line, why in (
+        ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", ""),
+        ("QEMU emulator version 5.0.0", ""),
+        ("QEMU emulator version 4.2.1", "qemu-system-x86_64 4.x cannot map a template's memory (needs qemu >= 5.0)"),
+        ("", "the version of qemu-system-x86_64 is unknown"),
+    ):
+        monkeypatch.setattr(qemu, "version", lambda arch, line=line: line)
+        assert qemu.shares_ram("x86_64") == why

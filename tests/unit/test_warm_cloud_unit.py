@@ -23,6 +23,8 @@ from pytest_ttenv.core.model import ImageInfo, Resources
 from pytest_ttenv.errors import TTError
 
 from helpers.guest import identity_agent
+from helpers.qcow2 import qcow2_header
+from helpers.qemu_configs import warm_config
 
 RES = Resources(cpu=2, mem_mib=512)
 
@@ -143,9 +145,9 @@ def test_identity_carries_what_the_vms_seed_tells_cloud_init(tmp_path: Path) -> 
 
 def test_a_uefi_template_keeps_its_variable_store_checked(tmp_path: Path) -> None:
     store = templates.TemplateStore(fake_image(tmp_path))
-    plain = install(store, "k1", {"disk.qcow2": b"disk", "state": b"state"})
+    plain = install(store, "k1", {"disk.qcow2": qcow2_header(), "state": b"state"})
     assert plain.uefi_vars is None and "uefi_vars_sha256" not in plain.meta
-    template = install(store, "k2", {"disk.qcow2": b"disk", "state": b"state", templates.UEFI_VARS: b"vars"})
+    template = install(store, "k2", {"disk.qcow2": qcow2_header(), "state": b"state", templates.UEFI_VARS: b"vars"})
     assert template.uefi_vars == template.path / templates.UEFI_VARS
     assert template.uefi_vars.stat().st_mode & 0o777 == 0o400
     store.verify(template)
@@ -158,23 +160,9 @@ def test_a_uefi_template_keeps_its_variable_store_checked(tmp_path: Path) -> Non
 def test_warm_firmware_boots_have_the_cold_device_set_plus_the_warm_devices(tmp_path: Path) -> None:
     bios = fake_image(tmp_path, kernel=None, initrd=None, boot="bios", access="cloud-init", user="debian")
     uefi = replace(bios, boot="uefi")
-    x = tmp_path / "x"
     for image, vars_ in ((bios, None), (uefi, tmp_path / templates.UEFI_VARS)):
-        cfg = warm.qemu_config(
-            image,
-            "tcg",
-            RES,
-            name="e/vm",
-            disk=x,
-            seed=x,
-            port=2222,
-            rundir=tmp_path,
-            qmp=x,
-            identity=x,
-            cmdline=machine_cmdline(image, "0"),
-            vmgenid="g",
-            incoming="exec:x",
-            uefi_vars=vars_,
+        cfg = warm_config(
+            image, tmp_path, RES, cmdline=machine_cmdline(image, "0"), vmgenid="g", incoming="exec:x", uefi_vars=vars_
         )
         argv = qemu.build_argv(cfg)
         joined = " ".join(argv)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from pytest_ttenv.backend.engines import identity, qemu, statecat, templates, warm
+from pytest_ttenv.backend.engines import deferred, identity, qemu, statecat, templates, warm
 from pytest_ttenv.backend.engines.base import Boot, Start, machine_cmdline
 from pytest_ttenv.backend.engines.deferred import StartLater
 from pytest_ttenv.backend.engines.libvirt import LibvirtEngine
@@ -34,6 +34,8 @@ from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmIn
 from pytest_ttenv.errors import TTError, UsageError
 
 from helpers.guest import identity_agent
+from helpers.qcow2 import qcow2_header
+from helpers.qemu_configs import warm_config
 
 RES = Resources(cpu=2, mem_mib=512)
 
@@ -182,12 +184,113 @@ def test_start_later_starts_waiting_vms_once_made_or_without_it(tmp_path: Path) 
     ]
 
 
+class _Warm:
+    """An engine's warm side for ``start_all``: templates are strings; ``found`` exist, the others
+    are made once ``go`` is set (``k3`` fails to be made)."""
+
+    def __init__(self, events: list[str], found: set[str]) -> None:
+        self.events, self.found, self.later, self.go = events, found, StartLater(), threading.Event()
+
+    def keep_identity(self, job: Start) -> None:
+        self.events.append(f"{job.vm.name}: identity kept")
+
+    def find(self, image: ImageInfo, key: str) -> str | None:
+        return f"template {key}" if key in self.found else None
+
+    def make(self, job: Start) -> str:
+        assert self.go.wait(10)
+        self.events.append(f"make {job.boot.key} for {job.vm.name}")
+        if job.boot.key == "k3":
+            raise TTError("no space left")
+        return f"new template {job.boot.key}"
+
+    def cold_instead(self, job: Start, why: str) -> None:
+        self.events.append(f"{job.vm.name}: cold instead ({why})")
+
+
+def test_start_all_launches_now_or_once_the_template_is_made_one_per_key(tmp_path: Path) -> None:
+    events: list[str] = []
+    launched = threading.Semaphore(0)
+
+    def job(name: str, boot: Boot) -> Start:
+        made = replace(_job(tmp_path / name, name, events), boot=boot)
+        made.record = lambda: events.append(f"{name}: recorded")
+        return made
+
+    def launch(job: Start, template: str | None) -> None:
+        events.append(f"{job.vm.name}: launch from {template}")
+        launched.release()
+
+    jobs = [
+        job("vm1", Boot("warm", "", "k1")),
+        job("vm2", Boot("cold", "cold requested")),
+        job("vm3", Boot("warm", "", "k2")),
+        job("vm4", Boot("warm", "", "k2")),
+        job("vm5", Boot("warm", "", "k3")),
+        job("vm6", Boot("warm", "", "k1")),
+    ]
+    said: list[str] = []
+    unusable = {"vm6": "its host runs another libvirt"}
+    warm_side = _Warm(events, {"k1"})
+    deferred.start_all(jobs, warm_side, launch, said.append, lambda job: unusable.get(job.vm.name, ""))
+    now = events[:]
+    warm_side.go.set()
+    assert now == [
+        "vm1: identity kept",
+        "vm1: launch from template k1",
+        "vm2: launch from None",
+        "vm3: identity kept",
+        "vm3: recorded",
+        "vm4: identity kept",
+        "vm4: recorded",
+        "vm5: identity kept",
+        "vm5: recorded",
+        "vm6: cold instead (its host runs another libvirt)",
+        "vm6: launch from None",
+    ]
+    assert said == [f"vm{i}: waiting for the warm template of debian-12-x86_64" for i in (3, 4, 5)]
+    for _ in range(6):  # vm1, vm2 and vm6 now; vm3, vm4 and vm5 on the starter thread
+        assert launched.acquire(timeout=10)
+    later = events[len(now) :]
+    k2 = [e for e in later if "k2" in e or e.startswith(("vm3", "vm4"))]
+    k3 = [e for e in later if "k3" in e or e.startswith("vm5")]
+    assert k2 == [
+        "make k2 for vm3",  # one template per key, made once for the VMs that wait for it
+        "vm3: resume on ttenv-starter",
+        "vm3: launch from new template k2",
+        "vm4: resume on ttenv-starter",
+        "vm4: launch from new template k2",
+    ]
+    assert k3 == [
+        "make k3 for vm5",
+        "vm5: resume on ttenv-starter",
+        "vm5: cold instead (no space left)",
+        "vm5: launch from None",
+    ]
+    assert sorted(k2 + k3) == sorted(later)
+
+
 def _installed(store: templates.TemplateStore, key: str) -> templates.Template:
     work = store.root / f".tmp-{key}-{os.getpid()}"
     work.mkdir(parents=True)
-    (work / "disk.qcow2").write_bytes(b"disk")
+    (work / "disk.qcow2").write_bytes(qcow2_header())
     (work / "state").write_bytes(b"state" * 1000)
     return store.install(work, key, {"image_id": templates.image_identity(store.image)}, time.time())
+
+
+def test_a_template_whose_image_disk_is_gone_is_refused_and_reaped(tmp_path: Path) -> None:
+    store = templates.TemplateStore(fake_image(tmp_path))
+    kept = _installed(store, "k1")
+    assert qemu.backing_file(kept.disk) is None
+    work = store.root / f".tmp-k2-{os.getpid()}"
+    work.mkdir()
+    (work / "disk.qcow2").write_bytes(qcow2_header(str(tmp_path / "gone" / "disk.qcow2")))
+    (work / "state").write_bytes(b"state")
+    orphan = store.install(work, "k2", {"image_id": templates.image_identity(store.image)}, time.time())
+    assert qemu.backing_file(orphan.disk) == str(tmp_path / "gone" / "disk.qcow2")
+    with pytest.raises(TTError, match=r"the image disk it was made from \(.*/gone/disk.qcow2\) is gone"):
+        store.verify(orphan)
+    assert [p.name for p in store.reap()] == ["k2"] and store.find("k1") == kept
 
 
 def test_store_installs_finds_verifies_and_reaps(tmp_path: Path) -> None:
@@ -234,6 +337,40 @@ def test_verify_catches_a_changed_disk_or_state(tmp_path: Path) -> None:
         f.write(b"!")
     with pytest.raises(TTError, match="its state is 5001 bytes, not the 5000 saved"):
         store.verify(template)
+
+
+def test_usable_templates_are_marked_used_and_the_others_removed_saying_so(tmp_path: Path) -> None:
+    store = templates.TemplateStore(fake_image(tmp_path))
+    said: list[str] = []
+    assert store.usable("k1", said.append) is None and said == []  # none yet
+    template = _installed(store, "k1")
+    assert not (template.path / "used").exists()
+    assert store.usable("k1", said.append) == template and (template.path / "used").exists() and said == []
+
+    def unreadable(template: templates.Template) -> None:
+        raise ValueError(f"{template.key}: a header that does not parse")
+
+    assert store.usable("k1", said.append, unreadable) is None
+    assert said == ["k1: a header that does not parse: removing it, a new one is made"] and store.find("k1") is None
+    template = _installed(store, "k2")
+    template.disk.chmod(0o600)
+    template.disk.write_bytes(b"DISK")
+    assert store.usable("k2", said.append) is None and store.find("k2") is None
+    assert said[1] == (
+        f"warm template k2 of {store.image.name}: its disk fails its checksum: removing it, a new one is made"
+    )
+
+
+def test_a_template_work_dir_is_new_empty_and_private(tmp_path: Path) -> None:
+    store = templates.TemplateStore(fake_image(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (store.root / f".tmp-k2-{dead.pid}").mkdir(parents=True)  # a process killed while making k2
+    work = store.workdir("k1")
+    (work / "left").write_text("by an earlier attempt of this process")
+    assert store.workdir("k1") == work == store.root / f".tmp-k1-{os.getpid()}"
+    assert list(work.iterdir()) == [] and work.stat().st_mode & 0o777 == 0o700
+    assert [p.name for p in store.root.iterdir()] == [work.name]
 
 
 def test_lock_timeout_names_what_it_waited_for(tmp_path: Path) -> None:
@@ -313,17 +450,10 @@ def test_boot_setting() -> None:
 
 def test_argv_of_a_warm_vm(tmp_path: Path) -> None:
     image = fake_image(tmp_path)
-    x = tmp_path / "x"
-    cfg = warm.qemu_config(
+    cfg = warm_config(
         image,
-        "tcg",
+        tmp_path,
         RES,
-        name="e/vm",
-        disk=x,
-        seed=x,
-        port=2222,
-        rundir=tmp_path,
-        qmp=x,
         identity=tmp_path / "vm.id",
         cmdline=machine_cmdline(image, "ab" * 16),
         vmgenid="g-u-i-d",
@@ -348,3 +478,35 @@ def test_the_server_passes_the_boot_mode_through() -> None:
     create = m.EnvCreate.model_validate(body | {"boot": "warm"})
     assert spec_of("e", [], "k", None, "auto", create.boot).boot == "warm"
     assert m.Vm.of(VmInfo("vm1", "i", "debian", "12", "x86_64", boot="warm")).boot == "warm"
+
+
+def test_shared_ram_is_part_of_the_key_and_the_ram_file_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = fake_image(tmp_path)
+    shared = warm.template_inputs(image, "tcg", RES, "alice")
+    monkeypatch.setenv("TTENV_SHARED_RAM", "0")
+    assert warm.ram_sharing("x86_64") == "TTENV_SHARED_RAM=0 turned it off"
+    plain = warm.template_inputs(image, "tcg", RES, "alice")
+    assert shared["shared_ram"] and not plain["shared_ram"]
+    assert warm.template_key(shared) != warm.template_key(plain)
+    assert "memory-backend=ttenv.ram" in " ".join(shared["argv"]) and "memory-backend" not in " ".join(plain["argv"])
+
+    store = templates.TemplateStore(image)
+    work = store.root / f".tmp-k1-{os.getpid()}"
+    work.mkdir(parents=True)
+    (work / "disk.qcow2").write_bytes(qcow2_header())
+    (work / "state").write_bytes(b"devices")
+    (work / templates.RAM).write_bytes(b"ram" * 1000)
+    template = store.install(work, "k1", shared, time.time())
+    assert (
+        template.ram == template.path / "ram"
+        and template.meta["ram_sha256"] == hashlib.sha256(b"ram" * 1000).hexdigest()
+    )
+    assert template.ram.stat().st_mode & 0o777 == 0o600  # qemu opens it read-write, even to map it private
+    store.verify(template)
+    with open(template.ram, "r+b") as f:
+        f.write(b"RAM")
+    with pytest.raises(TTError, match="its RAM file fails its checksum"):
+        store.verify(template)
+    assert _installed(store, "k2").ram is None  # a template whose state holds its RAM

@@ -8,69 +8,37 @@ tests/unit/test_libvirt_without_hosts.py."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pytest_ttenv.access import target
 from pytest_ttenv.backend.engines.libvirt import PENDING_FILE, LibvirtEngine
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.core.keys import KeyPair
 from pytest_ttenv.core.model import EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.errors import QuotaError
-from pytest_ttenv.ssh import Connection, HostKeyMismatch, SshError, fan_out
+from pytest_ttenv.ssh import HostKeyMismatch, SshError, fan_out
 
 from conftest import IMAGE_ROOT
 from helpers.leftovers import leftovers, port_free, qemu_pids_under
-from helpers.libvirt_hosts import LibvirtHost, missing
+from helpers.libvirt_hosts import LibvirtHost
+from helpers.vm_client import client_key, ssh
 
 BOOT = 900.0  # seconds a VM may take to answer SSH here (TCG, 2 cores shared with other VMs)
 
 
-# -- real hosts ----------------------------------------------------------------------------------
-@pytest.fixture
-def hosts() -> Iterator[Callable[..., LibvirtHost]]:
-    """``hosts(remote=False)`` -> a started LibvirtHost; every one is killed and removed after the test."""
-    reason = missing()
-    if reason:
-        pytest.skip(f"no libvirt hosts here: {reason}")
-    made: list[LibvirtHost] = []
-    roots: list[Path] = []
-
-    def make(remote: bool = False) -> LibvirtHost:
-        root = Path(tempfile.mkdtemp(prefix="ttlv-", dir="/tmp"))  # short: libvirt's socket lives there
-        roots.append(root)
-        host = LibvirtHost(root, remote=remote)
-        made.append(host)
-        return host.start()
-
-    yield make
-    for host in made:
-        host.close()
-    for root in roots:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _ssh(vm: VmInfo, key: Path) -> Connection:
-    return Connection(target(vm, key), use_agent=False, connect_timeout=60)
-
-
 @pytest.mark.vm
 def test_one_vm_through_libvirt_end_to_end(
-    tmp_path: Path, hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+    tmp_path: Path, libvirt_hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
 ) -> None:
     (image,) = images("debian-12")
-    host = hosts()
+    host = libvirt_hosts()
     state = tmp_path / "state"
     backend = LocalBackend(IMAGE_ROOT, state, engine="libvirt", libvirt_uris=[host.uri])
-    key = KeyPair.generate("client")
-    key_file = tmp_path / "id"
-    key.write_private(key_file)
+    key, key_file = client_key(tmp_path)
     env = backend.create_env(EnvSpec("LV", (VmSpec("vm1", image.name, Resources(1, 320)),), key.public, accel="tcg"))
     dom = f"ttenv-{env.id}-vm1"
     try:
@@ -86,11 +54,11 @@ def test_one_vm_through_libvirt_end_to_end(
         assert info["backing-filename"] == str(image.file(image.disk))  # a linked clone of the store's image
         assert info["actual-size"] < 0.05 * image.file(image.disk).stat().st_size
 
-        conn = _ssh(vm, key_file)
+        conn = ssh(vm, key_file)
         assert conn.run("hostname", timeout=120, check=True).stdout.strip() == "vm1"
         wrong = VmInfo(**(vm.to_dict() | {"host_key": KeyPair.generate("x").public, "resources": vm.resources}))
         with pytest.raises(HostKeyMismatch):  # strict host key: a VM presenting another key is refused
-            _ssh(wrong, key_file).run("true", timeout=60)
+            ssh(wrong, key_file).run("true", timeout=60)
 
         conn.run("echo TTENV-CONSOLE-CHECK > /dev/ttyS0", timeout=60, check=True)
         assert "TTENV-CONSOLE-CHECK" in backend.console("LV", "vm1", 20)
@@ -100,7 +68,7 @@ def test_one_vm_through_libvirt_end_to_end(
         conn.run("touch /root/after-snapshot", timeout=60, check=True)
         conn.close()
         backend.revert("LV", "vm1", "clean")
-        conn = _ssh(vm, key_file)
+        conn = ssh(vm, key_file)
         assert not conn.run("test -e /root/after-snapshot", timeout=120).ok  # the disk went back too
         assert "TTENV-CONSOLE-CHECK" in backend.console("LV", "vm1", 50)  # the console survives a revert
         conn.close()
@@ -116,17 +84,15 @@ def test_one_vm_through_libvirt_end_to_end(
 @pytest.mark.vm
 @pytest.mark.slow
 def test_env_spread_over_two_hosts_survives_losing_one(
-    tmp_path: Path, hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+    tmp_path: Path, libvirt_hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
 ) -> None:
     (image,) = images("debian-12")
-    a, b = hosts(), hosts(remote=True)
+    a, b = libvirt_hosts(), libvirt_hosts(remote=True)
     state = tmp_path / "state"
     said: list[str] = []
     uris = [f"{a.uri}#cpu=2&mem=1024", f"{b.uri}#cpu=2&mem=1024"]  # equal capacity: 2 VMs each
     backend = LocalBackend(IMAGE_ROOT, state, engine="libvirt", libvirt_uris=uris, progress=said.append)
-    key = KeyPair.generate("client")
-    key_file = tmp_path / "id"
-    key.write_private(key_file)
+    key, key_file = client_key(tmp_path)
     vms = tuple(VmSpec(f"vm{i}", image.name, Resources(1, 256)) for i in range(1, 5))
     env = backend.create_env(EnvSpec("SPREAD", vms, key.public, accel="tcg"))
     try:
@@ -136,7 +102,7 @@ def test_env_spread_over_two_hosts_survives_losing_one(
         assert {vm.address for vm in env.vms if vm.host == a.uri} == {"127.0.0.1"}
         assert sum("copying disk.qcow2" in line for line in said) == 1  # host B got the image once
         up = [backend.wait_vm("SPREAD", vm.name, BOOT) for vm in env.vms]
-        conns = [_ssh(vm, key_file) for vm in up]
+        conns = [ssh(vm, key_file) for vm in up]
         results = fan_out(conns, "hostname", timeout=120)
         assert {n: r.stdout.strip() for n, r in results.items() if not isinstance(r, SshError)} == {
             vm.name: vm.name for vm in up
@@ -157,7 +123,7 @@ def test_env_spread_over_two_hosts_survives_losing_one(
             else:
                 assert vm.state == "running", vm
         alive = [vm for vm in up if vm.host == a.uri]
-        conns = [_ssh(vm, key_file) for vm in alive]
+        conns = [ssh(vm, key_file) for vm in alive]
         assert all(not isinstance(r, SshError) and r.ok for r in fan_out(conns, "true", timeout=120).values())
         for conn in conns:
             conn.close()
@@ -180,14 +146,14 @@ def test_env_spread_over_two_hosts_survives_losing_one(
 
 @pytest.mark.vm
 def test_server_runs_the_libvirt_engine(
-    tmp_path: Path, hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+    tmp_path: Path, libvirt_hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
 ) -> None:
     """ttenv serve --engine libvirt: quotas from the host's (overridden) capacity, an ENV created and
     deleted through the API (deleted while booting: no boot needed), nothing left on the host."""
     from helpers.server import image_dir_with, start_server
 
     (image,) = images("debian-12")
-    host = hosts()
+    host = libvirt_hosts()
     server = start_server(
         tmp_path,
         image_dir_with(tmp_path / "images", [image]),

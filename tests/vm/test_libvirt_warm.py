@@ -7,60 +7,29 @@ Without a libvirt host: tests/unit/test_libvirt_warm_unit.py."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pytest_ttenv.access import target
 from pytest_ttenv.backend.engines.templates import TemplateStore
 from pytest_ttenv.backend.local import LocalBackend
-from pytest_ttenv.core.keys import KeyPair
 from pytest_ttenv.core.model import EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
-from pytest_ttenv.ssh import Connection
 
 from conftest import IMAGE_ROOT
 from helpers.leftovers import leftovers
-from helpers.libvirt_hosts import LibvirtHost, missing
+from helpers.libvirt_hosts import LibvirtHost
+from helpers.vm_client import client_key, ssh
 
 BOOT = 900.0  # seconds a VM may take to answer SSH here (TCG, 2 cores shared with other VMs)
 WAIT = 3 * BOOT  # the first ENV also makes the template (one cold boot, then the save)
 RES = Resources(1, 320)
 
 
-@pytest.fixture
-def hosts() -> Iterator[Callable[..., LibvirtHost]]:
-    """``hosts(remote=False)`` -> a started LibvirtHost; every one is killed and removed after the test."""
-    reason = missing()
-    if reason:
-        pytest.skip(f"no libvirt hosts here: {reason}")
-    made: list[LibvirtHost] = []
-    roots: list[Path] = []
-
-    def make(remote: bool = False) -> LibvirtHost:
-        root = Path(tempfile.mkdtemp(prefix="ttlv-", dir="/tmp"))
-        roots.append(root)
-        host = LibvirtHost(root, remote=remote)
-        made.append(host)
-        return host.start()
-
-    yield make
-    for host in made:
-        host.close()
-    for root in roots:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _ssh(vm: VmInfo, key: Path) -> Connection:
-    return Connection(target(vm, key), use_agent=False, connect_timeout=60)
-
-
 def _facts(vm: VmInfo, key: Path) -> list[str]:
     """hostname, machine-id, seconds the guest clock is off, the host key's fingerprint line."""
-    conn = _ssh(vm, key)
+    conn = ssh(vm, key)
     try:
         out = conn.run("hostname; cat /etc/machine-id; date +%s", timeout=120, check=True).stdout.split()
     finally:
@@ -70,27 +39,25 @@ def _facts(vm: VmInfo, key: Path) -> list[str]:
 
 @pytest.mark.vm
 def test_warm_vms_from_a_template_on_this_machines_libvirt(
-    tmp_path: Path, hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+    tmp_path: Path, libvirt_hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
 ) -> None:
     (image,) = images("debian-12")
-    host = hosts()
+    host = libvirt_hosts()
     state = tmp_path / "state"
     said: list[str] = []
     backend = LocalBackend(IMAGE_ROOT, state, engine="libvirt", libvirt_uris=[host.uri], progress=said.append)
-    key = KeyPair.generate("client")
-    key_file = tmp_path / "id"
-    key.write_private(key_file)
+    key, key_file = client_key(tmp_path)
     env = backend.create_env(EnvSpec("W1", (VmSpec("vm1", image.name, RES),), key.public, accel="tcg", boot="warm"))
     try:
         vm = backend.wait_vm("W1", "vm1", WAIT)
         assert vm.boot == "warm", said
         assert _facts(vm, key_file)[::2] == ["vm1", "True"]  # its name, and the clock set to now
         backend.snapshot("W1", "vm1", "fresh")  # tt_vm_fresh: reset to the snapshot after each test
-        conn = _ssh(vm, key_file)
+        conn = ssh(vm, key_file)
         conn.run("touch /root/dirty", timeout=60, check=True)
         conn.close()
         backend.revert("W1", "vm1", "fresh")
-        conn = _ssh(vm, key_file)
+        conn = ssh(vm, key_file)
         assert not conn.run("test -e /root/dirty", timeout=120).ok
         conn.close()
         assert _facts(vm, key_file)[::2] == ["vm1", "True"]
@@ -121,17 +88,15 @@ def test_warm_vms_from_a_template_on_this_machines_libvirt(
 @pytest.mark.vm
 @pytest.mark.slow
 def test_warm_vm_on_a_remote_host_gets_the_template_copied_once(
-    tmp_path: Path, hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+    tmp_path: Path, libvirt_hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
 ) -> None:
     (image,) = images("debian-12")
-    a, b = hosts(), hosts(remote=True)
+    a, b = libvirt_hosts(), libvirt_hosts(remote=True)
     state = tmp_path / "state"
     said: list[str] = []
     uris = [f"{a.uri}#mem=100", f"{b.uri}#mem=2048"]  # nothing fits on A: the VMs go to B, A makes the template
     backend = LocalBackend(IMAGE_ROOT, state, engine="libvirt", libvirt_uris=uris, progress=said.append)
-    key = KeyPair.generate("client")
-    key_file = tmp_path / "id"
-    key.write_private(key_file)
+    key, key_file = client_key(tmp_path)
     env = backend.create_env(EnvSpec("R1", (VmSpec("vm1", image.name, RES),), key.public, accel="tcg", boot="warm"))
     try:
         vm = backend.wait_vm("R1", "vm1", WAIT)
@@ -175,21 +140,19 @@ def test_warm_vm_on_a_remote_host_gets_the_template_copied_once(
 
 @pytest.mark.vm
 def test_server_starts_libvirt_vms_warm(
-    tmp_path: Path, hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+    tmp_path: Path, libvirt_hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
 ) -> None:
     """ttenv serve --engine libvirt: a warm ENV through the API (the server makes the template)."""
     from helpers.server import image_dir_with, start_server
 
     (image,) = images("debian-12")
-    host = hosts()
+    host = libvirt_hosts()
     server = start_server(
         tmp_path,
         image_dir_with(tmp_path / "images", [image]),
         options=["--engine", "libvirt", "--libvirt-uri", host.uri],
     )
-    key = KeyPair.generate("client")
-    key_file = tmp_path / "id"
-    key.write_private(key_file)
+    key, key_file = client_key(tmp_path)
     try:
         client = server.backend()
         client.create_env(EnvSpec("SW", (VmSpec("vm1", image.name, RES),), key.public, boot="warm"))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import json
 import re
 import socket
@@ -42,6 +41,7 @@ from urllib.parse import urlsplit
 from pytest_ttenv.backend.engines import qemu
 from pytest_ttenv.backend.engines.base import Boot, Start, host_label, waiting
 from pytest_ttenv.backend.engines.console import tail_text
+from pytest_ttenv.backend.engines.deferred import start_all
 from pytest_ttenv.backend.engines.libvirt_place import Capacity, Host, parse_hosts, place
 from pytest_ttenv.backend.engines.libvirt_upload import upload_once
 from pytest_ttenv.backend.engines.libvirt_warm import LibvirtWarm
@@ -213,30 +213,11 @@ class LibvirtEngine:
     def start(self, jobs: Sequence[Start]) -> None:
         """Each VM cold, or warm from its template, in order, recorded once its domain runs; VMs
         whose template does not exist yet wait (recorded with no console) while one thread per
-        template makes it, then start."""
-        later: dict[str, list[Start]] = {}
-        for job in jobs:
-            template = None
-            if job.boot.how == "warm":
-                why = self.warm.unusable(job, self._host(job.info.host))
-                if why:
-                    self.warm.cold_instead(job, why)
-                else:
-                    self.warm.keep_identity(job)
-                    template = self.warm.find(job.image, job.boot.key)
-                    if template is None:
-                        job.record()
-                        self.progress(f"{job.vm.name}: waiting for the warm template of {job.image.name}")
-                        later.setdefault(job.boot.key, []).append(job)
-                        continue
-            self._launch(job, template)
-        for key, group in later.items():
-            self.warm.later.after(f"template-{key}", group, functools.partial(self.warm.make, group[0]), self._resume)
-
-    def _resume(self, job: Start, template: Template | None, why: str) -> None:
-        if template is None:
-            self.warm.cold_instead(job, why)
-        self._launch(job, template)
+        template makes it, then start (``deferred.start_all``); a warm VM whose host cannot run its
+        template boots cold."""
+        start_all(
+            jobs, self.warm, self._launch, self.progress, lambda job: self.warm.unusable(job, self._host(job.info.host))
+        )
 
     def _launch(self, job: Start, template: Template | None) -> None:
         self._start(job, template)

@@ -160,20 +160,9 @@ class LibvirtWarm:
 
     # -- templates ---------------------------------------------------------------------------------
     def find(self, image: ImageInfo, key: str) -> Template | None:
-        """The complete, verified template ``key`` of ``image``, marked used; or None (none yet)."""
-        store = TemplateStore(image)
-        template = store.find(key)
-        if template is None:
-            return None
-        try:
-            store.verify(template)
-            self.head(template)
-        except (TTError, OSError, ValueError) as exc:
-            self.progress(f"{exc}: removing it, a new one is made")
-            store.remove(key)
-            return None
-        store.mark_used(template)
-        return template
+        """The complete, verified template ``key`` of ``image`` whose save image's header reads,
+        marked used; or None (none yet). A template that fails its checks is removed, saying so."""
+        return TemplateStore(image).usable(key, self.progress, self.head)
 
     def head(self, template: Template) -> SaveImage:
         """The parsed header of the template's save image (remembered while the file stays)."""
@@ -203,11 +192,7 @@ class LibvirtWarm:
         assert maker is not None  # plan() said so
         conn, image, accel = self.conn(maker.uri), store.image, str(inputs["accel"])
         started = time.time()
-        store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store.reap()
-        work = store.root / f".tmp-{key}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(mode=0o700)
+        work = store.workdir(key)
         name = f"ttenv-tpl-{key}-{os.getpid()}"
         what = f"template of {image.name}"
         self.progress(
@@ -277,7 +262,10 @@ class LibvirtWarm:
             raise
         mib = template.meta["state_bytes"] / 2**20
         secs = template.meta["seconds"]
-        self.progress(f"{image.name}: warm template {key} saved on libvirt after {secs:.0f} s ({mib:.0f} MiB state)")
+        self.progress(
+            f"{image.name}: warm template {key} saved on libvirt after {secs:.0f} s ({mib:.0f} MiB state; "
+            "each VM restores its own copy of the RAM: libvirt's restore cannot map a template's memory)"
+        )
         return template
 
     # -- one warm VM -------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from pytest_ttenv.errors import TTError
 
 QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64", "riscv64": "qemu-system-riscv64"}
 QEMU_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm", "riscv64": "qemu-system-misc"}
+RAM_ID = "ttenv.ram"  # the memory backend of a VM whose RAM is a file (VM templating)
+SHARED_RAM_QEMU = 5  # qemu major version from which a machine takes its RAM from -machine memory-backend=
 IDENTITY_PORT = "org.ttenv.identity"  # the virtio-serial port name the guest's identity agent serves
 _PR_SET_PDEATHSIG = 1
 PRIVATE_UMASK = 0o077  # qemu and qemu-img run with it: disks, console logs, pidfiles, saved states 0600
@@ -54,6 +56,8 @@ class QemuConfig:
     identity: Path | None = None  # warm boot: unix socket of the virtio-serial port the identity agent serves
     vmgenid: str | None = None  # warm boot (x86_64): the VM generation ID, a GUID new for every VM
     incoming: str | None = None  # warm boot: the migration stream to start from (``exec:...``)
+    ram_file: Path | None = None  # VM templating: guest RAM in this file (see build_argv) ...
+    ram_share: bool = False  # ... written through (a template) or mapped copy-on-write (a clone)
 
 
 def qmp_path(env_id: str, vm_name: str) -> Path:
@@ -75,7 +79,11 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     ``savevm`` can snapshot it with the disk), booting from the root disk first. No NIC option ROM is loaded
     (iPXE: nothing network-boots, and it costs firmware time under emulation).
     Warm boot adds the identity agent's virtio-serial port, a VM generation ID (x86_64) and, for a
-    VM started from a saved state, ``-incoming``.
+    VM started from a saved state, ``-incoming``. With ``ram_file`` the guest's RAM is that file
+    (``memory-backend-file``): ``ram_share`` maps it shared (a template writes its RAM there, and
+    its saved state leaves that RAM out), else private, copy-on-write (a clone of the template:
+    its RAM pages stay the file's until the guest writes them, so clones share what they do not
+    change); a clone loads its state only after ``load_state`` has set ``x-ignore-shared``.
     The console log is always opened for appending (``append=on``), so the backend can cap it by
     truncating it from outside (``console.cap_log``): qemu's next write then starts at the new end.
     """
@@ -91,6 +99,8 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     else:
         machine = ["-machine", "virt"]
         cpu = "rv64" if cfg.accel != "kvm" else "host"
+    if cfg.ram_file is not None:
+        machine[-1] += f",memory-backend={RAM_ID}"
     argv = [
         QEMU_BINARY[cfg.arch],
         "-name",
@@ -150,9 +160,18 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         fmt = "qcow2" if cfg.uefi_vars.suffix == ".qcow2" else "raw"
         argv += ["-drive", f"if=pflash,format={fmt},unit=1,file={cfg.uefi_vars}"]
     # else: the image's own boot loader under the default BIOS (SeaBIOS boots virtio-blk)
+    if cfg.ram_file is not None:
+        share = "on" if cfg.ram_share else "off"
+        mem = f"size={cfg.resources.mem_mib}M,mem-path={cfg.ram_file},share={share}"
+        argv += ["-object", f"memory-backend-file,id={RAM_ID},{mem}"]
     if cfg.incoming is not None:
-        argv += ["-incoming", cfg.incoming]
+        argv += ["-incoming", "defer" if deferred_incoming(cfg) else cfg.incoming]
     return argv
+
+
+def deferred_incoming(cfg: QemuConfig) -> bool:
+    """Whether the VM loads its state only when ``load_state`` says so (its RAM is a template's)."""
+    return cfg.incoming is not None and cfg.ram_file is not None and not cfg.ram_share
 
 
 # (firmware code, template of its variable store) per arch, from Debian's ovmf / qemu-efi-aarch64
@@ -210,14 +229,33 @@ def tcg_cx16_safe(arch: str) -> bool:
 
 
 def create_overlay(base: Path, overlay: Path, size_mib: int = 0) -> None:
-    """Create a qcow2 linked clone of ``base`` (backing file, never a copy), optionally larger."""
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)]
+    """Create a qcow2 linked clone of ``base`` (backing file, never a copy), optionally larger.
+    The backing file is recorded by its real path: a link to it (an image dir reached through a
+    symlink) may be gone when the clone is next opened."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base.resolve()), str(overlay)]
     if size_mib:
         argv.append(f"{size_mib}M")
     res = subprocess.run(argv, capture_output=True, text=True, umask=PRIVATE_UMASK)
     if res.returncode != 0:
         raise TTError(f"cannot create overlay {overlay}: {res.stderr.strip()}")
     overlay.chmod(0o600)  # an overlay made by an older qemu-img that ignored the umask
+
+
+def backing_file(path: Path) -> str | None:
+    """The backing file a qcow2 image names in its header (None if it has none); TTError if
+    ``path`` is not a readable qcow2 image."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+            if len(header) < 20 or header[:4] != b"QFI\xfb":
+                raise TTError(f"{path} is not a qcow2 image")
+            offset, size = int.from_bytes(header[8:16], "big"), int.from_bytes(header[16:20], "big")
+            if offset == 0:
+                return None
+            f.seek(offset)
+            return f.read(min(size, 1023)).decode(errors="replace")
+    except OSError as exc:
+        raise TTError(f"cannot read {path}: {exc}") from None
 
 
 def _die_with_parent() -> None:
@@ -287,9 +325,13 @@ def qmp_command(qmp: Path, command: str, timeout: float = 3.0, **args: object) -
     return asyncio.run(call())
 
 
-def save_state(qmp: Path, dest: Path, timeout: float) -> None:
+def save_state(qmp: Path, dest: Path, timeout: float, *, ignore_shared: bool = False) -> None:
     """Migrate the running VM's state (devices and RAM) into the file ``dest``; the VM is left
-    paused (``postmigrate``). TTError if the migration fails or is not done within ``timeout`` s."""
+    paused (``postmigrate``). ``ignore_shared``: RAM that is a shared file (``ram_share``) is left
+    out, only the devices are saved. TTError if the migration fails or is not done within
+    ``timeout`` s."""
+    if ignore_shared:
+        _ignore_shared(qmp)
     qmp_command(qmp, "migrate", uri=f"exec:cat > {shlex.quote(str(dest))}")
     deadline = time.monotonic() + timeout
     while True:
@@ -303,6 +345,37 @@ def save_state(qmp: Path, dest: Path, timeout: float) -> None:
         if time.monotonic() >= deadline:
             raise TTError(f"saving the VM state to {dest} did not finish within {timeout:.0f} s ({status})")
         time.sleep(0.05)
+
+
+def load_state(cfg: QemuConfig) -> None:
+    """Start loading the saved state of a VM whose qemu waits for it (``deferred_incoming``): RAM
+    that is a file is taken as it is (``x-ignore-shared``), the rest streamed from ``incoming``.
+    No-op for other VMs. TTError if qemu refuses."""
+    if not deferred_incoming(cfg):
+        return
+    try:
+        _ignore_shared(cfg.qmp)
+        qmp_command(cfg.qmp, "migrate-incoming", timeout=10.0, uri=cfg.incoming)
+    except (OSError, TimeoutError) as exc:
+        raise TTError(f"qemu of {cfg.name} did not take its saved state: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - qemu.qmp's ExecuteError: qemu refused the command
+        raise TTError(f"qemu of {cfg.name} refused its saved state: {exc}") from None
+
+
+def _ignore_shared(qmp: Path) -> None:
+    capability = {"capability": "x-ignore-shared", "state": True}
+    qmp_command(qmp, "migrate-set-capabilities", timeout=10.0, capabilities=[capability])
+
+
+def shares_ram(arch: str) -> str:
+    """'' if this host's qemu for ``arch`` can run VM templates whose clones map the template's
+    RAM (x-ignore-shared, ``-machine memory-backend``: qemu >= 5), else why not."""
+    m = re.search(r"version (\d+)\.", version(arch))
+    if m is None:
+        return f"the version of {QEMU_BINARY[arch]} is unknown"
+    if int(m.group(1)) < SHARED_RAM_QEMU:
+        return f"{QEMU_BINARY[arch]} {m.group(1)}.x cannot map a template's memory (needs qemu >= {SHARED_RAM_QEMU}.0)"
+    return ""
 
 
 def run_state(qmp: Path) -> str:

@@ -9,7 +9,6 @@ boot ``uefi-vars.qcow2`` (its firmware variables: qcow2, so ``savevm`` snapshots
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 from pytest_ttenv.backend.engines import qemu
 from pytest_ttenv.backend.engines.base import Boot, Start, waiting
 from pytest_ttenv.backend.engines.console import cap_log, tail_file
+from pytest_ttenv.backend.engines.deferred import start_all
 from pytest_ttenv.backend.engines.net import ssh_banner
 from pytest_ttenv.backend.engines.qemu import identity_path, qmp_path
 from pytest_ttenv.backend.engines.qemu_warm import WarmStarts
@@ -106,32 +106,14 @@ class QemuEngine:
     # -- start -----------------------------------------------------------------------------------
     def start(self, jobs: Sequence[Start]) -> None:
         """Each VM cold, or warm from its template; VMs whose template does not exist yet wait
-        (recorded with pid 0, no console) while one thread per template makes it, then start."""
+        (recorded with pid 0, no console) while one thread per template makes it, then start
+        (``deferred.start_all``)."""
         longest = max((len(str(qmp_path(job.env.id, job.vm.name))) for job in jobs), default=0)
         if longest > SOCKET_PATH_MAX:
             raise UsageError(
                 f"{runtime_dir()} is too deep for qemu's monitor socket paths", "set TMPDIR to a shorter path"
             )
-        later: dict[str, list[Start]] = {}
-        for job in jobs:
-            template = None
-            if job.boot.how == "warm":
-                self.warm.keep_identity(job)
-                template = self.warm.find(job.image, job.boot.key)
-                if template is None:
-                    job.record()
-                    self.progress(f"{job.vm.name}: waiting for the warm template of {job.image.name}")
-                    later.setdefault(job.boot.key, []).append(job)
-                    continue
-            self._launch(job, template)
-        for key, group in later.items():
-            self.warm.later.after(f"template-{key}", group, functools.partial(self.warm.make, group[0]), self._resume)
-
-    def _resume(self, job: Start, template: Template | None, why: str) -> None:
-        """Start a VM that waited for its template (on the starter thread): cold if there is none."""
-        if template is None:
-            self.warm.cold_instead(job, why)
-        self._launch(job, template)  # its boot is timed from its start, not from its ENV's creation
+        start_all(jobs, self.warm, self._launch, self.progress)
 
     def _launch(self, job: Start, template: Template | None) -> None:
         """Linked-clone overlay in the VM dir, then qemu; a taken port moves the VM (5 tries). With
@@ -182,6 +164,7 @@ class QemuEngine:
                     bind_addr=self.bind_addr,
                     incoming=template.incoming(),
                     uefi_vars=uefi_vars,
+                    ram=template.ram,
                 )
             die = job.spec.owner_pid is not None and job.spec.die_with_owner
             proc = qemu.start(cfg, vmdir / "qemu.log", die_with_parent=die)
@@ -191,6 +174,7 @@ class QemuEngine:
             job.record()  # before any wait: a kill of this process from here on leaves a recorded qemu
             _CAPPER.watch(proc.pid, str(vmdir), (vmdir / "console.log", vmdir / "qemu.log"))
             if self._wait_monitor(proc, cfg.qmp):
+                qemu.load_state(cfg)  # a VM mapping its template's RAM loads the rest of its state now
                 how = f"warm start from template {template.key}" if template is not None else "booting"
                 self.progress(f"{job.vm.name}: {how} ({job.accel}, ssh port {info.port})")
                 return

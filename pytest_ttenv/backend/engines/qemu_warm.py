@@ -33,6 +33,7 @@ class WarmStarts:
     def __init__(self, progress: Callable[[str], None]) -> None:
         self.progress = progress
         self.later = StartLater()
+        self._said: set[str] = set()
 
     # -- deciding ----------------------------------------------------------------------------------
     def plan(self, spec: EnvSpec, vm: VmSpec, image: ImageInfo, accel: str, owner: str) -> Boot:
@@ -49,25 +50,22 @@ class WarmStarts:
             except (OSError, TTError) as exc:
                 return Boot("cold", f"{image.name}'s warm template cannot be keyed: {exc}")
             key = warm.template_key(inputs)
+            if not inputs["shared_ram"]:
+                why_not = warm.ram_sharing(image.arch)
+                self._say_once(f"warm VMs of {image.arch} restore their own copy of their template's RAM ({why_not})")
             return Boot("warm", f"from the warm template {key} of {image.name}", key, inputs)
         return Boot("cold", why)
+
+    def _say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            self.progress(message)
 
     # -- templates ---------------------------------------------------------------------------------
     def find(self, image: ImageInfo, key: str) -> Template | None:
         """The complete, verified template ``key`` of ``image``, marked used; or None (none yet).
         A template that fails its checks is removed, saying so."""
-        store = TemplateStore(image)
-        template = store.find(key)
-        if template is None:
-            return None
-        try:
-            store.verify(template)
-        except TTError as exc:
-            self.progress(f"{exc}: removing it, a new one is made")
-            store.remove(key)
-            return None
-        store.mark_used(template)
-        return template
+        return TemplateStore(image).usable(key, self.progress)
 
     def make(self, job: Start) -> Template:
         """The template ``job`` waits for: made now, or found once another process that holds its

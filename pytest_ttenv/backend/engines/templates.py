@@ -1,9 +1,10 @@
 """The warm templates of an image: ``<image dir>/warm/`` (see ``warm`` for what a template is).
 
     <image dir>/warm/<key>/disk.qcow2   the template's frozen disk (backing file: the image's disk)
-                          /state        the migration stream: devices and RAM
+                          /state        the migration stream: devices, and RAM unless it has a RAM file
+                          /ram          the guest RAM at the save (VM templating): VMs map it copy-on-write
                           /uefi-vars.qcow2  a UEFI template's firmware variable store (each VM starts from a copy)
-                          /meta.json    the key's inputs, sha256 of disk and state (written last)
+                          /meta.json    the key's inputs, sha256 of disk, state and RAM (written last)
                           /console.log  the template's boot log
                           /used         touched whenever a VM starts from it
     <image dir>/warm/.lock-<key>        flock: one process makes a template, the others wait
@@ -26,18 +27,19 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_ttenv.backend.engines import statecat
+from pytest_ttenv.backend.engines import qemu, statecat
 from pytest_ttenv.core.model import ImageInfo
 from pytest_ttenv.errors import TTError
 
 META = "meta.json"
 UEFI_VARS = "uefi-vars.qcow2"
+RAM = "ram"
 UNUSED_DAYS = 7.0  # a template no VM started from for this long is deleted
 _verified: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256 seen this process
 
@@ -77,6 +79,11 @@ class Template:
     def uefi_vars(self) -> Path | None:
         """The firmware variable store of a template that booted through UEFI, else None."""
         return self.path / UEFI_VARS if "uefi_vars_sha256" in self.meta else None
+
+    @property
+    def ram(self) -> Path | None:
+        """The guest RAM file its VMs map copy-on-write (a template saved with its RAM shared), else None."""
+        return self.path / RAM if "ram_sha256" in self.meta else None
 
     def incoming(self) -> str:
         """qemu's ``-incoming`` source: the state streamed through statecat, which verifies its
@@ -129,6 +136,9 @@ class TemplateStore:
             raise TTError(f"{what} is unreadable: {exc}") from None
         if digest != template.meta.get("disk_sha256"):
             raise TTError(f"{what}: its disk fails its checksum")
+        backing = qemu.backing_file(template.disk)
+        if backing is not None and not Path(backing).exists():
+            raise TTError(f"{what}: the image disk it was made from ({backing}) is gone")
         if size != template.meta.get("state_bytes"):
             raise TTError(f"{what}: its state is {size} bytes, not the {template.meta.get('state_bytes')} saved")
         if template.uefi_vars is not None:
@@ -138,6 +148,13 @@ class TemplateStore:
                 raise TTError(f"{what} is unreadable: {exc}") from None
             if vars_digest != template.meta["uefi_vars_sha256"]:
                 raise TTError(f"{what}: its UEFI variable store fails its checksum")
+        if template.ram is not None:
+            try:
+                ram_digest = sha256_file(template.ram)
+            except OSError as exc:
+                raise TTError(f"{what} is unreadable: {exc}") from None
+            if ram_digest != template.meta["ram_sha256"]:
+                raise TTError(f"{what}: its RAM file fails its checksum")
 
     def remove(self, key: str) -> None:
         """Delete template ``key`` (VMs started from it keep their open files)."""
@@ -153,10 +170,40 @@ class TemplateStore:
         """Note that a VM starts from ``template`` now (``reap`` keeps templates in use)."""
         (template.path / "used").touch()
 
+    def usable(
+        self, key: str, progress: Callable[[str], None], check: Callable[[Template], object] = lambda t: None
+    ) -> Template | None:
+        """The complete template ``key``, verified (``verify``, then ``check``, which raises
+        TTError, OSError or ValueError if it fails) and marked used; or None: there is none yet,
+        or it failed a check and is removed, saying so through ``progress`` (a new one is made)."""
+        template = self.find(key)
+        if template is None:
+            return None
+        try:
+            self.verify(template)
+            check(template)
+        except (TTError, OSError, ValueError) as exc:
+            progress(f"{exc}: removing it, a new one is made")
+            self.remove(key)
+            return None
+        self.mark_used(template)
+        return template
+
+    def workdir(self, key: str) -> Path:
+        """A new, empty work dir (0700) for making template ``key`` in this process
+        (``.tmp-<key>-<pid>``; those of processes that are gone reaped first), for ``install``."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.reap()
+        work = self.root / f".tmp-{key}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(mode=0o700)
+        return work
+
     def reap(self, unused_days: float = UNUSED_DAYS) -> list[Path]:
         """Delete work dirs whose process is gone, templates of another image identity (the image
-        changed since) and templates unused for ``unused_days`` (made by an older ttenv or qemu,
-        or for resources nobody asks for any more); returns what was deleted."""
+        changed since) or whose disk's backing file is gone, and templates unused for
+        ``unused_days`` (made by an older ttenv or qemu, or for resources nobody asks for any
+        more); returns what was deleted."""
         if not self.root.is_dir():
             return []
         current = image_identity(self.image)
@@ -171,7 +218,12 @@ class TemplateStore:
                 elif not d.name.startswith(".") and d.is_dir():
                     template = self.find(d.name)
                     used = max((f.stat().st_mtime for f in (d / "used", d / META) if f.exists()), default=0.0)
-                    if template is None or template.meta.get("inputs", {}).get("image_id") != current or used < stale:
+                    if (
+                        template is None
+                        or template.meta.get("inputs", {}).get("image_id") != current
+                        or used < stale
+                        or _backing_gone(template)
+                    ):
                         self.remove(d.name)
                         removed.append(d)
                         (self.root / f".lock-{d.name}").unlink(missing_ok=True)
@@ -194,9 +246,16 @@ class TemplateStore:
         if (work / UEFI_VARS).exists():
             meta["uefi_vars_sha256"] = sha256_file(work / UEFI_VARS)
             sealed.append(UEFI_VARS)
+        if (work / RAM).exists():
+            (work / RAM).chmod(0o600)
+            meta["ram_sha256"] = sha256_file(work / RAM)
         (work / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for name in sealed:
             (work / name).chmod(0o400)
+        # The RAM file stays 0600: qemu opens a memory-backend-file read-write even to map it
+        # private (share=off), so a non-root user's VMs could not map a read-only one. Its
+        # checksum is verified before use all the same.
+        for name in [*sealed, *([RAM] if (work / RAM).exists() else [])]:
             with open(work / name, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(work)
@@ -206,6 +265,15 @@ class TemplateStore:
         found = self.find(key)
         assert found is not None
         return found
+
+
+def _backing_gone(template: Template) -> bool:
+    """Whether the template's disk names a backing file that no longer exists."""
+    try:
+        backing = qemu.backing_file(template.disk)
+    except TTError:
+        return True
+    return backing is not None and not Path(backing).exists()
 
 
 def remove_dir(template: Path) -> None:

@@ -49,7 +49,7 @@ from pytest_ttenv.backend.engines.console import clean_text, tail_file
 from pytest_ttenv.backend.engines.identity import AGENT_PATH, AGENT_TIMEOUT, agent_request, agent_source
 from pytest_ttenv.backend.engines.net import free_port, ssh_banner
 from pytest_ttenv.backend.engines.seed import SeedData, write_seed_iso
-from pytest_ttenv.backend.engines.templates import UEFI_VARS, Template, TemplateStore, image_identity
+from pytest_ttenv.backend.engines.templates import RAM, UEFI_VARS, Template, TemplateStore, image_identity
 from pytest_ttenv.core.keys import KeyPair
 from pytest_ttenv.core.model import ImageInfo, Resources
 from pytest_ttenv.core.paths import runtime_dir
@@ -104,11 +104,13 @@ def qemu_config(
     bind_addr: str = "127.0.0.1",
     incoming: str | None = None,
     uefi_vars: Path | None = None,
+    ram: Path | None = None,
 ) -> qemu.QemuConfig:
     """The qemu config of a template or of a warm VM: one function, so both have one device set.
     ``cmdline``: the kernel's for direct boot (a VM's own machine-id on it, so a reboot keeps it);
     without a kernel the image's boot loader runs under its firmware (``uefi_vars``: the variable
-    store, for an image that boots through UEFI)."""
+    store, for an image that boots through UEFI). ``ram``: the template's RAM file, written
+    through by the template (no ``incoming``) and mapped copy-on-write by its VMs."""
     return qemu.QemuConfig(
         name=name,
         arch=image.arch,
@@ -129,12 +131,23 @@ def qemu_config(
         identity=identity,
         vmgenid=vmgenid,
         incoming=incoming,
+        ram_file=ram,
+        ram_share=ram is not None and incoming is None,
     )
 
 
+def ram_sharing(arch: str) -> str:
+    """'' if warm VMs of ``arch`` map their template's RAM (VM templating), else why they each
+    restore their own copy: qemu cannot, or ``TTENV_SHARED_RAM=0`` turned it off."""
+    if os.environ.get("TTENV_SHARED_RAM", "1") == "0":
+        return "TTENV_SHARED_RAM=0 turned it off"
+    return qemu.shares_ram(arch)
+
+
 def template_inputs(image: ImageInfo, accel: str, res: Resources, owner: str) -> dict[str, Any]:
-    """Everything a template depends on; any change gives another key."""
+    """Everything a template depends on; any change gives another key (so does sharing RAM)."""
     x = Path("/x")
+    shared_ram = not ram_sharing(image.arch)
     argv = qemu.build_argv(
         qemu_config(
             image,
@@ -150,6 +163,7 @@ def template_inputs(image: ImageInfo, accel: str, res: Resources, owner: str) ->
             cmdline=machine_cmdline(image, "0"),
             vmgenid="0",
             uefi_vars=x.with_suffix(".qcow2") if qemu.uses_uefi(image) else None,
+            ram=x if shared_ram else None,
         )
     )
     return {
@@ -165,6 +179,7 @@ def template_inputs(image: ImageInfo, accel: str, res: Resources, owner: str) ->
         "agent": hashlib.sha256(agent_source().encode()).hexdigest(),
         "protocol": agent.PROTOCOL,
         "owner": owner,
+        "shared_ram": shared_ram,
     }
 
 
@@ -189,11 +204,7 @@ def make_template(
     """
     image, accel = store.image, str(inputs["accel"])
     started = time.time()
-    store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    store.reap()
-    work = store.root / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(mode=0o700)
+    work = store.workdir(key)
     sockets = runtime_dir() / f"warm-{os.getpid()}-{secrets.token_hex(3)}"
     sockets.mkdir(mode=0o700)
     proc = None
@@ -223,6 +234,7 @@ def make_template(
                 cmdline=machine_cmdline(image, secrets.token_hex(16)),
                 vmgenid=str(uuid.uuid4()),
                 uefi_vars=uefi_vars,
+                ram=work / RAM if inputs.get("shared_ram") else None,
             )
             proc = qemu.start(cfg, work / "qemu.log", die_with_parent=True)
             if _wait_banner_or_exit(proc, port, boot_timeout, image.name):
@@ -245,7 +257,7 @@ def make_template(
                     raise
                 time.sleep(0.2)
         agent_request(ident, "seal", AGENT_TIMEOUT, what, user=image.user)
-        qemu.save_state(qmp, work / "state", SAVE_TIMEOUT)
+        qemu.save_state(qmp, work / "state", SAVE_TIMEOUT, ignore_shared=bool(inputs.get("shared_ram")))
         qemu.stop(proc.pid, str(work), qmp)
         proc.wait(timeout=10)
         (work / "seed.iso").unlink()  # holds the template's host key; the VMs bring their own seeds
@@ -259,7 +271,10 @@ def make_template(
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
     mib = template.meta["state_bytes"] / 2**20
-    progress(f"{image.name}: warm template {key} saved after {template.meta['seconds']:.0f} s ({mib:.0f} MiB state)")
+    ram = " + its RAM file, shared by its VMs" if template.ram is not None else ""
+    progress(
+        f"{image.name}: warm template {key} saved after {template.meta['seconds']:.0f} s ({mib:.1f} MiB state{ram})"
+    )
     return template
 
 
