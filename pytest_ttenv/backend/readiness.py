@@ -35,6 +35,8 @@ class Wait:
         started = vm.boot_seconds
         deadline = time.monotonic() + timeout
 
+        look_again = time.monotonic() + 1.0  # when the store is read again for a failure recorded meanwhile
+
         def over() -> bool:
             return time.monotonic() >= deadline or (stop is not None and stop())
 
@@ -52,6 +54,12 @@ class Wait:
                 started = vm.boot_seconds
                 continue
             died = engine.dead(env, vm)
+            if died or time.monotonic() >= look_again:
+                look_again = time.monotonic() + 1.0
+                stored = self.store.get_env(env.id).vm(vm.name)
+                if stored.state == "failed":  # its start failed after its process ran (a VM started later)
+                    engine.halt(env, vm)
+                    raise BootError(f"VM {vm.name} is failed: {stored.error}", self.console(env.id, vm.name))
             if died:
                 return self._failed(engine.boot_failure(env, vm, died))
             try:

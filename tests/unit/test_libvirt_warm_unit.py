@@ -2,13 +2,15 @@
 rewritten with a VM's own domain XML), the warm domain XML (identity channel, VM generation ID,
 a template's file disks; against libvirt's schemas when virt-xml-validate is installed), the plan
 (warm, keyed by the domain's device set; cold with one line when no host here makes templates),
-the identity channel relayed through a stream like virDomainOpenChannel's, and gc of template
-copies on remote hosts.
+firmware and cloud-init images (SeaBIOS warm, UEFI cold with one line), a warm VM's identity
+(its seed's cloud-init instance) kept and sent once through a stream like virDomainOpenChannel's,
+and gc of template copies on remote hosts.
 
 Against real libvirt hosts: tests/vm/test_libvirt_warm.py."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -21,8 +23,9 @@ from typing import Any
 
 import pytest
 
+from pytest_ttenv.backend.engines.base import Boot, Start
 from pytest_ttenv.backend.engines.libvirt_place import Host, parse_hosts
-from pytest_ttenv.backend.engines.libvirt_warm import LibvirtWarm, blank_config
+from pytest_ttenv.backend.engines.libvirt_warm import LibvirtWarm, blank_config, uefi_cold
 from pytest_ttenv.backend.engines.libvirt_xml import (
     SAVE_HEADER,
     SAVE_MAGIC,
@@ -30,7 +33,9 @@ from pytest_ttenv.backend.engines.libvirt_xml import (
     read_save_head,
     save_head_with,
 )
-from pytest_ttenv.core.model import EnvSpec, ImageInfo, Resources, VmSpec
+from pytest_ttenv.backend.engines.seed import SeedData, read_seed_file, write_seed_iso
+from pytest_ttenv.core.keys import KeyPair
+from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
 from pytest_ttenv.errors import TTError
 
 from helpers.guest import identity_agent
@@ -100,9 +105,9 @@ def test_warm_domain_xml_adds_the_identity_channel_and_a_generation_id(tmp_path:
 class _FakeConn:
     """What LibvirtWarm asks of a connection, without libvirt."""
 
-    def __init__(self, versions: tuple[int, int] = (7002000, 9000000)) -> None:
+    def __init__(self, versions: tuple[int, int] = (7002000, 9000000), agent: Any = None) -> None:
         self._versions = versions
-        self.agent = identity_agent()
+        self.agent = agent or identity_agent()
         self.opened: list[tuple[str, str]] = []
         self.vols = ["ttenv-tpl-aaaa-state", "ttenv-tpl-aaaa-state.sha256", "ttenv-tpl-bbbb-disk.qcow2", "other"]
         self.deleted: list[str] = []
@@ -175,11 +180,94 @@ def test_plan_is_warm_keyed_by_the_device_set_or_cold_saying_why(tmp_path: Path)
     bigger = VmSpec("vm1", image.name, Resources(2, 256))
     assert here.plan(spec, bigger, image, "tcg", "me").key != boot.key
     assert here.plan(EnvSpec("E", (vm,), "k", boot="cold"), vm, image, "tcg", "me").why == "cold requested"
-    cloud = here.plan(spec, vm, replace(image, access="cloud-init"), "tcg", "me")
-    assert cloud.how == "cold" and "set up by cloud-init" in cloud.why
+    bigger_disk = here.plan(
+        spec, VmSpec("vm1", image.name, replace(RES, disk_mib=image.disk_mib + 1)), image, "tcg", "me"
+    )
+    assert bigger_disk.how == "cold" and bigger_disk.why.startswith("a disk larger than the image's")
     remote_only = _warm(["qemu+ssh://root@hostb/system"], conn, lines).plan(spec, vm, image, "tcg", "me")
     assert remote_only.how == "cold"
     assert remote_only.why == "libvirt warm starts need this machine's libvirt among the hosts (it makes templates)"
+
+
+def test_plan_starts_cloud_init_images_under_seabios_warm_and_uefi_ones_cold(tmp_path: Path) -> None:
+    direct = _image(tmp_path)
+    cloud = replace(direct, kernel=None, initrd=None, cmdline="", access="cloud-init", user="debian", boot="bios")
+    vm = VmSpec("vm1", cloud.name, RES)
+    spec = EnvSpec("E", (vm,), "k", boot="warm")
+    here = _warm(["qemu:///system"], _FakeConn(), [])
+    boot = here.plan(spec, vm, cloud, "tcg", "me")
+    assert boot.how == "warm", boot.why
+    xml = boot.inputs["xml"]
+    assert "<kernel>" not in xml and "<cmdline>" not in xml and "<loader" not in xml  # SeaBIOS, its own boot loader
+    assert '<boot dev="hd" />' in xml and '<target type="virtio" name="org.ttenv.identity" />' in xml
+    assert boot.key != here.plan(spec, vm, direct, "tcg", "me").key
+    uefi = here.plan(spec, vm, replace(cloud, boot="uefi"), "tcg", "me")
+    assert (uefi.how, uefi.why) == (
+        "cold",
+        "the libvirt engine starts UEFI images cold: libvirt cannot snapshot a VM with UEFI (pflash) firmware, "
+        "so a warm one could not be reset (tt_vm_fresh)",
+    )
+    assert uefi_cold(cloud) == "" and uefi_cold(direct) == ""
+    no_sudo = here.plan(spec, vm, replace(direct, user="debian"), "tcg", "me")  # ttenv-built, not root
+    assert (no_sudo.how, no_sudo.why) == (
+        "cold",
+        "debian-12-x86_64 logs in as debian without cloud-init's sudo; warm starts need root or sudo",
+    )
+
+
+class _Recorder:
+    """An identity agent that answers ``ok`` and keeps each request's fields."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, bytes]] = []
+
+    def handle(self, line: bytes) -> bytes:
+        op, nonce, *fields = line.decode().split()
+        self.requests.append(
+            {"op": op.encode()} | {k: base64.b64decode(v) for k, v in (f.split("=", 1) for f in fields)}
+        )
+        return f"ok {nonce} 0.000\n".encode()
+
+
+def test_a_warm_vm_takes_its_seeds_cloud_init_instance_once_or_boots_cold_saying_why(tmp_path: Path) -> None:
+    image = replace(_image(tmp_path), kernel=None, initrd=None, access="cloud-init", user="debian")
+    spec = EnvSpec("E", (VmSpec("vm1", image.name, RES),), "ssh-ed25519 AAAAclient c", boot="warm")
+    vmdir = tmp_path / "run" / "vm1"
+    vmdir.mkdir(parents=True)
+    host_key = KeyPair.generate("vm1")
+    write_seed_iso(SeedData("vm1", "e1-vm1", "debian", spec.client_pubkey, host_key), vmdir / "seed.iso")
+    job = Start(
+        EnvInfo("e1", "E", "me", 0.0, None, "booting", rundir=str(tmp_path / "run")),
+        spec,
+        spec.vms[0],
+        image,
+        "tcg",
+        VmInfo("vm1", image.name, "debiancloud", "12", "x86_64", state="booting", boot="warm"),
+        vmdir,
+        vmdir / "seed.iso",
+        host_key,
+        "ab" * 16,
+        Boot("warm", "", "k1"),
+        move_port=lambda: 1,
+    )
+    agent, lines = _Recorder(), list[str]()
+    conn = _FakeConn(agent=agent)
+    warm = _warm(["qemu:///system"], conn, lines)
+    warm.keep_identity(job)
+    assert (vmdir / "identity.json").stat().st_mode & 0o777 == 0o600  # it holds the host key
+    assert warm.ready(conn, "ttenv-e1-vm1", vmdir, "vm1")  # type: ignore[arg-type]
+    (sent,) = agent.requests
+    assert sent["op"] == b"identity" and sent["hostname"] == b"vm1" and sent["user"] == b"debian"
+    assert sent["instance_id"] == b"e1-vm1"  # cloud-init's instance becomes the seed's: a reboot is the same VM
+    assert sent["user_data"] == read_seed_file(vmdir / "seed.iso", "user-data").encode()
+    assert sent["host_key_pub"] == host_key.public.encode() + b"\n" and sent["machine_id"] == b"ab" * 16
+    assert not (vmdir / "identity.json").exists()
+    assert warm.ready(conn, "ttenv-e1-vm1", vmdir, "vm1")  # type: ignore[arg-type]
+    assert len(agent.requests) == 1 and conn.opened == [("ttenv-e1-vm1", "org.ttenv.identity")]  # once
+    warm.keep_identity(job)
+    warm.cold_instead(job, "hostb runs qemu/libvirt [1, 2]")
+    assert lines == ["vm1: cold boot (no warm start: hostb runs qemu/libvirt [1, 2])"]
+    assert job.info.boot == "cold" and not (vmdir / "identity.json").exists()
 
 
 def test_a_remote_host_with_another_libvirt_cannot_restore_the_template(tmp_path: Path) -> None:

@@ -499,9 +499,8 @@ def test_shared_ram_is_part_of_the_key_and_the_ram_file_is_checked(
     (work / "state").write_bytes(b"devices")
     (work / templates.RAM).write_bytes(b"ram" * 1000)
     template = store.install(work, "k1", shared, time.time())
-    assert (
-        template.ram == template.path / "ram"
-        and template.meta["ram_sha256"] == hashlib.sha256(b"ram" * 1000).hexdigest()
+    assert template.ram == template.path / "ram" and template.meta["ram_sha256"] == templates.sha256_file(
+        template.ram, sparse=True
     )
     assert template.ram.stat().st_mode & 0o777 == 0o600  # qemu opens it read-write, even to map it private
     store.verify(template)
@@ -510,3 +509,17 @@ def test_shared_ram_is_part_of_the_key_and_the_ram_file_is_checked(
     with pytest.raises(TTError, match="its RAM file fails its checksum"):
         store.verify(template)
     assert _installed(store, "k2").ram is None  # a template whose state holds its RAM
+
+
+def test_a_sparse_digest_reads_only_data_and_still_sees_every_byte(tmp_path: Path) -> None:
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as f:
+        f.truncate(64 << 20)  # a hole, but for the page written below
+        f.seek(32 << 20)
+        f.write(b"guest page".ljust(4096, b"\0"))
+    digest = templates.sha256_file(ram, sparse=True)
+    assert digest != templates.sha256_file(ram)  # its own digest: size, extents and their bytes
+    with open(ram, "r+b") as f:
+        f.seek((32 << 20) + 1)
+        f.write(b"U")
+    assert templates.sha256_file(ram, sparse=True) != digest

@@ -1,7 +1,9 @@
 """Warm starts of the libvirt engine against real libvirt hosts (tests/helpers/libvirt_hosts.py):
 a template made once on this machine's libvirt and VMs restored from it with their own identity,
 reset (``tt_vm_fresh``'s snapshot/revert); a remote host (qemu+ssh into a network namespace) that
-gets the template copied once, checked by sha256; gc of the copies; ``ttenv serve``.
+gets the template copied once, checked by sha256; gc of the copies; ``ttenv serve``; an image set
+up by cloud-init that boots through GRUB under SeaBIOS (``debiancloud-12``) warm here and on a
+remote host, each VM its own cloud-init instance, and a reboot that comes up as the same VM.
 
 Without a libvirt host: tests/unit/test_libvirt_warm_unit.py."""
 
@@ -166,3 +168,59 @@ def test_server_starts_libvirt_vms_warm(
         assert host.domains() == [] and host.volumes() == []
     finally:
         server.cleanup()
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_cloud_init_image_starts_warm_here_and_remotely_and_a_reboot_keeps_it(
+    tmp_path: Path, libvirt_hosts: Callable[..., LibvirtHost], images: Callable[..., list[ImageInfo]]
+) -> None:
+    (image,) = images("debiancloud-12")
+    assert (image.kernel, image.access, image.user, image.boot) == (None, "cloud-init", "debian", "bios")
+    a, b = libvirt_hosts(), libvirt_hosts(remote=True)
+    state = tmp_path / "state"
+    said: list[str] = []
+    uris = [f"{a.uri}#mem=700", f"{b.uri}#mem=600"]  # vm1 fits here, then vm2 only on B
+    backend = LocalBackend(IMAGE_ROOT, state, engine="libvirt", libvirt_uris=uris, progress=said.append)
+    key, key_file = client_key(tmp_path)
+    res = Resources(1, 512)
+    vms = tuple(VmSpec(f"vm{i}", image.name, res) for i in (1, 2))
+    env = backend.create_env(EnvSpec("C1", vms, key.public, accel="tcg", boot="warm"))
+    # hostname, machine-id, cloud-init's instance, its per-instance modules that ran (and when)
+    probe = "hostname; cat /etc/machine-id; sudo -n cloud-init query v1.instance_id; "
+    probe += "stat -c '%n %Y' /var/lib/cloud/instance/sem/*"
+    try:
+        up = [backend.wait_vm("C1", v.name, WAIT) for v in vms]
+        assert [(v.boot, v.host) for v in up] == [("warm", a.uri), ("warm", b.uri)], said
+        facts = []
+        for vm in up:
+            conn = ssh(vm, key_file)  # strict: the VM's own host key, or no connection
+            try:
+                facts.append(conn.run(probe, timeout=120, check=True).stdout.split("\n", 3))
+                served = conn.run("cat /etc/ssh/ssh_host_ed25519_key.pub", timeout=60, check=True).stdout
+                assert served.split()[:2] == vm.host_key.split()[:2]
+            finally:
+                conn.close()
+        assert [f[0] for f in facts] == ["vm1", "vm2"] and facts[0][1] != facts[1][1]
+        assert [f[2] for f in facts] == [f"{env.id}-vm1", f"{env.id}-vm2"]  # each its own cloud-init instance
+        assert up[0].host_key != up[1].host_key
+
+        vm = up[0]
+        backend.snapshot("C1", "vm1", "fresh")  # tt_vm_fresh works on it (SeaBIOS: no pflash)
+        backend.revert("C1", "vm1", "fresh")
+        conn = ssh(vm, key_file)
+        try:
+            before = conn.run(probe, timeout=120, check=True).stdout
+            boot_id = conn.run("cat /proc/sys/kernel/random/boot_id", timeout=60, check=True).stdout
+            started = time.monotonic()
+            conn.reboot(BOOT)  # through GRUB again, from its own disk and seed
+            print(f"warm cloud-init VM rebooted in {time.monotonic() - started:.1f} s")
+            conn.run("cloud-init status --wait", timeout=BOOT, check=True)
+            after = conn.run(probe, timeout=120, check=True).stdout  # the same host key: strict connect
+            assert conn.run("cat /proc/sys/kernel/random/boot_id", timeout=60, check=True).stdout != boot_id
+        finally:
+            conn.close()
+        assert after == before  # hostname, machine-id, instance; no per-instance module ran again
+    finally:
+        backend.delete_env(env.id)
+    assert a.domains() == [] and b.domains() == [] and leftovers(state) == []

@@ -122,10 +122,13 @@ def _serve(jobs: queue.Queue[Callable[[], None]]) -> None:
 
 
 def _start(job: Start, made: T | None, why: str, start: Callable[[Start, T | None, str], None]) -> None:
-    with job.resume() as wanted:
-        if not wanted:
-            return  # its ENV was deleted, or it failed, meanwhile
-        try:
-            start(job, made, why)
-        except Exception as exc:  # noqa: BLE001 - reported through the VM's state and wait_vm
-            job.fail(f"VM {job.vm.name} could not be started: {exc}")
+    try:
+        with job.resume() as wanted:
+            if not wanted:
+                return  # its ENV was deleted, or it failed, meanwhile
+            try:
+                start(job, made, why)
+            except Exception as exc:  # noqa: BLE001 - reported through the VM's state and wait_vm
+                job.fail(f"VM {job.vm.name} could not be started: {exc}")
+    except Exception:  # noqa: BLE001 - its state is gone (the state dir deleted): nobody to start it for
+        return

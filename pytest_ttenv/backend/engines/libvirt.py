@@ -233,7 +233,7 @@ class LibvirtEngine:
         image, info = job.image, job.info
         name = domain_name(job.env.id, job.vm.name)
         disk, kernel, initrd = self._base(host, pool, image)
-        uefi = image.kernel is None and (image.boot == "uefi" or image.arch == "aarch64")
+        uefi = qemu.uses_uefi(image)
         if uefi and not host.remote and not Path(qemu.UEFI_FIRMWARE.get(image.arch, ("/nonexistent",))[0]).exists():
             pkg = qemu.UEFI_PACKAGE.get(image.arch)
             raise TTError(f"no UEFI firmware for {image.arch} guests", f"apt-get install -y {pkg}" if pkg else None)

@@ -1,9 +1,13 @@
 """The libvirt engine's warm starts (``warm`` says what they are; ``qemu_warm`` is the qemu
 engine's): which VMs start warm, their templates, their restore, their identity.
 
-A template is made once per key on this machine's libvirt host (the first ``--libvirt-uri`` that
-names no host): a transient domain boots the image cold from files in the template's work dir,
-gets the identity agent over SSH (``warm``'s provisioning), is sealed, and is saved with
+They start what the qemu engine starts warm (``warm.ineligible``: direct-kernel images ttenv
+built, and images set up by cloud-init that boot through their own boot loader) except UEFI
+images (``uefi_cold`` says why). A template is made once per key on this machine's libvirt host
+(the first ``--libvirt-uri`` that names no host): a transient domain boots the image cold from
+files in the template's work dir (its kernel, or SeaBIOS and the image's boot loader), waits for
+cloud-init's first boot if the image has it and gets the identity agent over SSH (``warm``'s
+provisioning, through sudo for a user other than root), is sealed, and is saved with
 virDomainSave into ``<image dir>/warm/<key>/state`` (libvirt's save image: a header with the
 domain XML, then qemu's migration stream); ``templates`` installs it like a qemu template.
 
@@ -14,7 +18,9 @@ the saved UUID and name, so it cannot start several VMs from one image): on this
 in its run dir (the state checked against its sha256 first), on a remote host a copy made there
 from the template's volumes ``ttenv-tpl-<key>-disk.qcow2`` and ``-state``, uploaded once and read
 back (sha256) like image files, the disk pointed at the host's copy of the image. Its identity
-goes over the channel through virDomainOpenChannel, so it reaches remote hosts through libvirt.
+(``warm_vm``; in a cloud-init guest with its seed's instance-id and user-data, so a reboot is the
+same instance) goes over the channel through virDomainOpenChannel, so it reaches remote hosts
+through libvirt.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import secrets
 import select
@@ -41,7 +46,7 @@ from pytest_ttenv.backend.engines import qemu, warm
 from pytest_ttenv.backend.engines.base import Boot, Start, machine_cmdline
 from pytest_ttenv.backend.engines.console import tail_file
 from pytest_ttenv.backend.engines.deferred import StartLater
-from pytest_ttenv.backend.engines.identity import AGENT_TIMEOUT, Identity, agent_request, agent_source, apply_identity
+from pytest_ttenv.backend.engines.identity import AGENT_TIMEOUT, agent_request, agent_source
 from pytest_ttenv.backend.engines.libvirt_place import Host
 from pytest_ttenv.backend.engines.libvirt_upload import upload_once
 from pytest_ttenv.backend.engines.libvirt_xml import (
@@ -54,8 +59,9 @@ from pytest_ttenv.backend.engines.libvirt_xml import (
 )
 from pytest_ttenv.backend.engines.net import free_port, ssh_banner
 from pytest_ttenv.backend.engines.seed import SeedData, write_seed_iso
-from pytest_ttenv.backend.engines.templates import Template, TemplateStore, flock, image_identity, sha256_file
+from pytest_ttenv.backend.engines.templates import Template, TemplateStore, image_identity, sha256_file
 from pytest_ttenv.backend.engines.virt import Channel, Conn, HostDown, Pool, VirtError
+from pytest_ttenv.backend.engines.warm_vm import PendingIdentity
 from pytest_ttenv.core.keys import KeyPair
 from pytest_ttenv.core.model import EnvSpec, ImageInfo, Resources, VmSpec
 from pytest_ttenv.core.paths import runtime_dir
@@ -85,16 +91,30 @@ def blank_config(image: ImageInfo, accel: str, res: Resources) -> DomainConfig:
         console=x,
         port=1,
         bind_addr="x",
-        kernel=x,
-        initrd=x,
-        cmdline=machine_cmdline(image, "0"),
+        kernel=x if image.kernel else None,
+        initrd=x if image.initrd else None,
+        cmdline=machine_cmdline(image, "0") if image.kernel else "",
+        uefi=qemu.uses_uefi(image),
         tcg_cx16=qemu.tcg_cx16_safe(image.arch),
         identity=True,
         genid="00000000-0000-0000-0000-000000000000",
     )
 
 
-class LibvirtWarm:
+def uefi_cold(image: ImageInfo) -> str:
+    """Why VMs of ``image`` boot cold on the libvirt engine although the qemu engine starts them
+    warm ('' if nothing here says so): UEFI. libvirt (9.0 here) refuses internal snapshots of a
+    domain with pflash firmware and keeps its variable store raw, so a warm UEFI VM could never
+    be reset to a snapshot (``tt_vm_fresh``), nor its store be part of one."""
+    if not qemu.uses_uefi(image):
+        return ""
+    return (
+        "the libvirt engine starts UEFI images cold: libvirt cannot snapshot a VM with UEFI (pflash) firmware, "
+        "so a warm one could not be reset (tt_vm_fresh)"
+    )
+
+
+class LibvirtWarm(PendingIdentity):
     """Warm starts for one LibvirtEngine, which lends its hosts, connections and pools."""
 
     def __init__(
@@ -119,7 +139,7 @@ class LibvirtWarm:
     def plan(self, spec: EnvSpec, vm: VmSpec, image: ImageInfo, accel: str, owner: str) -> Boot:
         if spec.boot != "warm":
             return Boot("cold", "cold requested")
-        why = warm.ineligible(image, vm.resources)
+        why = warm.ineligible(image, vm.resources, firmware=True, cloud_init=True) or uefi_cold(image)
         if why:
             return Boot("cold", why)
         maker = self.maker()
@@ -204,7 +224,6 @@ class LibvirtWarm:
             login = KeyPair.generate("ttenv-template-provisioning")
             seed = SeedData("ttenv-template", f"template-{key}", image.user, login.public, host_key)
             write_seed_iso(seed, work / "seed.iso")
-            assert image.kernel is not None and image.initrd is not None  # ineligible() said so
             for _attempt in range(5):
                 port = free_port(what="a template VM")
                 cfg = dataclasses.replace(
@@ -220,9 +239,9 @@ class LibvirtWarm:
                     console=str(work / "console.log"),
                     port=port,
                     bind_addr="127.0.0.1",
-                    kernel=str(image.file(image.kernel)),
-                    initrd=str(image.file(image.initrd)),
-                    cmdline=machine_cmdline(image, secrets.token_hex(16)),
+                    kernel=str(image.file(image.kernel)) if image.kernel else None,
+                    initrd=str(image.file(image.initrd)) if image.initrd else None,
+                    cmdline=machine_cmdline(image, secrets.token_hex(16)) if image.kernel else "",
                     genid=str(uuid.uuid4()),
                 )
                 try:
@@ -241,7 +260,9 @@ class LibvirtWarm:
                 if time.monotonic() >= deadline:
                     raise BootError(f"the {what} did not answer SSH within {boot_timeout:.0f} s")
                 time.sleep(0.2)
-            warm.provision(port, image.user, login, host_key.public, agent_source(), AGENT_TIMEOUT, what)
+            # cloud-init's first boot is waited for within what is left of the boot budget
+            settle = max(AGENT_TIMEOUT, deadline - time.monotonic())
+            warm.provision(port, image.user, login, host_key.public, agent_source(), settle, what)
             deadline = time.monotonic() + AGENT_TIMEOUT
             while True:  # the agent needs a moment to start
                 try:
@@ -269,18 +290,6 @@ class LibvirtWarm:
         return template
 
     # -- one warm VM -------------------------------------------------------------------------------
-    @staticmethod
-    def keep_identity(job: Start) -> None:
-        """Keep what makes the VM its own machine once it runs (sent by ``ready``, then deleted)."""
-        ident = Identity(job.vm.name, job.machine_id, job.image.user, job.spec.client_pubkey, job.host_key)
-        with open(os.open(job.vmdir / "identity.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            json.dump(ident.to_dict(), f)
-
-    def cold_instead(self, job: Start, why: str) -> None:
-        self.progress(f"{job.vm.name}: cold boot (no warm start: {why})")
-        job.info.boot = "cold"
-        (job.vmdir / "identity.json").unlink(missing_ok=True)
-
     def backing(self, host: Host, pool: Pool, template: Template, image_disk: str) -> str:
         """The template's disk on ``host`` (uploaded once to a remote host, backed by its copy of
         the image's disk), for the VM's overlay."""
@@ -327,15 +336,7 @@ class LibvirtWarm:
 
     def ready(self, conn: Conn, dom: str, vmdir: Path, vm: str) -> bool:
         """True once the VM has taken its identity (its sshd listened when its state was saved)."""
-        pending = vmdir / "identity.json"
-        if not pending.exists():
-            return True
-        with flock(vmdir / "identity.lock", AGENT_TIMEOUT + 10, f"the identity lock of VM {vm}"):
-            if pending.exists():
-                ident = Identity.from_dict(json.loads(pending.read_text()))
-                with self.channel(conn, dom) as sock:
-                    apply_identity(sock, ident, AGENT_TIMEOUT, f"VM {vm}")
-                pending.unlink()
+        self.send_identity(vmdir, vm, lambda: self.channel(conn, dom))
         return True
 
     def refresh(self, conn: Conn, dom: str, vm: str) -> None:

@@ -347,19 +347,29 @@ def save_state(qmp: Path, dest: Path, timeout: float, *, ignore_shared: bool = F
         time.sleep(0.05)
 
 
-def load_state(cfg: QemuConfig) -> None:
+def load_state(cfg: QemuConfig, timeout: float = 10.0) -> None:
     """Start loading the saved state of a VM whose qemu waits for it (``deferred_incoming``): RAM
     that is a file is taken as it is (``x-ignore-shared``), the rest streamed from ``incoming``.
-    No-op for other VMs. TTError if qemu refuses."""
+    No-op for other VMs. A monitor that does not take the connection yet is asked again for
+    ``timeout`` s. TTError if qemu refuses, or never answers."""
     if not deferred_incoming(cfg):
         return
-    try:
-        _ignore_shared(cfg.qmp)
-        qmp_command(cfg.qmp, "migrate-incoming", timeout=10.0, uri=cfg.incoming)
-    except (OSError, TimeoutError) as exc:
-        raise TTError(f"qemu of {cfg.name} did not take its saved state: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - qemu.qmp's ExecuteError: qemu refused the command
-        raise TTError(f"qemu of {cfg.name} refused its saved state: {exc}") from None
+    from qemu.qmp import ExecuteError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _ignore_shared(cfg.qmp)
+            qmp_command(cfg.qmp, "migrate-incoming", timeout=10.0, uri=cfg.incoming)
+            return
+        except ExecuteError as exc:
+            raise TTError(f"qemu of {cfg.name} refused its saved state: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - OSError, a timeout, qemu.qmp's ConnectError: ask again
+            if time.monotonic() >= deadline:
+                raise TTError(
+                    f"qemu of {cfg.name} did not take its saved state within {timeout:.0f} s: {exc}"
+                ) from None
+            time.sleep(0.1)
 
 
 def _ignore_shared(qmp: Path) -> None:

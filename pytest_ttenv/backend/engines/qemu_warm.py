@@ -3,31 +3,29 @@ others boot cold, their templates (found and verified, or made in the background
 wait), the identity a warm VM is sent once it runs, and a template dropped when qemu cannot load
 its state.
 
-A warm VM's run dir holds ``identity.json`` (0600: its host key) until the identity is sent,
-``identity.lock`` (whichever process gets there first sends it, once) and ``template`` (the path
-of the template it started from).
+A warm VM's run dir holds its identity until it is sent (``warm_vm``) and ``template`` (the
+path of the template it started from).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from pytest_ttenv.backend.engines import qemu, warm
 from pytest_ttenv.backend.engines.base import Boot, Start
 from pytest_ttenv.backend.engines.deferred import StartLater
-from pytest_ttenv.backend.engines.identity import AGENT_TIMEOUT, Identity, apply_identity, refresh
-from pytest_ttenv.backend.engines.seed import read_seed_file, seed_instance_id
-from pytest_ttenv.backend.engines.templates import META, Template, TemplateStore, flock, remove_dir
+from pytest_ttenv.backend.engines.identity import AGENT_TIMEOUT, refresh
+from pytest_ttenv.backend.engines.templates import META, Template, TemplateStore, remove_dir
+from pytest_ttenv.backend.engines.warm_vm import PendingIdentity
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
 from pytest_ttenv.core.paths import write_private
 from pytest_ttenv.errors import TTError
 
 
-class WarmStarts:
+class WarmStarts(PendingIdentity):
     """Warm starts for one QemuEngine; ``later`` starts the VMs that waited for their template."""
 
     def __init__(self, progress: Callable[[str], None]) -> None:
@@ -103,27 +101,6 @@ class WarmStarts:
 
     # -- one warm VM -------------------------------------------------------------------------------
     @staticmethod
-    def keep_identity(job: Start) -> None:
-        """Keep what makes the VM its own machine once it runs (sent by ``ready``, then deleted)."""
-        ident = Identity(
-            job.vm.name,
-            job.machine_id,
-            job.image.user,
-            job.spec.client_pubkey,
-            job.host_key,
-            seed_instance_id(job.seed),  # a cloud-init guest takes over the template's instance as this one
-            read_seed_file(job.seed, "user-data"),
-        )
-        with open(os.open(job.vmdir / "identity.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            json.dump(ident.to_dict(), f)
-
-    def cold_instead(self, job: Start, why: str) -> None:
-        """The VM waited for a template that could not be made: it boots cold, saying why."""
-        self.progress(f"{job.vm.name}: cold boot (no warm template: {why})")
-        job.info.boot = "cold"
-        (job.vmdir / "identity.json").unlink(missing_ok=True)
-
-    @staticmethod
     def clone(job: Start, template: Template, overlay: Path) -> None:
         """The VM's overlay, a linked clone of the template's disk; its console log says where it
         started from."""
@@ -141,15 +118,8 @@ class WarmStarts:
         listening when the state was saved). TTError if the identity is not taken."""
         if qemu.run_state(qemu.qmp_path(env.id, vm.name)) != "running":
             return False
-        vmdir = Path(env.rundir) / vm.name
-        pending = vmdir / "identity.json"
-        if not pending.exists():
-            return True
-        with flock(vmdir / "identity.lock", AGENT_TIMEOUT + 10, f"the identity lock of VM {vm.name}"):
-            if pending.exists():
-                ident = Identity.from_dict(json.loads(pending.read_text()))
-                apply_identity(qemu.identity_path(env.id, vm.name), ident, AGENT_TIMEOUT, f"VM {vm.name}")
-                pending.unlink()
+        sock = qemu.identity_path(env.id, vm.name)
+        self.send_identity(Path(env.rundir) / vm.name, vm.name, lambda: nullcontext(sock))
         return True
 
     @staticmethod

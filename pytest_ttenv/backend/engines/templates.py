@@ -17,6 +17,7 @@ from half a template.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -92,17 +93,44 @@ class Template:
         return "exec:" + " ".join(shlex.quote(a) for a in argv)
 
 
-def sha256_file(path: Path) -> str:
-    """The file's sha256, remembered for this process while its inode, size and mtime stay."""
+def sha256_file(path: Path, *, sparse: bool = False) -> str:
+    """The file's sha256, remembered for this process while its inode, size and mtime stay.
+    ``sparse``: the digest of its size and of each data extent's offset, length and bytes (holes
+    are not read): the same for the same bytes in the same places, cheap for a RAM file that is
+    mostly holes. A copy that moves holes (``cp --sparse=always``) fails it; nothing else does."""
     st = path.stat()
-    memo = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    memo = (f"{path}{'#sparse' if sparse else ''}", st.st_ino, st.st_size, st.st_mtime_ns)
     if memo not in _verified:
         h = hashlib.sha256()
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+            if sparse:
+                h.update(st.st_size.to_bytes(8, "big"))
+                for start, end in _data_extents(f.fileno(), st.st_size):
+                    h.update(start.to_bytes(8, "big") + (end - start).to_bytes(8, "big"))
+                    f.seek(start)
+                    left = end - start
+                    while left and (chunk := f.read(min(1 << 20, left))):
+                        h.update(chunk)
+                        left -= len(chunk)
+            else:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
         _verified[memo] = h.hexdigest()
     return _verified[memo]
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each data extent of the open file (SEEK_DATA/SEEK_HOLE)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                return
+            raise
+        pos = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, pos
 
 
 class TemplateStore:
@@ -126,35 +154,29 @@ class TemplateStore:
         return Template(key, path, meta)
 
     def verify(self, template: Template) -> None:
-        """TTError unless the template's disk has the checksum it was saved with and its state the
-        size; the state's checksum is verified on every use, as it streams (``incoming``)."""
+        """TTError unless the template's disk (and UEFI variable store and RAM file, if it has
+        them) have the checksums they were saved with, the image disk it was made from is still
+        there, and its state has the size saved; the state's checksum is verified on every use,
+        as it streams (``incoming``)."""
         what = f"warm template {template.key} of {self.image.name}"
+        checked = [(template.disk, "disk_sha256", "disk")]
+        if template.uefi_vars is not None:
+            checked.append((template.uefi_vars, "uefi_vars_sha256", "UEFI variable store"))
+        if template.ram is not None:
+            checked.append((template.ram, "ram_sha256", "RAM file"))
+        sparse = {"ram_sha256"}
         try:
-            digest = sha256_file(template.disk)
+            for path, field, name in checked:
+                if sha256_file(path, sparse=field in sparse) != template.meta.get(field):
+                    raise TTError(f"{what}: its {name} fails its checksum")
             size = template.state.stat().st_size
         except OSError as exc:
             raise TTError(f"{what} is unreadable: {exc}") from None
-        if digest != template.meta.get("disk_sha256"):
-            raise TTError(f"{what}: its disk fails its checksum")
         backing = qemu.backing_file(template.disk)
         if backing is not None and not Path(backing).exists():
             raise TTError(f"{what}: the image disk it was made from ({backing}) is gone")
         if size != template.meta.get("state_bytes"):
             raise TTError(f"{what}: its state is {size} bytes, not the {template.meta.get('state_bytes')} saved")
-        if template.uefi_vars is not None:
-            try:
-                vars_digest = sha256_file(template.uefi_vars)
-            except OSError as exc:
-                raise TTError(f"{what} is unreadable: {exc}") from None
-            if vars_digest != template.meta["uefi_vars_sha256"]:
-                raise TTError(f"{what}: its UEFI variable store fails its checksum")
-        if template.ram is not None:
-            try:
-                ram_digest = sha256_file(template.ram)
-            except OSError as exc:
-                raise TTError(f"{what} is unreadable: {exc}") from None
-            if ram_digest != template.meta["ram_sha256"]:
-                raise TTError(f"{what}: its RAM file fails its checksum")
 
     def remove(self, key: str) -> None:
         """Delete template ``key`` (VMs started from it keep their open files)."""
@@ -248,7 +270,7 @@ class TemplateStore:
             sealed.append(UEFI_VARS)
         if (work / RAM).exists():
             (work / RAM).chmod(0o600)
-            meta["ram_sha256"] = sha256_file(work / RAM)
+            meta["ram_sha256"] = sha256_file(work / RAM, sparse=True)
         (work / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for name in sealed:
             (work / name).chmod(0o400)

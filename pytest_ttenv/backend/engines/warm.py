@@ -56,7 +56,7 @@ from pytest_ttenv.core.paths import runtime_dir
 from pytest_ttenv.errors import BootError, TTError
 from pytest_ttenv.quiet import asyncssh
 
-FORMAT = 1  # bump when the layout or the way a template is made changes
+FORMAT = 2  # bump when the layout or the way a template is made changes
 SAVE_TIMEOUT = 300.0
 
 
