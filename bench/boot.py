@@ -11,6 +11,10 @@ state, made once before the runs) of the tuned image, for ENVs of 1 and 2 VMs, a
 
     python3 bench/boot.py --warm --runs 3
 
+``--engine libvirt`` runs the VMs on this machine's libvirt (or ``--libvirt-uri`` hosts) instead:
+
+    python3 bench/boot.py --warm --runs 3 --counts 1 --engine libvirt
+
 ``--image`` benchmarks another image of the store warm (one that is there: built, pulled or
 imported), ``--firmware uefi`` boots it through OVMF instead of SeaBIOS (the same disk, described
 as a UEFI image in a store of its own under /var/tmp), ``--counts 1`` skips the 2-VM ENVs:
@@ -32,6 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from pytest_ttenv.access import target
 from pytest_ttenv.backend.images.build import ImageBuilder
@@ -59,11 +64,12 @@ def rss_mib(pid: int) -> float:
 
 
 def one_run(
-    images_root: Path, image: str, count: int, idle: float, mem_mib: int = 512, boot: str = "cold"
+    images_root: Path, image: str, count: int, idle: float, mem_mib: int = 512, boot: str = "cold", **engine: Any
 ) -> dict[str, list[float]]:
-    """Create an ENV of ``count`` VMs of ``image``; time to each VM's first command, disk, RSS."""
+    """Create an ENV of ``count`` VMs of ``image``; time to each VM's first command, disk, RSS.
+    ``engine``: LocalBackend's engine options (``engine``, ``libvirt_uris``)."""
     with tempfile.TemporaryDirectory(prefix="ttenv-bench-") as state:
-        backend = LocalBackend(images_root, state)
+        backend = LocalBackend(images_root, state, **engine)
         key = KeyPair.generate("bench")
         key_file = Path(state) / "id"
         key.write_private(key_file)
@@ -85,6 +91,8 @@ def one_run(
                 firsts = list(pool.map(first_command, [v.name for v in vms]))
             time.sleep(idle)
             env = backend.show_env(env.id)
+            if engine.get("engine", "qemu") != "qemu":  # disks are libvirt volumes, qemu runs under libvirtd
+                return {"first": [max(firsts)], "disk": [0.0], "rss": [0.0]}
             disk = [Path(env.rundir, vm.name, "overlay.qcow2").stat().st_blocks * 512 / 2**20 for vm in env.vms]
             rss = [rss_mib(vm.pid) for vm in env.vms]
         finally:
@@ -92,11 +100,11 @@ def one_run(
     return {"first": [max(firsts)], "disk": disk, "rss": rss}
 
 
-def resets(images_root: Path, image: str, boot: str, count: int) -> list[float]:
+def resets(images_root: Path, image: str, boot: str, count: int, **engine: Any) -> list[float]:
     """Seconds per ``tt_vm_fresh`` reset of one VM: revert to the post-boot snapshot (plus the clock
     fix the session makes over SSH for a cold VM), reconnect, first command."""
     with tempfile.TemporaryDirectory(prefix="ttenv-bench-") as state:
-        backend = LocalBackend(images_root, state)
+        backend = LocalBackend(images_root, state, **engine)
         key = KeyPair.generate("bench")
         key_file = Path(state) / "id"
         key.write_private(key_file)
@@ -150,21 +158,23 @@ def warm_image(args: argparse.Namespace) -> tuple[Path, str]:
 def main_warm(args: argparse.Namespace) -> None:
     root, img = warm_image(args)
     counts = [int(c) for c in args.counts.split(",")]
+    engine: dict[str, Any] = {"engine": args.engine, "libvirt_uris": tuple(args.libvirt_uri)}
     started = time.monotonic()
-    one_run(root, img, 1, 0, boot="warm")  # makes the template if there is none yet
+    one_run(root, img, 1, 0, boot="warm", **engine)  # makes the template if there is none yet
     print(f"first warm ENV (makes the template if missing): {time.monotonic() - started:.1f} s", flush=True)
     results: dict[tuple[str, int], dict[str, list[float]]] = {}
     for run in range(args.runs):
         for count in counts:
             for boot in ("cold", "warm"):  # interleaved: same conditions for both
-                got = one_run(root, img, count, args.idle, boot=boot)
+                got = one_run(root, img, count, args.idle, boot=boot, **engine)
                 print(f"run {run + 1} {boot} x{count}: first command after {got['first'][0]:.1f} s", flush=True)
                 slot = results.setdefault((boot, count), {"first": [], "disk": [], "rss": []})
                 for k, v in got.items():
                     slot[k] += v
-    reset = {boot: resets(root, img, boot, args.runs) for boot in ("warm", "cold")}
+    reset = {boot: resets(root, img, boot, args.runs, **engine) for boot in ("warm", "cold")}
     firmware = ImageStore(root).get(img).boot
-    print(f"\n{img} ({firmware}), {args.runs} runs, TCG/KVM as detected; median [min-max]")
+    where = f"libvirt {', '.join(args.libvirt_uri) or 'qemu:///system'}" if args.engine == "libvirt" else "qemu engine"
+    print(f"\n{img} ({firmware}, {where}), {args.runs} runs, TCG/KVM as detected; median [min-max]")
     print(f"{'boot':<5} {'VMs':>3} {'env add -> first command':>28} {'disk/VM (MiB)':>22} {'RSS/VM':>22}")
     for (boot, count), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"{boot:<5} {count:>3} {fmt(r['first'], 's'):>28} {fmt(r['disk'], ''):>22} {fmt(r['rss'], 'Mi'):>22}")
@@ -186,6 +196,8 @@ def main() -> None:
     parser.add_argument("--image", default="", help="with --warm: an image of the store instead of the tuned release")
     parser.add_argument("--firmware", choices=("bios", "uefi"), help="with --image: boot it through this firmware")
     parser.add_argument("--counts", default="1,2", help="with --warm: ENV sizes, comma-separated (default 1,2)")
+    parser.add_argument("--engine", choices=("qemu", "libvirt"), default="qemu", help="with --warm: the engine")
+    parser.add_argument("--libvirt-uri", action="append", default=[], help="with --engine libvirt: a host (repeatable)")
     args = parser.parse_args()
     if args.warm:
         main_warm(args)
