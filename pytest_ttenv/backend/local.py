@@ -302,6 +302,10 @@ class LocalBackend:
             yield vm is not None and waiting(vm)
 
     def _fail_start(self, env_id: str, info: VmInfo, message: str) -> None:
+        """A VM started later could not be started: whatever of it already runs is stopped (no
+        process left waiting for what it never gets), and it and its ENV are failed."""
+        with contextlib.suppress(TTError):
+            self.engines.of(info).halt(self.store.get_env(env_id), info)
         info.state, info.error = "failed", message
         self.store.update_vm(env_id, info)
         self.store.set_env_state(env_id, "failed")

@@ -15,6 +15,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -61,6 +62,21 @@ def agent_request(sock: Path, op: str, timeout: float, what: str, **fields: str 
         raise TTError(f"{what}: no answer from the identity agent within {timeout:.0f} s") from None
     except OSError as exc:
         raise TTError(f"{what}: cannot reach the identity agent at {sock}: {exc}") from None
+
+
+def await_agent(ping: Callable[[], object], alive: Callable[[], bool] = lambda: True) -> None:
+    """Return once ``ping()`` (one ``ping`` request to an agent just started) succeeds: the agent
+    needs a moment before it serves its port. Asked again every 0.2 s for ``AGENT_TIMEOUT`` s
+    while ``alive()``; then its last TTError is raised."""
+    deadline = time.monotonic() + AGENT_TIMEOUT
+    while True:
+        try:
+            ping()
+            return
+        except TTError:
+            if time.monotonic() >= deadline or not alive():
+                raise
+            time.sleep(0.2)
 
 
 def exchange(s: socket.socket, request: bytes, nonce: str, deadline: float, what: str) -> str:

@@ -46,7 +46,7 @@ from pytest_ttenv.backend.engines import qemu, warm
 from pytest_ttenv.backend.engines.base import Boot, Start, machine_cmdline
 from pytest_ttenv.backend.engines.console import tail_file
 from pytest_ttenv.backend.engines.deferred import StartLater
-from pytest_ttenv.backend.engines.identity import AGENT_TIMEOUT, agent_request, agent_source
+from pytest_ttenv.backend.engines.identity import AGENT_TIMEOUT, agent_request, agent_source, await_agent
 from pytest_ttenv.backend.engines.libvirt_place import Host
 from pytest_ttenv.backend.engines.libvirt_upload import upload_once
 from pytest_ttenv.backend.engines.libvirt_xml import (
@@ -263,15 +263,7 @@ class LibvirtWarm(PendingIdentity):
             # cloud-init's first boot is waited for within what is left of the boot budget
             settle = max(AGENT_TIMEOUT, deadline - time.monotonic())
             warm.provision(port, image.user, login, host_key.public, agent_source(), settle, what)
-            deadline = time.monotonic() + AGENT_TIMEOUT
-            while True:  # the agent needs a moment to start
-                try:
-                    self.request(conn, name, "ping", 5.0, what)
-                    break
-                except TTError:
-                    if time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.2)
+            await_agent(lambda: self.request(conn, name, "ping", 5.0, what))
             self.request(conn, name, "seal", AGENT_TIMEOUT, what, user=image.user)
             conn.save(name, str(work / "state"))
             (work / "seed.iso").unlink()

@@ -224,8 +224,14 @@ def tcg_cx16_safe(arch: str) -> bool:
     """
     if arch != "x86_64":
         return True
+    major = major_version(arch)
+    return major is None or major >= 8
+
+
+def major_version(arch: str) -> int | None:
+    """The major version of this host's qemu for ``arch`` guests (None if unknown)."""
     m = re.search(r"version (\d+)\.", version(arch))
-    return m is None or int(m.group(1)) >= 8
+    return int(m.group(1)) if m else None
 
 
 def create_overlay(base: Path, overlay: Path, size_mib: int = 0) -> None:
@@ -380,11 +386,11 @@ def _ignore_shared(qmp: Path) -> None:
 def shares_ram(arch: str) -> str:
     """'' if this host's qemu for ``arch`` can run VM templates whose clones map the template's
     RAM (x-ignore-shared, ``-machine memory-backend``: qemu >= 5), else why not."""
-    m = re.search(r"version (\d+)\.", version(arch))
-    if m is None:
+    major = major_version(arch)
+    if major is None:
         return f"the version of {QEMU_BINARY[arch]} is unknown"
-    if int(m.group(1)) < SHARED_RAM_QEMU:
-        return f"{QEMU_BINARY[arch]} {m.group(1)}.x cannot map a template's memory (needs qemu >= {SHARED_RAM_QEMU}.0)"
+    if major < SHARED_RAM_QEMU:
+        return f"{QEMU_BINARY[arch]} {major}.x cannot map a template's memory (needs qemu >= {SHARED_RAM_QEMU}.0)"
     return ""
 
 

@@ -174,11 +174,7 @@ class QemuEngine:
             job.record()  # before any wait: a kill of this process from here on leaves a recorded qemu
             _CAPPER.watch(proc.pid, str(vmdir), (vmdir / "console.log", vmdir / "qemu.log"))
             if self._wait_monitor(proc, cfg.qmp):
-                try:
-                    qemu.load_state(cfg)  # a VM mapping its template's RAM loads the rest of its state now
-                except TTError:
-                    self.halt(job.env, info)  # no qemu left waiting for a state it will never get
-                    raise
+                qemu.load_state(cfg)  # a VM mapping its template's RAM loads the rest of its state now
                 how = f"warm start from template {template.key}" if template is not None else "booting"
                 self.progress(f"{job.vm.name}: {how} ({job.accel}, ssh port {info.port})")
                 return

@@ -159,22 +159,21 @@ class TemplateStore:
         there, and its state has the size saved; the state's checksum is verified on every use,
         as it streams (``incoming``)."""
         what = f"warm template {template.key} of {self.image.name}"
-        checked = [(template.disk, "disk_sha256", "disk")]
+        checked = [(template.disk, "disk_sha256", "disk", False)]
         if template.uefi_vars is not None:
-            checked.append((template.uefi_vars, "uefi_vars_sha256", "UEFI variable store"))
+            checked.append((template.uefi_vars, "uefi_vars_sha256", "UEFI variable store", False))
         if template.ram is not None:
-            checked.append((template.ram, "ram_sha256", "RAM file"))
-        sparse = {"ram_sha256"}
+            checked.append((template.ram, "ram_sha256", "RAM file", True))
         try:
-            for path, field, name in checked:
-                if sha256_file(path, sparse=field in sparse) != template.meta.get(field):
+            for path, field, name, sparse in checked:
+                if sha256_file(path, sparse=sparse) != template.meta.get(field):
                     raise TTError(f"{what}: its {name} fails its checksum")
             size = template.state.stat().st_size
         except OSError as exc:
             raise TTError(f"{what} is unreadable: {exc}") from None
-        backing = qemu.backing_file(template.disk)
-        if backing is not None and not Path(backing).exists():
-            raise TTError(f"{what}: the image disk it was made from ({backing}) is gone")
+        gone = _gone_backing(template)
+        if gone:
+            raise TTError(f"{what}: the image disk it was made from ({gone}) is gone")
         if size != template.meta.get("state_bytes"):
             raise TTError(f"{what}: its state is {size} bytes, not the {template.meta.get('state_bytes')} saved")
 
@@ -244,7 +243,7 @@ class TemplateStore:
                         template is None
                         or template.meta.get("inputs", {}).get("image_id") != current
                         or used < stale
-                        or _backing_gone(template)
+                        or _orphaned(template)
                     ):
                         self.remove(d.name)
                         removed.append(d)
@@ -269,15 +268,15 @@ class TemplateStore:
             meta["uefi_vars_sha256"] = sha256_file(work / UEFI_VARS)
             sealed.append(UEFI_VARS)
         if (work / RAM).exists():
+            # The RAM file stays 0600: qemu opens a memory-backend-file read-write even to map
+            # it private (share=off), so a non-root user's VMs could not map a read-only one.
+            # Its checksum is verified before use all the same.
             (work / RAM).chmod(0o600)
             meta["ram_sha256"] = sha256_file(work / RAM, sparse=True)
         (work / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for name in sealed:
             (work / name).chmod(0o400)
-        # The RAM file stays 0600: qemu opens a memory-backend-file read-write even to map it
-        # private (share=off), so a non-root user's VMs could not map a read-only one. Its
-        # checksum is verified before use all the same.
-        for name in [*sealed, *([RAM] if (work / RAM).exists() else [])]:
+        for name in [*sealed, *([RAM] if "ram_sha256" in meta else [])]:
             with open(work / name, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(work)
@@ -289,13 +288,20 @@ class TemplateStore:
         return found
 
 
-def _backing_gone(template: Template) -> bool:
-    """Whether the template's disk names a backing file that no longer exists."""
+def _gone_backing(template: Template) -> str:
+    """The backing file the template's disk names if it no longer exists, else ''. TTError if
+    the disk is not a readable qcow2 image."""
+    backing = qemu.backing_file(template.disk)
+    return backing if backing is not None and not Path(backing).exists() else ""
+
+
+def _orphaned(template: Template) -> bool:
+    """Whether the template can no longer be started: its image disk is gone, or its own disk
+    is not a readable qcow2 image."""
     try:
-        backing = qemu.backing_file(template.disk)
+        return bool(_gone_backing(template))
     except TTError:
         return True
-    return backing is not None and not Path(backing).exists()
 
 
 def remove_dir(template: Path) -> None:

@@ -46,7 +46,7 @@ from pytest_ttenv.backend.engines import identity as agent
 from pytest_ttenv.backend.engines import qemu
 from pytest_ttenv.backend.engines.base import machine_cmdline
 from pytest_ttenv.backend.engines.console import clean_text, tail_file
-from pytest_ttenv.backend.engines.identity import AGENT_PATH, AGENT_TIMEOUT, agent_request, agent_source
+from pytest_ttenv.backend.engines.identity import AGENT_PATH, AGENT_TIMEOUT, agent_request, agent_source, await_agent
 from pytest_ttenv.backend.engines.net import free_port, ssh_banner
 from pytest_ttenv.backend.engines.seed import SeedData, write_seed_iso
 from pytest_ttenv.backend.engines.templates import RAM, UEFI_VARS, Template, TemplateStore, image_identity
@@ -247,15 +247,8 @@ def make_template(
             raise TTError(f"no usable host port for the template VM of {image.name} after 5 tries")
         what = f"template of {image.name}"
         provision(port, image.user, login, host_key.public, agent_source(), boot_timeout, what)
-        deadline = time.monotonic() + AGENT_TIMEOUT
-        while True:  # the agent needs a moment to start; the socket answers once it serves the port
-            try:
-                agent_request(ident, "ping", 5.0, what)
-                break
-            except TTError:
-                if time.monotonic() >= deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
+        running = proc  # as started: what the check below asks about
+        await_agent(lambda: agent_request(ident, "ping", 5.0, what), lambda: running.poll() is None)
         agent_request(ident, "seal", AGENT_TIMEOUT, what, user=image.user)
         qemu.save_state(qmp, work / "state", SAVE_TIMEOUT, ignore_shared=bool(inputs.get("shared_ram")))
         qemu.stop(proc.pid, str(work), qmp)
