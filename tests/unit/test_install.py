@@ -74,6 +74,7 @@ def test_wheel_carries_the_data_files(wheel: Path) -> None:
     assert "pytest_ttenv/backend/engines/guest/ttenv-identity" in names
     assert "pytest_ttenv/backend/images/catalog.yaml" in names
     assert "pytest_ttenv/report/matrix.schema.json" in names
+    assert "pytest_ttenv/core/capture.schema.json" in names
     assert "pytest_ttenv/py.typed" in names
     assert "pytest_ttenv/ssh/ttagent.py" in names  # the agent, read as a resource and sent to the guest
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
