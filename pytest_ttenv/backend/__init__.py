@@ -21,8 +21,10 @@ import inspect
 import os
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Protocol
 
+from pytest_ttenv.core.capture_manifest import CaptureInfo, TestRecord
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo
 from pytest_ttenv.errors import UsageError
 
@@ -64,6 +66,23 @@ class Backend(Protocol):
     def revert(self, env_ref: str, vm_name: str, name: str) -> None: ...
 
     def console(self, env_ref: str, vm_name: str, tail: int = 50) -> str: ...
+
+    def capture(
+        self,
+        env_ref: str,
+        vm_name: str,
+        dest: Path,
+        test: TestRecord,
+        *,
+        image: str = "auto",
+        max_bytes: int | None = None,
+    ) -> CaptureInfo:
+        """Save the running VM (memory, devices, disk delta, console) with ``test`` into the capture
+        file ``dest`` (``core.capture_format``); the VM runs on afterwards. ``image``: ``auto``
+        bundles the image when it cannot be had by name elsewhere (built or imported here),
+        ``always`` / ``never``. CaptureSkipped (no file left) if it would pass ``max_bytes`` or
+        the VM cannot be captured; the guest's identity agent must run in it (``identity.agent_start_command``)."""
+        ...
 
 
 class BackendFactory(Protocol):

@@ -32,6 +32,24 @@ class CaptureError(TTError):
     exit_code = 2
 
 
+class CaptureSkipped(TTError):
+    """A capture was not kept: it would have passed the size cap (``--tt-capture-max``), or the VM
+    cannot be captured (its engine, its state). ``str()`` says which in one line; no file is left."""
+
+
+@dataclass(frozen=True)
+class CaptureInfo:
+    """A capture made: the file, its size in bytes, the seconds it took (``paused``: of them, the
+    VM was paused), and whether the image is inside it."""
+
+    path: str
+    vm: str
+    size: int
+    seconds: float
+    paused: float
+    bundled: bool
+
+
 @dataclass(frozen=True)
 class TestRecord:
     """The test the capture was made for: its pytest node id, the phase and its outcome."""

@@ -13,6 +13,7 @@ import base64
 import os
 import re
 import secrets
+import shlex
 import socket
 import time
 from collections.abc import Callable
@@ -37,6 +38,24 @@ def agent_source() -> str:
     """The guest identity agent (a python3 script)."""
     text: str = resources.files("pytest_ttenv.backend.engines").joinpath("guest").joinpath("ttenv-identity").read_text()
     return text
+
+
+def agent_start_command(user: str, embedded: bool = False) -> str:
+    """The shell command that puts the agent into the guest's /run and starts it as the unit
+    ``ttenv-identity`` (through ``sudo -n`` for a ``user`` other than root). It reads the agent's
+    source from stdin, or with ``embedded`` carries it (base64) and is a no-op where the unit
+    already runs (a warm VM's, or one started before): for a channel that has no stdin."""
+    install = (
+        "command -v python3 >/dev/null || { echo 'no python3 in the guest' >&2; exit 1; }; "
+        f"cat > {AGENT_PATH} && chmod 0755 {AGENT_PATH} && "
+        f"systemd-run --quiet --unit=ttenv-identity /usr/bin/python3 {AGENT_PATH}"
+    )
+    if embedded:
+        blob = base64.b64encode(agent_source().encode()).decode()
+        install = (
+            f"systemctl is-active --quiet ttenv-identity && exit 0; printf %s {blob} | base64 -d | {{ {install}; }}"
+        )
+    return install if user == "root" else f"sudo -n /bin/sh -c {shlex.quote(install)}"
 
 
 def agent_request(sock: Path, op: str, timeout: float, what: str, **fields: str | bytes) -> str:

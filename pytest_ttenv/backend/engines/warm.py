@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import secrets
-import shlex
 import shutil
 import subprocess
 import time
@@ -46,7 +45,13 @@ from pytest_ttenv.backend.engines import identity as agent
 from pytest_ttenv.backend.engines import qemu
 from pytest_ttenv.backend.engines.base import machine_cmdline
 from pytest_ttenv.backend.engines.console import clean_text, tail_file
-from pytest_ttenv.backend.engines.identity import AGENT_PATH, AGENT_TIMEOUT, agent_request, agent_source, await_agent
+from pytest_ttenv.backend.engines.identity import (
+    AGENT_TIMEOUT,
+    agent_request,
+    agent_source,
+    agent_start_command,
+    await_agent,
+)
 from pytest_ttenv.backend.engines.net import free_port, ssh_banner
 from pytest_ttenv.backend.engines.seed import SeedData, write_seed_iso
 from pytest_ttenv.backend.engines.templates import RAM, UEFI_VARS, Template, TemplateStore, image_identity
@@ -293,13 +298,7 @@ def provision(port: int, user: str, login: KeyPair, host_key: str, source: str, 
         'if [ $rc != 0 ] && [ $rc != 2 ]; then echo "cloud-init did not finish: $(cloud-init status)" >&2; exit 1; fi; '
         "fi"
     )
-    command = (
-        f"command -v python3 >/dev/null || {{ echo 'no python3 in the guest' >&2; exit 1; }}; "
-        f"cat > {AGENT_PATH} && chmod 0755 {AGENT_PATH} && "
-        f"systemd-run --quiet --unit=ttenv-identity /usr/bin/python3 {AGENT_PATH}"
-    )
-    if user != "root":
-        command = f"sudo -n /bin/sh -c {shlex.quote(command)}"
+    command = agent_start_command(user)
 
     async def run() -> list[asyncssh.SSHCompletedProcess]:
         async with asyncssh.connect(
