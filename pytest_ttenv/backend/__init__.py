@@ -76,12 +76,14 @@ class Backend(Protocol):
         *,
         image: str = "auto",
         max_bytes: int | None = None,
+        report: str = "",
     ) -> CaptureInfo:
         """Save the running VM (memory, devices, disk delta, console) with ``test`` into the capture
         file ``dest`` (``core.capture_format``); the VM runs on afterwards. ``image``: ``auto``
         bundles the image when it cannot be had by name elsewhere (built or imported here),
-        ``always`` / ``never``. CaptureSkipped (no file left) if it would pass ``max_bytes`` or
-        the VM cannot be captured; the guest's identity agent must run in it (``identity.agent_start_command``)."""
+        ``always`` / ``never``. ``report``: the test's report text, kept in it. CaptureSkipped
+        (no file left) if it would pass ``max_bytes`` or the VM cannot be captured. The guest's
+        identity agent must run in it (``identity.agent_start_command``)."""
         ...
 
 

@@ -19,6 +19,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -26,6 +27,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from pytest_ttenv.core.capture_manifest import CaptureInfo, CaptureSkipped, TestRecord
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo
 from pytest_ttenv.core.naming import match_prefixes
 from pytest_ttenv.errors import BootError, NotFound, QuotaError, TTError, UsageError, VmDied
@@ -214,7 +216,13 @@ class HttpBackend:
 
     # -- ENVs ---------------------------------------------------------------------------------------
     def create_env(self, spec: EnvSpec) -> EnvInfo:
-        """Create the ENV on the server; returns at once while its VMs boot."""
+        """Create the ENV on the server; returns at once while its VMs boot. A replay (a VM with
+        ``restore``) is made on a machine with qemu, not through a server (UsageError)."""
+        if any(vm.restore for vm in spec.vms):
+            raise UsageError(
+                "a capture is replayed on a machine with qemu, not through a server",
+                "run ttenv replay FILE without --backend (copy the file there first)",
+            )
         body: dict[str, Any] = {
             "name": spec.name,
             "vms": [
@@ -269,6 +277,20 @@ class HttpBackend:
         """The last ``tail`` lines (1-2000) of the VM's serial console."""
         path = f"/envs/{self._seg(env_ref)}/vms/{self._seg(vm_name)}/console"
         return str(self._call("GET", path, params={"tail": max(1, min(int(tail), 2000))})["text"])
+
+    def capture(
+        self,
+        env_ref: str,
+        vm_name: str,
+        dest: Path,
+        test: TestRecord,
+        *,
+        image: str = "auto",
+        max_bytes: int | None = None,
+        report: str = "",
+    ) -> CaptureInfo:
+        """Captures are made where the VM runs: not through a server (CaptureSkipped)."""
+        raise CaptureSkipped(f"VM {vm_name} runs behind a server ({self.url}): captures are made on the local backend")
 
     def status(self) -> dict[str, Any]:
         """The server's ``/v1/status``: version, engine, public address, totals/used/free, counts."""

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from pytest_ttenv.backend import readiness, sweep
+from pytest_ttenv.backend import capture, readiness, replay, sweep
 from pytest_ttenv.backend.engines import accel as accel_mod
 from pytest_ttenv.backend.engines.base import Boot, Engine, Start, waiting
 from pytest_ttenv.backend.engines.net import any_ports, free_ports
@@ -42,16 +42,16 @@ from pytest_ttenv.backend.engines.seed import SeedData, instance_id, write_seed_
 from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.backend.owner import current, start_time
 from pytest_ttenv.backend.store import Store
+from pytest_ttenv.backend.validate import check_resources, current_user, vm_of
+from pytest_ttenv.core.capture_manifest import CaptureInfo, CaptureSkipped, TestRecord
 from pytest_ttenv.core.keys import KeyPair
-from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
+from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
 from pytest_ttenv.core.naming import check_env_name, match_prefixes
 from pytest_ttenv.core.paths import image_dir, private_dir, runtime_dir, socket_dir, state_dir, write_private
 from pytest_ttenv.errors import BootError, NotFound, TTError, UsageError, from_os_error
 
 __all__ = ["LocalBackend"]
 
-MAX_CPU = 64
-MIN_MEM_MIB = 128
 _WARNED: set[str] = set()  # TCG fallback reasons already said in this process (said once)
 
 
@@ -151,10 +151,18 @@ class LocalBackend:
         engine makes something first, its warm template, waits ``booting`` meanwhile).
 
         Any failure before all VMs are started removes everything created so far; a failing
-        file operation (disk full, no permission) becomes one TTError line.
+        file operation (disk full, no permission) becomes one TTError line. A VM with ``restore``
+        is the capture replayed (``replay``), alone in its ENV.
         """
+        if not spec.vms:
+            raise UsageError("an ENV needs at least one VM")
+        if any(vm.restore for vm in spec.vms[1:]) or (spec.vms[0].restore and len(spec.vms) > 1):
+            raise UsageError("a replay is an ENV of its one VM")
+        restore = (
+            replay.prepare(Path(spec.vms[0].restore), self.image_store, self.state) if spec.vms[0].restore else None
+        )
         try:
-            return self._create_env(spec)
+            return self._create_env(spec, restore)
         except OSError as exc:
             raise from_os_error(exc, f"create ENV {spec.name}") from None
         except sqlite3.OperationalError as exc:  # SQLITE_FULL: the state dir's disk is full
@@ -162,27 +170,31 @@ class LocalBackend:
                 raise
             full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.state))
             raise from_os_error(full, f"create ENV {spec.name}") from None
+        finally:
+            if restore is not None:
+                restore.discard()
 
-    def _create_env(self, spec: EnvSpec) -> EnvInfo:
+    def _create_env(self, spec: EnvSpec, restore: replay.Restore | None) -> EnvInfo:
         check_env_name(spec.name)
-        if not spec.vms:
-            raise UsageError("an ENV needs at least one VM")
         names = [vm.name for vm in spec.vms]
         if len(set(names)) != len(names):
             raise UsageError(f"VM names in an ENV must be unique: {', '.join(names)}")
-        plan = [(vm, self.image_store.get(vm.image)) for vm in spec.vms]
+        plan = [(vm, restore.image if restore else self.image_store.get(vm.image)) for vm in spec.vms]
         for vm, image in plan:
             check_env_name(vm.name)
-            _check_resources(vm.resources, image)
+            check_resources(vm.resources, image)
         accels = {}
         for _, image in plan:
             if image.arch not in accels:
                 probe = self._probe_image(image.arch) if image.kernel is None else None
                 accels[image.arch] = accel_mod.choose(spec.accel, image, probe)
                 self._warn_tcg(accels[image.arch], image)
-        owner = spec.owner or _user()
+        owner = spec.owner or current_user()
         engine = self.engines.new
-        boots = [self._plan(engine, spec, vm, image, accels[image.arch].name, owner) for vm, image in plan]
+        boots = [
+            Boot("warm", "a replay") if restore else self._plan(engine, spec, vm, image, accels[image.arch].name, owner)
+            for vm, image in plan
+        ]
         self.gc()
         held = [vm for env in self.store.list_envs() for vm in env.vms if vm.engine == engine.name]
         hosts = engine.place([vm for vm, _ in plan], held)
@@ -211,10 +223,13 @@ class LocalBackend:
             self.store.add_env(info, spec.owner_pid, owner_start)
             booting = self._booting() + len(plan)
             jobs = [
-                self._prepare(info, spec, vm, image, accels[image.arch], engine, host, boot, booting)
+                self._prepare(info, spec, vm, image, accels[image.arch], engine, host, boot, booting, restore)
                 for (vm, image), host, boot in zip(plan, hosts, boots, strict=True)
             ]
-            engine.start(jobs)
+            if restore is not None:
+                replay.restore(engine, jobs[0], restore, self.progress)
+            else:
+                engine.start(jobs)
         except BaseException:
             self._undo_create(env_id, rundir, sockets, engine)
             raise
@@ -238,6 +253,7 @@ class LocalBackend:
         host: str,
         boot: Boot,
         booting: int,
+        restore: replay.Restore | None = None,
     ) -> Start:
         """The VM's run dir, host key, seed, machine-id and port, recorded (``booting``): its job
         for the engine."""
@@ -245,7 +261,7 @@ class LocalBackend:
         vmdir.mkdir(mode=0o700)
         host_key = KeyPair.generate(f"ttenv-{vm.name}")
         resize = vm.resources.disk_mib > image.disk_mib
-        machine_id = secrets.token_hex(16)
+        machine_id = restore.machine.machine_id if restore else secrets.token_hex(16)
         write_seed_iso(
             SeedData(vm.name, instance_id(env.id, vm.name), image.user, spec.client_pubkey, host_key, resize=resize),
             vmdir / "seed.iso",
@@ -352,7 +368,7 @@ class LocalBackend:
         self, env_ref: str, vm_name: str, timeout: float | None, final: bool, stop: Callable[[], bool] | None = None
     ) -> VmInfo:
         env = self.store.get_env(env_ref)
-        vm = _vm(env, vm_name)
+        vm = vm_of(env, vm_name)
         if vm.state == "running":
             return vm
         if vm.state != "booting":
@@ -437,16 +453,38 @@ class LocalBackend:
     def _running(self, env_ref: str, vm_name: str) -> tuple[EnvInfo, VmInfo]:
         """The ENV and its VM ``vm_name``; BootError (with the console tail) if the VM does not run."""
         env = self.store.get_env(env_ref)
-        vm = _vm(env, vm_name)
+        vm = vm_of(env, vm_name)
         why = self.engines.of(vm).dead(env, vm)
         if why:
             raise BootError(f"VM {vm.name} died ({why})", self.console(env.id, vm.name))
         return env, vm
 
+    def capture(
+        self,
+        env_ref: str,
+        vm_name: str,
+        dest: Path,
+        test: TestRecord,
+        *,
+        image: str = "auto",
+        max_bytes: int | None = None,
+        report: str = "",
+    ) -> CaptureInfo:
+        """Capture the running VM into ``dest`` (``capture.make``); it runs on afterwards."""
+        env, vm = self._running(env_ref, vm_name)
+        try:
+            info = self.image_store.get(vm.image)
+        except TTError:
+            raise CaptureSkipped(f"image {vm.image} of VM {vm.name} is gone: nothing to capture it on") from None
+        engine = self.engines.of(vm)
+        return capture.make(
+            engine, env, vm, info, self.state, dest, test, policy=image, report=report, max_bytes=max_bytes
+        )
+
     def console(self, env_ref: str, vm_name: str, tail: int = 50) -> str:
         """The last ``tail`` lines of the VM's serial console."""
         env = self.store.get_env(env_ref)
-        vm = _vm(env, vm_name)
+        vm = vm_of(env, vm_name)
         return self.engines.of(vm).console(env, vm, tail)
 
     def gc(self) -> list[EnvInfo]:
@@ -461,34 +499,3 @@ class LocalBackend:
     def _live(self, env_id: str) -> bool:
         """Whether the store holds ENV ``env_id`` right now."""
         return any(env.id == env_id for env in self.store.list_envs())
-
-
-def _vm(env: EnvInfo, name: str) -> VmInfo:
-    """The ENV's VM called ``name``, or NotFound listing its VMs."""
-    try:
-        return env.vm(name)
-    except KeyError:
-        raise NotFound(
-            f"no VM named {name!r} in ENV {env.id}", f"VMs: {', '.join(v.name for v in env.vms) or 'none'}"
-        ) from None
-
-
-def _check_resources(res: Resources, image: ImageInfo) -> None:
-    if not 1 <= res.cpu <= MAX_CPU:
-        raise UsageError(f"--cpu must be between 1 and {MAX_CPU}, got {res.cpu}")
-    if res.mem_mib < MIN_MEM_MIB:
-        raise UsageError(f"--mem must be at least {MIN_MEM_MIB} MiB, got {res.mem_mib}")
-    if res.disk_mib and res.disk_mib < image.disk_mib:
-        raise UsageError(
-            f"--disk {res.disk_mib} MiB is smaller than image {image.name} ({image.disk_mib} MiB)",
-            "omit --disk or give a larger size",
-        )
-
-
-def _user() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (KeyError, ImportError):
-        return str(os.getuid())

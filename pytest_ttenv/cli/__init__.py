@@ -1,7 +1,7 @@
-"""``ttenv``: doctor, image list|pull|import|build|rm, env add|list|show|run|console|renew|del, gc,
+"""``ttenv``: doctor, image list|pull|import|build|rm, env add|list|show|run|console|renew|del, replay, gc,
 serve, token add|list|rm, status, report.
 
-One module per noun (``doctor``, ``image``, ``env``, ``gc``, ``serve``, ``token``, ``status``; ``report``
+One module per noun (``doctor``, ``image``, ``env``, ``replay``, ``gc``, ``serve``, ``token``, ``status``; ``report``
 is ``pytest_ttenv.report.command``), each with the same two functions:
 
 - ``add_arguments(parser)`` fills the noun's parser: its options, or, for a noun with actions
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from pytest_ttenv import __version__
-from pytest_ttenv.cli import doctor, env, gc, image, serve, status, token
+from pytest_ttenv.cli import doctor, env, gc, image, replay, serve, status, token
 from pytest_ttenv.cli.output import out
 from pytest_ttenv.errors import TTError
 from pytest_ttenv.report import command as report
@@ -45,6 +45,7 @@ NOUNS = (  # in the order ``ttenv --help`` lists them
     Noun("doctor", "what this host has and lacks", doctor.add_arguments, doctor.run),
     Noun("image", "list, pull, import, build or remove images", image.add_arguments, image.run),
     Noun("env", "create, inspect, use and delete ENVs", env.add_arguments, env.run),
+    Noun("replay", "bring a captured VM (--tt-capture) back, running, as an ENV", replay.add_arguments, replay.run),
     Noun("gc", "reap ENVs whose owner died or whose lease expired", gc.add_arguments, gc.run),
     Noun("serve", "run the host server: this host's VMs behind a REST API", serve.add_arguments, serve.run),
     Noun("token", "bearer tokens of the host server (in its --state-dir)", token.add_arguments, token.run),

@@ -39,6 +39,7 @@ from pytest_ttenv.core.capture_manifest import (
 )
 
 __all__ = [
+    "HOSTILE",
     "MAX_BYTES",
     "SUFFIX",
     "CaptureError",
@@ -77,7 +78,7 @@ _KINDS = {
     b"S": "a sparse file",
 }
 _DAMAGED = "the file is damaged or was changed: copy it again from where it was made"
-_HOSTILE = "a capture made by ttenv holds regular files only: do not use this file"
+HOSTILE = "a capture made by ttenv holds regular files only: do not use this file"
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ def _first(stream: _Stream, where: str, max_bytes: int) -> Manifest:
         raise CaptureError(f"capture {where} is not a ttenv capture (it starts with {first}, not {MANIFEST})", _DAMAGED)
     size = header[1]
     if size > MAX_MANIFEST:
-        raise CaptureError(f"capture {where}: {MANIFEST} is {size} bytes, over the cap of {MAX_MANIFEST}", _HOSTILE)
+        raise CaptureError(f"capture {where}: {MANIFEST} is {size} bytes, over the cap of {MAX_MANIFEST}", HOSTILE)
     raw = stream.read(size + (-size % BLOCK))[:size]
     return parse(raw, where, max_bytes)
 
@@ -317,13 +318,13 @@ def _header(stream: _Stream, where: str) -> tuple[str, int] | None:
     try:
         name = name_bytes.decode("utf-8")
     except UnicodeDecodeError:
-        raise CaptureError(f"capture {where}: a member's name is not UTF-8 ({name_bytes[:60]!r})", _HOSTILE) from None
+        raise CaptureError(f"capture {where}: a member's name is not UTF-8 ({name_bytes[:60]!r})", HOSTILE) from None
     kind = block[156:157]
     if kind not in (b"0", b"\0"):
         what = _KINDS.get(kind, f"of tar type {kind!r}")
-        raise CaptureError(f"capture {where}: member {_safe(name)} is {what}", _HOSTILE)
+        raise CaptureError(f"capture {where}: member {_safe(name)} is {what}", HOSTILE)
     if name.startswith("/") or ".." in name.split("/"):
-        raise CaptureError(f"capture {where}: member {_safe(name)} points outside the capture", _HOSTILE)
+        raise CaptureError(f"capture {where}: member {_safe(name)} points outside the capture", HOSTILE)
     return name, _size(block[124:136], where)
 
 
@@ -407,14 +408,14 @@ class _Stream:
         while not self._zstd.eof:
             self._fill()
         if len(self._buf) > _TAIL or self._buf.count(0) != len(self._buf):
-            raise CaptureError(f"capture {self._where} holds data after the end of its archive", _HOSTILE)
+            raise CaptureError(f"capture {self._where} holds data after the end of its archive", HOSTILE)
         if self._zstd.unused_data or self._f.read(1):
-            raise CaptureError(f"capture {self._where} holds data after its zstd frame", _HOSTILE)
+            raise CaptureError(f"capture {self._where} holds data after its zstd frame", HOSTILE)
 
     def _fill(self) -> None:
         if self.limit and self.produced > self.limit:
             raise CaptureError(
-                f"capture {self._where} decompresses to more than its manifest allows ({self.limit} bytes)", _HOSTILE
+                f"capture {self._where} decompresses to more than its manifest allows ({self.limit} bytes)", HOSTILE
             )
         if self._zstd.eof:
             raise CaptureError(f"capture {self._where} is truncated (its archive ends too early)", _DAMAGED)

@@ -85,6 +85,9 @@ class VmRecord:
     cpus: int
     mem_mib: int
     boot: str
+    machine_id: str
+    ram_named: bool
+    vmgenid: bool
     image: ImageRef
 
 
@@ -135,6 +138,9 @@ class Manifest:
                 "cpus": vm.cpus,
                 "mem_mib": vm.mem_mib,
                 "boot": vm.boot,
+                "machine_id": vm.machine_id,
+                "ram_named": vm.ram_named,
+                "vmgenid": vm.vmgenid,
                 "image": {"name": vm.image.name, "sha256": vm.image.sha256, "bundled": vm.image.bundled},
             },
             "members": [{"name": m.name, "role": m.role, "size": m.size, "sha256": m.sha256} for m in self.members],

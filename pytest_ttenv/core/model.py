@@ -64,11 +64,14 @@ class Resources:
 
 @dataclass(frozen=True)
 class VmSpec:
-    """One VM to create: its name inside the ENV, the image it clones, its resources."""
+    """One VM to create: its name inside the ENV, the image it clones, its resources. ``restore``:
+    the path (on the backend's host) of a capture to replay instead; the VM is then the captured
+    one, its image and resources the capture's."""
 
     name: str
     image: str
     resources: Resources = Resources()
+    restore: str = ""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,9 @@ REPORT = b"E   assert 1 == 2\n"
 
 def vm(bundled: bool = False) -> cf.VmRecord:
     image = cf.ImageRef("debian-12-x86_64", "ab" * 32, bundled)
-    return cf.VmRecord("vm1", "x86_64", "pc-q35-7.2", "7.2.11", "tcg", "max", 2, 512, "warm", image)
+    return cf.VmRecord(
+        "vm1", "x86_64", "pc-q35-7.2", "7.2.11", "tcg", "max", 2, 512, "warm", "0" * 32, True, True, image
+    )
 
 
 TEST = cf.TestRecord("tests/test_x.py::test_fails[debian-12-x86_64]", "call", "failed")

@@ -26,7 +26,7 @@ import pytest
 
 import pytest_ttenv
 from pytest_ttenv.access import target
-from pytest_ttenv.backend import local
+from pytest_ttenv.backend import validate
 from pytest_ttenv.backend.engines import accel as accel_mod
 from pytest_ttenv.backend.engines import templates, warm
 from pytest_ttenv.backend.images.store import ImageStore
@@ -111,7 +111,7 @@ def template(store: ImageInfo, backend: LocalBackend) -> templates.Template:
     vm = VmSpec("vm", store.name, RES)
     acc = accel_mod.choose("auto", store).name
     spec = EnvSpec("E", (vm,), CLIENT.public, boot="warm")
-    boot = backend.engines.new.plan(spec, vm, store, acc, local._user())
+    boot = backend.engines.new.plan(spec, vm, store, acc, validate.current_user())
     assert boot.how == "warm", boot.why
     tstore = templates.TemplateStore(store)
     with tstore.lock(boot.key, 60):

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pytest_ttenv.core.keys import KeyPair
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
 
+DIFF_FILE = "replay.diff"  # in a replayed VM's run dir: how the capture's host differs from this one
 GUEST_MAC = "52:54:00:12:34:56"  # every engine gives a VM's one NIC this MAC (qemu's default); its seed matches on it
 
 
@@ -78,6 +79,33 @@ class Start:
     def cmdline(self) -> str:
         """Its kernel command line for direct boot."""
         return machine_cmdline(self.image, self.machine_id)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What of a VM's qemu a replay must reproduce to load its state."""
+
+    arch: str
+    machine: str  # versioned machine type, e.g. pc-q35-7.2 (what the alias q35 meant when it was saved)
+    cpu_model: str  # qemu's -cpu
+    cpus: int
+    mem_mib: int
+    ram_named: bool  # its RAM is the named backend ``qemu.RAM_ID`` (it mapped a warm template's RAM file)
+    vmgenid: bool  # it has a VM generation ID device
+    machine_id: str  # its systemd machine-id (on its kernel command line)
+    qemu_version: str  # qemu's version line
+
+
+@dataclass(frozen=True)
+class Saved:
+    """The files ``Engine.capture`` made in its work dir, and how long the VM was paused."""
+
+    machine: Machine
+    state: Path
+    overlay: Path
+    uefi_vars: Path | None
+    console: Path
+    paused: float
 
 
 class Engine(Protocol):
@@ -148,6 +176,17 @@ class Engine(Protocol):
 
     def console(self, env: EnvInfo, vm: VmInfo, tail: int) -> str:
         """The last ``tail`` lines of the VM's serial console ('' if there is none yet)."""
+        ...
+
+    def capture(self, env: EnvInfo, vm: VmInfo, image: ImageInfo, work: Path) -> Saved:
+        """Save the running VM into the empty dir ``work`` (state, disk delta on ``image``, UEFI
+        variables, console); it runs on afterwards. CaptureSkipped if this engine cannot."""
+        ...
+
+    def restore(self, job: Start, machine: Machine) -> None:
+        """Start ``job``'s VM from the saved files in its run dir (``Saved``'s names, the overlay
+        already on this host's image) as the machine ``machine``; it takes its new identity (host
+        key, client key, clock) once it runs. BootError/TTError if it cannot start."""
         ...
 
     def abandon(self, env_id: str, rundir: Path) -> None:

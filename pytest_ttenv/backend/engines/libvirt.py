@@ -39,7 +39,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pytest_ttenv.backend.engines import qemu
-from pytest_ttenv.backend.engines.base import Boot, Start, host_label, waiting
+from pytest_ttenv.backend.engines.base import Boot, Machine, Saved, Start, host_label, waiting
 from pytest_ttenv.backend.engines.console import tail_text
 from pytest_ttenv.backend.engines.deferred import start_all
 from pytest_ttenv.backend.engines.libvirt_place import Capacity, Host, parse_hosts, place
@@ -66,8 +66,9 @@ from pytest_ttenv.backend.engines.virt import (
     open_conn,
 )
 from pytest_ttenv.backend.engines.warm import template_budget
+from pytest_ttenv.core.capture_manifest import CaptureSkipped
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
-from pytest_ttenv.errors import BootError, NotFound, TTError
+from pytest_ttenv.errors import BootError, NotFound, TTError, UsageError
 
 POOL = "ttenv"
 POOL_PATH = "/var/lib/libvirt/ttenv"
@@ -396,6 +397,12 @@ class LibvirtEngine:
         except VirtError:
             return ""
         return tail_text(data, tail)
+
+    def capture(self, env: EnvInfo, vm: VmInfo, image: ImageInfo, work: Path) -> Saved:
+        raise CaptureSkipped(f"VM {vm.name} runs on the libvirt engine: captures are made on the qemu engine only")
+
+    def restore(self, job: Start, machine: Machine) -> None:
+        raise UsageError("a capture is replayed on the qemu engine", "replay it with the local backend's qemu engine")
 
     # -- gc ------------------------------------------------------------------------------------
     def abandon(self, env_id: str, rundir: Path) -> None:

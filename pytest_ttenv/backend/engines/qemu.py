@@ -53,11 +53,13 @@ class QemuConfig:
     uefi_vars: Path | None = None  # UEFI boot: this VM's writable copy of the firmware variables (qcow2 if so named)
     tcg_cx16: bool = True  # False: hide CMPXCHG16B from x86_64 TCG guests (see tcg_cx16_safe)
     bind_addr: str = "127.0.0.1"  # host address the SSH port is forwarded on (a server: its listen address)
-    identity: Path | None = None  # warm boot: unix socket of the virtio-serial port the identity agent serves
+    identity: Path | None = None  # unix socket of the virtio-serial port the identity agent serves
     vmgenid: str | None = None  # warm boot (x86_64): the VM generation ID, a GUID new for every VM
     incoming: str | None = None  # warm boot: the migration stream to start from (``exec:...``)
     ram_file: Path | None = None  # VM templating: guest RAM in this file (see build_argv) ...
     ram_share: bool = False  # ... written through (a template) or mapped copy-on-write (a clone)
+    ram_anon: bool = False  # guest RAM in plain memory named as a RAM file's (a replay of a VM that mapped one)
+    machine_type: str = ""  # a versioned machine type (``pc-q35-7.2``) instead of the arch's alias (a replay)
 
 
 def qmp_path(env_id: str, vm_name: str) -> Path:
@@ -66,7 +68,7 @@ def qmp_path(env_id: str, vm_name: str) -> Path:
 
 
 def identity_path(env_id: str, vm_name: str) -> Path:
-    """A warm VM's identity agent channel (its virtio-serial port's host end), beside its QMP socket."""
+    """A VM's identity agent channel (its virtio-serial port's host end), beside its QMP socket."""
     return socket_dir(env_id) / f"{vm_name}.id"
 
 
@@ -78,8 +80,10 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     ``uefi_vars`` is given: a ``.qcow2`` variable store is given to the pflash device as qcow2, so
     ``savevm`` can snapshot it with the disk), booting from the root disk first. No NIC option ROM is loaded
     (iPXE: nothing network-boots, and it costs firmware time under emulation).
-    Warm boot adds the identity agent's virtio-serial port, a VM generation ID (x86_64) and, for a
-    VM started from a saved state, ``-incoming``. With ``ram_file`` the guest's RAM is that file
+    ``identity`` adds the identity agent's virtio-serial port (every VM of the engine has it; a cold
+    VM's agent is started only to capture it); warm boot adds a VM generation ID (x86_64) and, for
+    a VM started from a saved state, ``-incoming``. ``machine_type`` and ``ram_anon``: a replay's.
+    With ``ram_file`` the guest's RAM is that file
     (``memory-backend-file``): ``ram_share`` maps it shared (a template writes its RAM there, and
     its saved state leaves that RAM out), else private, copy-on-write (a clone of the template:
     its RAM pages stay the file's until the guest writes them, so clones share what they do not
@@ -99,7 +103,9 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     else:
         machine = ["-machine", "virt"]
         cpu = "rv64" if cfg.accel != "kvm" else "host"
-    if cfg.ram_file is not None:
+    if cfg.machine_type:
+        machine[-1] = ",".join([cfg.machine_type, *machine[-1].split(",")[1:]])
+    if cfg.ram_file is not None or cfg.ram_anon:
         machine[-1] += f",memory-backend={RAM_ID}"
     argv = [
         QEMU_BINARY[cfg.arch],
@@ -164,6 +170,8 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         share = "on" if cfg.ram_share else "off"
         mem = f"size={cfg.resources.mem_mib}M,mem-path={cfg.ram_file},share={share}"
         argv += ["-object", f"memory-backend-file,id={RAM_ID},{mem}"]
+    elif cfg.ram_anon:
+        argv += ["-object", f"memory-backend-ram,id={RAM_ID},size={cfg.resources.mem_mib}M"]
     if cfg.incoming is not None:
         argv += ["-incoming", "defer" if deferred_incoming(cfg) else cfg.incoming]
     return argv

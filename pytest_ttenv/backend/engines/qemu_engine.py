@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pytest_ttenv.backend.engines import qemu
-from pytest_ttenv.backend.engines.base import Boot, Start, waiting
+from pytest_ttenv.backend.engines.base import DIFF_FILE, Boot, Machine, Saved, Start, waiting
 from pytest_ttenv.backend.engines.console import cap_log, tail_file
 from pytest_ttenv.backend.engines.deferred import start_all
 from pytest_ttenv.backend.engines.net import ssh_banner
 from pytest_ttenv.backend.engines.qemu import identity_path, qmp_path
+from pytest_ttenv.backend.engines.qemu_capture import restore_config, save
 from pytest_ttenv.backend.engines.qemu_warm import WarmStarts
 from pytest_ttenv.backend.engines.templates import UEFI_VARS, Template
 from pytest_ttenv.backend.engines.warm import qemu_config, template_budget
@@ -118,7 +119,7 @@ class QemuEngine:
     def _launch(self, job: Start, template: Template | None) -> None:
         """Linked-clone overlay in the VM dir, then qemu; a taken port moves the VM (5 tries). With
         ``template``: the overlay clones the template's disk and qemu loads its saved state."""
-        vmdir, image, info = job.vmdir, job.image, job.info
+        vmdir, image = job.vmdir, job.image
         overlay = vmdir / "overlay.qcow2"
         if template is not None:
             self.warm.clone(job, template, overlay)
@@ -128,7 +129,8 @@ class QemuEngine:
         if qemu.uses_uefi(image):  # qcow2, so savevm snapshots it (tt_vm_fresh); a warm VM's starts as its template's
             source = template.uefi_vars if template is not None else None
             uefi_vars = qemu.uefi_vars_copy(image.arch, vmdir / UEFI_VARS, source)
-        for _attempt in range(5):
+
+        def config(port: int) -> qemu.QemuConfig:
             cfg = qemu.QemuConfig(
                 name=f"{job.spec.name}/{job.vm.name}",
                 arch=image.arch,
@@ -139,33 +141,64 @@ class QemuEngine:
                 kernel=image.file(image.kernel) if image.kernel else None,
                 initrd=image.file(image.initrd) if image.initrd else None,
                 cmdline=job.cmdline,
-                port=info.port,
+                port=port,
                 console=vmdir / "console.log",
                 qmp=qmp_path(job.env.id, job.vm.name),
                 pidfile=vmdir / "qemu.pid",
                 tcg_cx16=qemu.tcg_cx16_safe(image.arch),
                 uefi_vars=uefi_vars,
                 bind_addr=self.bind_addr,
+                identity=identity_path(job.env.id, job.vm.name),  # a capture starts its agent
             )
-            if template is not None:
-                cfg = qemu_config(
-                    image,
-                    job.accel,
-                    job.vm.resources,
-                    name=cfg.name,
-                    disk=overlay,
-                    seed=job.seed,
-                    port=info.port,
-                    rundir=vmdir,
-                    qmp=cfg.qmp,
-                    identity=identity_path(job.env.id, job.vm.name),
-                    cmdline=job.cmdline,
-                    vmgenid=str(uuid.uuid4()),
-                    bind_addr=self.bind_addr,
-                    incoming=template.incoming(),
-                    uefi_vars=uefi_vars,
-                    ram=template.ram,
-                )
+            if template is None:
+                return cfg
+            return qemu_config(
+                image,
+                job.accel,
+                job.vm.resources,
+                name=cfg.name,
+                disk=overlay,
+                seed=job.seed,
+                port=port,
+                rundir=vmdir,
+                qmp=cfg.qmp,
+                identity=identity_path(job.env.id, job.vm.name),
+                cmdline=job.cmdline,
+                vmgenid=str(uuid.uuid4()),
+                bind_addr=self.bind_addr,
+                incoming=template.incoming(),
+                uefi_vars=uefi_vars,
+                ram=template.ram,
+            )
+
+        self._run(job, config, f"warm start from template {template.key}" if template is not None else "booting")
+
+    def restore(self, job: Start, machine: Machine) -> None:
+        """qemu loads the VM's saved state (``qemu_capture.restore_config``); it is sent its
+        identity once it runs, as a warm VM is."""
+        self.warm.keep_identity(job)
+
+        def config(port: int) -> qemu.QemuConfig:
+            return restore_config(
+                machine,
+                job.image,
+                job.accel,
+                name=f"{job.spec.name}/{job.vm.name}",
+                vmdir=job.vmdir,
+                seed=job.seed,
+                port=port,
+                qmp=qmp_path(job.env.id, job.vm.name),
+                identity=identity_path(job.env.id, job.vm.name),
+                bind_addr=self.bind_addr,
+            )
+
+        self._run(job, config, "restoring its captured state")
+
+    def _run(self, job: Start, config: Callable[[int], qemu.QemuConfig], how: str) -> None:
+        """Start qemu with ``config(port)``, recorded at once; a taken port moves the VM (5 tries)."""
+        vmdir, info = job.vmdir, job.info
+        for _attempt in range(5):
+            cfg = config(info.port)
             die = job.spec.owner_pid is not None and job.spec.die_with_owner
             proc = qemu.start(cfg, vmdir / "qemu.log", die_with_parent=die)
             self._procs[proc.pid] = proc
@@ -175,7 +208,6 @@ class QemuEngine:
             _CAPPER.watch(proc.pid, str(vmdir), (vmdir / "console.log", vmdir / "qemu.log"))
             if self._wait_monitor(proc, cfg.qmp):
                 qemu.load_state(cfg)  # a VM mapping its template's RAM loads the rest of its state now
-                how = f"warm start from template {template.key}" if template is not None else "booting"
                 self.progress(f"{job.vm.name}: {how} ({job.accel}, ssh port {info.port})")
                 return
             log = tail_file(vmdir / "qemu.log", 5)
@@ -183,6 +215,12 @@ class QemuEngine:
                 raise BootError(f"qemu for VM {job.vm.name} exited at start: {log.splitlines()[-1] if log else ''}")
             info.port = job.move_port()  # its port was taken: move it
         raise TTError(f"no usable host port for VM {job.vm.name} after 5 tries")
+
+    def capture(self, env: EnvInfo, vm: VmInfo, image: ImageInfo, work: Path) -> Saved:
+        """``qemu_capture.save``: paused while its state and disk are saved, then it runs on."""
+        vmdir = Path(env.rundir) / vm.name
+        qmp, ident = qmp_path(env.id, vm.name), identity_path(env.id, vm.name)
+        return save(vm.pid, vmdir, qmp, ident, image, work, f"VM {vm.name}")
 
     @staticmethod
     def _wait_monitor(proc: subprocess.Popen[bytes], qmp: Path, timeout: float = 10.0) -> bool:
@@ -227,7 +265,11 @@ class QemuEngine:
         detail = tail_file(Path(env.rundir) / vm.name / "qemu.log", 3)
         if vm.boot != "warm":
             return f"VM {vm.name} died during boot ({why}) {detail}".strip()
-        dropped = self.warm.drop_bad(Path(env.rundir) / vm.name, detail)
+        vmdir = Path(env.rundir) / vm.name
+        if (vmdir / DIFF_FILE).exists():  # a replay qemu could not load
+            diff = (vmdir / DIFF_FILE).read_text()
+            return f"VM {vm.name}: qemu could not load the capture ({diff}): {detail}".strip()
+        dropped = self.warm.drop_bad(vmdir, detail)
         msg = f"VM {vm.name} died during its warm start ({why}) {detail}".strip()
         return msg + ("; its template was removed" if dropped else "")
 
