@@ -127,6 +127,28 @@ SETTINGS = (
         ("shared", "vm"),
     ),
     Setting("matrix_report", "write the tests x VMs matrix to this file (.json, .md or .txt)", "", metavar="PATH"),
+    Setting(
+        "capture",
+        "save each VM a test used, running, into a .ttcap file (ttenv replay FILE): when the test "
+        "fails (failed), after every VM test (all), or never (none)",
+        "none",
+        ("failed", "all", "none"),
+    ),
+    Setting("capture_dir", "where captures go (default: ttenv-captures/ under pytest's rootdir)", "", metavar="DIR"),
+    Setting(
+        "capture_max",
+        "cap on the total size of the .ttcap files in the capture dir, earlier runs' included: a "
+        "capture that would pass it is skipped; MiB, or 500M, 2G",
+        "2G",
+        metavar="SIZE",
+    ),
+    Setting(
+        "capture_image",
+        "put the VM's image into the capture: auto (when it cannot be had by name elsewhere, e.g. "
+        "built here), always, never",
+        "auto",
+        ("auto", "always", "never"),
+    ),
 )
 
 
@@ -153,6 +175,10 @@ class TTConfig:
     image_source: str
     dist: str
     matrix_report: str | None
+    capture: str = "none"  # failed | all | none
+    capture_dir: str | None = None  # None: ttenv-captures/ under pytest's rootdir
+    capture_max_bytes: int = 2 << 30
+    capture_image: str = "auto"  # auto | always | never
     notes: tuple[str, ...] = ()  # warnings to show once (a deprecated token source, a token file others can read)
 
 
@@ -283,5 +309,9 @@ def resolve(values: Mapping[str, str], sources: Mapping[str, str] | None = None)
         image_source=values["image_source"],
         dist=values["dist"],
         matrix_report=values["matrix_report"] or None,
+        capture=values["capture"],
+        capture_dir=os.path.expanduser(values["capture_dir"]) if values["capture_dir"] else None,
+        capture_max_bytes=parse_mib(values["capture_max"], where["capture_max"]) << 20,
+        capture_image=values["capture_image"],
         notes=tuple(notes),
     )

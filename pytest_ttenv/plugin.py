@@ -25,6 +25,7 @@ from pytest_ttenv.backend import register_backend, uses_local_images
 from pytest_ttenv.config import SETTINGS, TTConfig, open_backend, raw_values, resolve
 from pytest_ttenv.errors import TTError
 from pytest_ttenv.fixtures import tt_env, tt_vm, tt_vm_fresh
+from pytest_ttenv.fixtures.capture import CaptureHook
 from pytest_ttenv.fixtures.hosts import register_testinfra
 from pytest_ttenv.matrix import MatrixVm, select, session_vms
 from pytest_ttenv.report import outcome_of, summary_lines, test_key, vm_properties, write_matrix
@@ -97,6 +98,8 @@ def pytest_configure(config: pytest.Config) -> None:
     state = PluginState(cfg)
     config.stash[STATE] = state
     config.pluginmanager.register(_OutcomeRecorder(state), "ttenv-outcomes")
+    if cfg.capture != "none":
+        config.pluginmanager.register(CaptureHook(config, state), "ttenv-capture")
     if not cfg.os or config.option.help:
         return
     register_testinfra()  # testinfra.get_host("ttenv://<vm>"), if pytest-testinfra is installed

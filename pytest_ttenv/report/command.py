@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from pytest_ttenv.report.junit import read_junit
-from pytest_ttenv.report.output import render, write
+from pytest_ttenv.report.output import out_dir, render, write
 from pytest_ttenv.report.render_text import text_lines
 
 
@@ -25,16 +25,18 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
     matrix = read_junit(args.junit, args.title)
     targets = [(fmt, path) for fmt, path in (("md", args.md), ("html", args.html), ("json", args.json)) if path]
     for fmt, path in targets:
-        write(path, render(fmt, matrix, details=args.details))
+        write(path, render(fmt, matrix, details=args.details, out_dir=out_dir(path)))
     if any(path == "-" for _, path in targets):
         return 0
     for line in text_lines(matrix):
         say(line)
     other = sum(matrix.other.values())
+    captured = len(matrix.captures())
     written = ", ".join(path for _, path in targets) or "nothing (give --md, --html or --json)"
     say(
         f"{len(matrix.sources)} JUnit file(s), {len(matrix.tests())} tests x {len(matrix.vms)} VMs"
         + (f", {other} test case(s) on no VM left out" if other else "")
+        + (f", {captured} VM capture(s)" if captured else "")
         + f"; wrote {written}"
     )
     return 0

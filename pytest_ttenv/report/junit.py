@@ -5,6 +5,8 @@ else on the VM named in its id's parameter part (``test_x[debian-12-x86_64]``: a
 before its fixtures ran carries no properties); test cases naming no VM are counted in
 ``Matrix.other`` and left out. A case's outcome: ``failed`` if it has a ``<failure>``, else ``error``
 for an ``<error>``, ``skipped`` for a ``<skipped>`` (pytest writes xfail so), else ``passed``.
+Its ``tt_capture`` properties (paths of VM captures, untrusted: filtered and assigned to its
+cells by ``captures.accept`` and ``captures.assign``) go on its cells, never looked up on disk.
 Rows are ``classname::name`` with the VM part of the name removed; columns are sorted by VM name
 (numbers as numbers). Files are read in the order
 given (glob matches and directory contents sorted); a file named twice is read once; where
@@ -26,6 +28,7 @@ from pathlib import Path
 from junitparser import Error, Failure, JUnitXml, JUnitXmlError, Properties, Skipped, TestCase
 
 from pytest_ttenv.errors import UsageError
+from pytest_ttenv.report import captures
 from pytest_ttenv.report.model import Cell, Matrix, VmColumn, first_line, test_key, vm_in_id
 
 
@@ -129,6 +132,7 @@ def _add_case(matrix: Matrix, case: TestCase, source: str) -> None:
         matrix.other[outcome] += 1
         return
     prop = dict(props)
+    captured = captures.assign(captures.accept(v for k, v in props if k == captures.PROPERTY), vms)
     for vm in vms:
         column = VmColumn.from_name(vm)
         if len(vms) == 1 and prop.get("tt_os") and prop.get("tt_arch"):
@@ -136,7 +140,7 @@ def _add_case(matrix: Matrix, case: TestCase, source: str) -> None:
         row = test_key(name, vm)
         test = f"{classname}::{row}" if classname else row
         duration = float(case.time) if case.time is not None else None
-        matrix.add(test, column, Cell(outcome, message, text, duration, source))
+        matrix.add(test, column, Cell(outcome, message, text, duration, source, captures=captured[vm]))
 
 
 def _unique(items: Iterable[str]) -> list[str]:

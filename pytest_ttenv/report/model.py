@@ -80,7 +80,8 @@ class VmColumn:
 @dataclass
 class Cell:
     """One test on one VM. ``message`` is one line (the failure or skip reason), ``text`` the full
-    report (traceback), ``previous`` the outcomes this cell's result replaced (earlier runs)."""
+    report (traceback), ``previous`` the outcomes this cell's result replaced (earlier runs),
+    ``captures`` the paths of this result's VM captures as recorded (``report.captures``)."""
 
     outcome: str
     message: str = ""
@@ -88,6 +89,7 @@ class Cell:
     duration: float | None = None
     source: str = ""
     previous: list[str] = field(default_factory=list)
+    captures: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -157,6 +159,14 @@ class Matrix:
     def bad_tests(self) -> list[str]:
         """Tests failed or errored on at least one VM, sorted."""
         return sorted({t for (t, _), c in self.cells.items() if c.outcome in BAD})
+
+    def captures(self) -> list[tuple[str, str, str]]:
+        """(test, vm, path) of every cell's captures, by test, then VM in column order."""
+        order = {vm: i for i, vm in enumerate(self.vm_names)}
+        cells = sorted(
+            ((t, vm, c) for (t, vm), c in self.cells.items() if c.captures), key=lambda x: (x[0], order[x[1]])
+        )
+        return [(t, vm, path) for t, vm, c in cells for path in c.captures]
 
     def noteworthy(self) -> list[tuple[str, str, Cell]]:
         """(test, vm, cell) for every cell that did not simply pass: failed, error, skipped, or

@@ -4,7 +4,9 @@ Structure (tests rely on it): ``table#totals`` (one row per VM), ``table#matrix`
 cell per VM (``th[data-vm]``), one ``tr[data-test]`` per test whose cells are
 ``td.cell.<outcome>[data-vm][data-outcome]``, a ``tfoot`` of per-VM totals, and
 ``section#failures`` with one ``details#d-N`` per failed/errored cell (linked from the cell).
-A CSS-only checkbox hides the rows without failures.
+A cell with VM captures holds an ``a.capture`` per capture (``span.capture`` where no relative
+link from ``out_dir`` is possible, see ``captures.href``), and its failure details a
+``p.capture`` naming the files. A CSS-only checkbox hides the rows without failures.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import html
 import time
 
+from pytest_ttenv.report import captures
 from pytest_ttenv.report.model import BAD, CELL_OUTCOMES, Matrix
-from pytest_ttenv.report.render_md import LABEL, summary_line
+from pytest_ttenv.report.render_md import LABEL, capture_html, summary_line
 
 # plain symbols every common font has (no emoji font needed); the words and colours say it too
 SYMBOL = {"passed": "✓", "failed": "✗", "error": "⚠", "skipped": "↷", "not-run": "–"}
@@ -26,6 +29,7 @@ td.cell{text-align:center;white-space:nowrap}td.num{text-align:right}
 .passed{background:#dafbe1}.failed{background:#ffebe9}.error{background:#ffd8b5}
 .skipped{background:#fff8c5}.not-run{background:#f6f8fa;color:#8c959f}
 td.cell a{color:inherit;text-decoration:none;display:block}
+td.cell .capture{font-size:.8em;display:block}td.cell a.capture{text-decoration:underline}
 code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace}
 details{border:1px solid #d0d7de;border-radius:6px;margin:.4em 0;padding:.3em .6em}
 details:target{outline:2px solid #cf222e}summary{cursor:pointer}
@@ -39,7 +43,7 @@ def _e(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def _cell(matrix: Matrix, test: str, vm: str, anchors: dict[tuple[str, str], str]) -> str:
+def _cell(matrix: Matrix, test: str, vm: str, anchors: dict[tuple[str, str], str], out_dir: str | None) -> str:
     cell = matrix.cells.get((test, vm))
     outcome = cell.outcome if cell else "not-run"
     label = f"{SYMBOL[outcome]} {LABEL[outcome]}" + (" ↻" if cell and cell.previous else "")
@@ -52,11 +56,19 @@ def _cell(matrix: Matrix, test: str, vm: str, anchors: dict[tuple[str, str], str
         tip.append(f"{cell.duration:.2f} s")
     title = f' title="{_e(" | ".join(tip))}"' if tip else ""
     inner = f'<a href="#{anchors[(test, vm)]}">{_e(label)}</a>' if (test, vm) in anchors else _e(label)
+    for path in cell.captures if cell else []:
+        link, name = captures.href(path, out_dir), _e(f"VM capture: {captures.label(path)}")
+        inner += (
+            f'<a class="capture" href="{_e(link)}" title="{name}">capture</a>'
+            if link
+            else f'<span class="capture" title="{name}">capture</span>'
+        )
     return f'<td class="cell {outcome}" data-vm="{_e(vm)}" data-outcome="{outcome}"{title}>{inner}</td>'
 
 
-def html_page(matrix: Matrix) -> str:
-    """The whole page as a string (UTF-8 when written)."""
+def html_page(matrix: Matrix, out_dir: str | None = None) -> str:
+    """The whole page as a string (UTF-8 when written); ``out_dir``: where it goes (None: the
+    current directory), for links to captures."""
     names = matrix.vm_names
     failing = [(t, vm, c) for t, vm, c in matrix.noteworthy() if c.outcome in BAD]
     anchors = {(t, vm): f"d-{i}" for i, (t, vm, _) in enumerate(failing, 1)}
@@ -88,7 +100,7 @@ def html_page(matrix: Matrix) -> str:
     out.append(f'<table id="matrix"><thead><tr><th>test</th>{heads}</tr></thead><tbody>')
     for test in matrix.tests():
         cls = "bad" if test in bad_tests else "ok"
-        cells = "".join(_cell(matrix, test, name, anchors) for name in names)
+        cells = "".join(_cell(matrix, test, name, anchors, out_dir) for name in names)
         out.append(f'<tr class="{cls}" data-test="{_e(test)}"><th scope="row"><code>{_e(test)}</code></th>{cells}</tr>')
     out.append("</tbody><tfoot><tr><th>totals</th>")
     for name in names:
@@ -104,7 +116,7 @@ def html_page(matrix: Matrix) -> str:
         where = f'<p class="meta">from {_e(cell.source)}</p>' if cell.source else ""
         out.append(
             f'<details id="{anchors[(test, vm)]}" class="{cell.outcome}" data-test="{_e(test)}" '
-            f'data-vm="{_e(vm)}"><summary>{summary}</summary>{where}'
+            f'data-vm="{_e(vm)}"><summary>{summary}</summary>{where}{capture_html(cell, out_dir, "")}'
             f"<pre>{_e(cell.text or cell.message or '(no message)')}</pre></details>"
         )
     if not failing:

@@ -16,8 +16,9 @@ SCHEMA_PATH = Path(__file__).with_name("matrix.schema.json")
 
 
 def json_document(matrix: Matrix) -> dict[str, Any]:
-    """Every cell's outcome (``not-run`` explicit), per-VM and overall counts, and the details
-    (message, text, duration, earlier outcomes) of every cell that did not simply pass."""
+    """Every cell's outcome (``not-run`` explicit), per-VM and overall counts, the details
+    (message, text, duration, earlier outcomes) of every cell that did not simply pass, and every
+    cell's VM captures (paths as the JUnit files recorded them)."""
     names = matrix.vm_names
     return {
         "format": FORMAT,
@@ -43,6 +44,7 @@ def json_document(matrix: Matrix) -> dict[str, Any]:
             for test, vm, cell in matrix.noteworthy()
         ],
         "other": dict(matrix.other),
+        "captures": [{"test": test, "vm": vm, "path": path} for test, vm, path in matrix.captures()],
     }
 
 

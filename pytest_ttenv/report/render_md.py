@@ -4,7 +4,9 @@ Contract: the result is at most ``limit`` bytes of UTF-8 (default 1,000,000; Git
 summaries over 1 MiB). Above ``collapse_over`` rows, rows without a failure or error collapse
 into one line; if the table still does not fit, the rows that do not fit are left out, saying how
 many. ``details=True`` adds each failed/errored cell's message and report in ``<details>``
-blocks, as many as fit (each text cut to ``detail_chars``).
+blocks, as many as fit (each text cut to ``detail_chars``). A cell with VM captures shows 📦 for
+each, linked when ``captures.href`` can make a relative link from ``out_dir``; the failure
+details name the files.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import html
 import re
 from collections.abc import Mapping
 
-from pytest_ttenv.report.model import BAD, CELL_OUTCOMES, Matrix
+from pytest_ttenv.report import captures
+from pytest_ttenv.report.model import BAD, CELL_OUTCOMES, Cell, Matrix
 
 LIMIT = 1_000_000
 COLLAPSE_OVER = 50
@@ -21,6 +24,8 @@ DETAIL_CHARS = 4000
 SYMBOL = {"passed": "✅", "failed": "❌", "error": "💥", "skipped": "⏭", "not-run": "➖"}
 LABEL = {"passed": "passed", "failed": "failed", "error": "error", "skipped": "skipped", "not-run": "not run"}
 LEGEND = " · ".join(f"{SYMBOL[o]} {LABEL[o]}" for o in CELL_OUTCOMES) + " · ↻ ran more than once (last result shown)"
+CAPTURE = "📦"
+CAPTURE_LEGEND = f"{CAPTURE} the VM captured when the test ended: `ttenv replay FILE` brings it back (docs/ci.md)"
 
 
 def _code(text: str) -> str:
@@ -51,14 +56,27 @@ def summary_line(matrix: Matrix, symbols: Mapping[str, str] = SYMBOL) -> str:
     return line
 
 
+def _mark(cell: Cell | None, out_dir: str | None) -> str:
+    """A table cell: the outcome's symbol, ↻ for a rerun, 📦 per capture (a link if possible)."""
+    if cell is None:
+        return SYMBOL["not-run"]
+    mark = SYMBOL[cell.outcome] + ("↻" if cell.previous else "")
+    for path in cell.captures:
+        link = captures.href(path, out_dir)
+        mark += f" [{CAPTURE}]({link})" if link else f" {CAPTURE}"
+    return mark
+
+
 def markdown(
     matrix: Matrix,
     details: bool = False,
     limit: int = LIMIT,
     collapse_over: int = COLLAPSE_OVER,
     detail_chars: int = DETAIL_CHARS,
+    out_dir: str | None = None,
 ) -> str:
-    """The report: title, totals, per-VM totals, the matrix, a legend, optionally the failures."""
+    """The report: title, totals, per-VM totals, the matrix, a legend, optionally the failures.
+    ``out_dir``: where the Markdown goes (None: the current directory), for links to captures."""
     head = [f"## {html.escape(matrix.title, quote=False)}", "", summary_line(matrix), ""]
     head.append("| VM | OS | arch | " + " | ".join(SYMBOL[o] for o in CELL_OUTCOMES) + " |")
     head.append("| --- | --- | --- |" + " ---: |" * len(CELL_OUTCOMES))
@@ -74,7 +92,7 @@ def markdown(
     bad = set(matrix.bad_tests())
     shown = tests if len(tests) <= collapse_over else [t for t in tests if t in bad]
     collapsed = len(tests) - len(shown)
-    tail = ["", LEGEND, ""]
+    tail = ["", LEGEND + (f"<br>{CAPTURE_LEGEND}" if matrix.captures() else ""), ""]
     if matrix.sources:
         tail.append(f"<sub>{len(matrix.sources)} JUnit file(s) merged by <code>ttenv report</code></sub>")
     reserve = _size(tail) + 400  # the notes below
@@ -86,9 +104,8 @@ def markdown(
     left_out = 0
     used = _size(head) + _size(body)
     for i, test in enumerate(shown):
-        cells = [matrix.cells.get((test, vm)) for vm in matrix.vm_names]
-        marks = [SYMBOL[c.outcome] + ("↻" if c.previous else "") if c else SYMBOL["not-run"] for c in cells]
-        row = f"| {_code(test)} | " + " | ".join(marks) + " |"
+        row = f"| {_code(test)} | " + " | ".join(_mark(matrix.cells.get((test, vm)), out_dir) for vm in matrix.vm_names)
+        row += " |"
         if used + len(row.encode()) + 1 > limit - reserve:
             left_out = len(shown) - i
             break
@@ -109,11 +126,21 @@ def markdown(
         )
     out = head + body
     if details:
-        out += _details(matrix, limit - _size(out) - _size(tail) - 200, detail_chars)
+        out += _details(matrix, limit - _size(out) - _size(tail) - 200, detail_chars, out_dir)
     return "\n".join(out + tail) + "\n"
 
 
-def _details(matrix: Matrix, budget: int, detail_chars: int) -> list[str]:
+def capture_html(cell: Cell, out_dir: str | None, symbol: str = CAPTURE) -> str:
+    """The ``<p>`` naming a cell's captures (links where possible), or ``""``; escaped HTML."""
+    items = []
+    for path in cell.captures:
+        name = f"<code>{html.escape(captures.label(path))}</code>"
+        link = captures.href(path, out_dir)
+        items.append(f'<a href="{html.escape(link)}">{name}</a>' if link else name)
+    return f'<p class="capture">{symbol + " " if symbol else ""}VM capture: {", ".join(items)}</p>' if items else ""
+
+
+def _details(matrix: Matrix, budget: int, detail_chars: int, out_dir: str | None) -> list[str]:
     failing = [(t, vm, c) for t, vm, c in matrix.noteworthy() if c.outcome in BAD]
     if not failing:
         return []
@@ -127,6 +154,8 @@ def _details(matrix: Matrix, budget: int, detail_chars: int) -> list[str]:
         if cell.message:
             summary += f": {html.escape(cell.message)}"
         block = ["<details>", f"<summary>{summary}</summary>", "", _fenced(text), "", "</details>", ""]
+        if cell.captures:
+            block[2:2] = ["", capture_html(cell, out_dir)]
         if used + _size(block) > budget:
             lines.append(f"_{len(failing) - i} more failure details left out to stay under the size limit._")
             break

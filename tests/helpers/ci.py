@@ -151,6 +151,8 @@ class Actions:
         expr = m.group(1) if m else cond.strip()
         if expr in ("!cancelled()", "always()"):
             return True
+        if expr == "failure()":  # an earlier step of the job failed
+            return failed
         cmp = re.fullmatch(r"([\w.-]+)\s*(==|!=)\s*'([^']*)'", expr)
         if cmp is None:
             raise AssertionError(f"condition the harness does not evaluate: {cond}")
@@ -321,7 +323,8 @@ class GitLab:
         arts = spec["artifacts"]
         kept = work.parent / "artifacts"
         kept.mkdir()
-        if arts.get("when") == "always" or proc.returncode == 0:
+        when = {"always": True, "on_failure": proc.returncode != 0}.get(arts.get("when", ""), proc.returncode == 0)
+        if when:
             for p in arts["paths"]:
                 if (work / p).exists():
                     shutil.copytree(work / p, kept / p)

@@ -55,6 +55,16 @@ NOT_RUN: dict[str, tuple[str, tuple[str, ...]]] = {
         ("tests/unit/test_install.py::test_runtime_lock_agrees_with_the_test_lock",),
     ),
     r"^python3? bench/": ("benchmarks are run by hand (minutes, printing figures)", ("bench/",)),
+    r"^gh run download|^curl .*/artifacts\"$|^unzip artifacts\.zip": (
+        "downloads a CI job's artifact from GitHub or GitLab (a token, the internet); the template "
+        "tests run the failing test jobs and check what their capture artifacts hold",
+        ("tests/unit/test_ci_templates_static.py::test_capture_artifacts_of_failed_jobs_only",),
+    ),
+    r"\bci-failure\b": (
+        "replays a capture that a failed CI job uploaded; troubleshooting.md captures a failing "
+        "test's VM and replays it, and that page runs",
+        ("docs/troubleshooting.md", "tests/vm/test_docs.py::test_page_runs_as_written"),
+    ),
     r"--tls-cert|ca-cert": (
         "needs a certificate for the host; the TLS tests make one for 127.0.0.1 and run these",
         (

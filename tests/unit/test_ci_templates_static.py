@@ -1,16 +1,21 @@
 """The CI templates (ci-templates/) without VMs: validated against the official schemas vendored by
 check-jsonschema; their apt lists are setup.sh's; their structure (conditions, artifacts, cache);
 the GitHub plan job, both report jobs on a JUnit file a test job would have left, and the test jobs
-of the server variant, run for real with the variables a runner sets (tests/helpers/ci.py).
+of the server variant, run for real with the variables a runner sets (tests/helpers/ci.py); the
+capture artifacts: uploaded by a failed test job only (a host-only suite on a real ``ttenv serve``
+whose conftest leaves a capture file and property as the plugin does) and linked by the reports.
 
 The test jobs on real VMs and the reports of their runs: tests/vm/test_ci_templates.py.
 """
 
 from __future__ import annotations
 
+import json
+import platform
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +33,7 @@ from helpers.ci import (
     load_yaml,
     make_project,
 )
+from helpers.server import Server, start_server
 
 
 @pytest.mark.parametrize(
@@ -79,6 +85,42 @@ def test_template_structure() -> None:
     # the image store is cached: it must be the cached path inside the project dir
     assert test["variables"]["TTENV_IMAGE_DIR"] == "$CI_PROJECT_DIR/.ttenv-images"
     assert test["cache"]["paths"] == [".ttenv-images/"]
+
+
+CAPTURE_FLAGS = '--tt-capture="$TTENV_CAPTURE" --tt-capture-max="$TTENV_CAPTURE_MAX" --tt-capture-dir=ttenv-captures'
+
+
+def test_captures_are_uploaded_when_a_job_fails() -> None:
+    """pytest runs with --tt-capture=failed and an explicit size cap; GitHub uploads ttenv-captures/
+    only if the job failed (kept 7 days, no error when it is empty); GitLab, which allows one
+    artifacts: per job (when: always, for the JUnit file), keeps it with the JUnit file."""
+    wf = load_yaml(WORKFLOW)
+    inputs = (wf.get("on") or wf[True])["workflow_call"]["inputs"]
+    assert inputs["capture"]["default"] == "failed" and inputs["capture-max"]["default"] == "2G"
+    test = wf["jobs"]["test"]
+    assert test["env"]["TTENV_CAPTURE"] == "${{ inputs.capture }}"
+    assert test["env"]["TTENV_CAPTURE_MAX"] == "${{ inputs.capture-max }}"
+    run = next(s["run"] for s in test["steps"] if s.get("name") == "Tests on ${{ matrix.os }}")
+    assert CAPTURE_FLAGS in run.replace("\\\n", "").replace("  ", " ")
+    upload = next(s for s in test["steps"] if s.get("name") == "Upload the VM captures")
+    assert upload["if"] == "${{ failure() }}" and upload["uses"] == "actions/upload-artifact@v4"
+    assert upload["with"] == {
+        "name": "ttenv-captures-${{ matrix.os }}",
+        "path": "ttenv-captures/",
+        "if-no-files-found": "ignore",
+        "retention-days": "${{ inputs.capture-retention-days }}",
+        "compression-level": 0,
+    }
+    assert inputs["capture-retention-days"] == {
+        "description": inputs["capture-retention-days"]["description"],
+        "type": "number",
+        "default": 7,
+    }
+    gitlab = load_yaml(TEMPLATE)
+    assert gitlab["variables"]["TTENV_CAPTURE"] == "failed" and gitlab["variables"]["TTENV_CAPTURE_MAX"] == "2G"
+    assert CAPTURE_FLAGS in "\n".join(gitlab["ttenv-test"]["script"])
+    arts = gitlab["ttenv-test"]["artifacts"]
+    assert arts["paths"] == ["ttenv-junit/", "ttenv-captures/"] and arts["when"] == "always" and arts["expire_in"]
 
 
 @pytest.mark.parametrize(
@@ -150,3 +192,84 @@ def test_server_variant_installs_nothing_and_reaches_for_the_server(tmp_path: Pa
     test = gl.run("ttenv-test", {"TTENV_OS": "debian12", "TTENV_PYTEST_ARGS": "examples -p no:cacheprovider"}, project)
     assert test.rc != 0 and f"backend {url}: the VMs run there" in test.output
     assert f"cannot reach the ttenv server at {url}" in test.output and token not in test.output
+
+
+# a project whose failing test leaves a capture the way the plugin does, without a VM: the file in
+# the dir --tt-capture-dir names and the JUnit property tt_capture (relative to the rootdir)
+CAPTURING_CONFTEST = """
+from pathlib import Path
+import pytest
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    item.user_properties[:] = [("tt_vm", "debian-12-x86_64")]
+    opts = [item.config.getoption(o) for o in ("tt_capture", "tt_capture_max", "tt_capture_dir")]
+    if report.failed and opts[0] == "failed":
+        path = Path(item.config.invocation_params.dir, opts[2], item.name + "--debian-12-x86_64.ttcap")
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(repr(opts))
+        item.user_properties.append(("tt_capture", str(path.relative_to(item.config.rootpath))))
+"""
+
+
+def capturing_project(where: Path) -> Path:
+    (where / "suite").mkdir(parents=True)
+    (where / "pytest.ini").write_text("[pytest]\n")
+    (where / "suite" / "conftest.py").write_text(CAPTURING_CONFTEST)
+    (where / "suite" / "test_red.py").write_text("def test_red():\n    assert 0\n")
+    (where / "suite" / "test_green.py").write_text("def test_green():\n    pass\n")
+    return where
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """A real ``ttenv serve`` whose image store lists debian-12 for this host's arch (metadata
+    only: the suites below use no VM), with a token for ``ci``."""
+    images = tmp_path / "server-images"
+    name = f"debian-12-{platform.machine()}"
+    (images / name).mkdir(parents=True)
+    meta = {"name": name, "os": "debian", "version": "12", "arch": platform.machine(), "disk_mib": 64}
+    (images / name / "image.json").write_text(json.dumps(meta))
+    srv = start_server(tmp_path, images, owners=("ci",))
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+def test_capture_artifacts_of_failed_jobs_only(tmp_path: Path, server: Server) -> None:
+    """The test jobs run for real (on a server backend; host tests only) on a red and a green
+    suite: the red job's capture is an artifact, the green job uploads none, and the report jobs
+    link the capture from the matrix."""
+    project = capturing_project(tmp_path / "project")
+    name = "test_red--debian-12-x86_64.ttcap"
+    env = {"TTENV_STATE_DIR": str(tmp_path / "state")}
+    token = server.tokens["ci"]
+    for suite, failed in (("red", True), ("green", False)):
+        inputs = {"os": "debian12", "backend": server.url, "pytest-args": f"suite/test_{suite}.py", "capture-max": "3G"}
+        gh = Actions(tmp_path / f"gh-{suite}", inputs, env, secrets={"ttenv-token": token})
+        job = gh.run("test", {"os": "debian12"}, project)
+        assert job.step("Tests on debian12").status == ("failure" if failed else "success"), job.steps
+        assert job.step("Upload the VM captures").status == ("success" if failed else "skipped")
+        assert job.step("Upload the JUnit file").status == "success"
+        captured = gh.artifacts / "ttenv-captures-debian12"
+        assert (sorted(p.name for p in captured.iterdir()) == [name]) if failed else not captured.exists()
+        gl = GitLab(tmp_path / f"gl-{suite}", {"TTENV_BACKEND": server.url, "TTENV_TOKEN": token}, env)
+        test = gl.run("ttenv-test", {"TTENV_OS": "debian12", "TTENV_PYTEST_ARGS": f"suite/test_{suite}.py"}, project)
+        assert (test.rc != 0) == failed, test.output
+        assert (test.artifacts / "ttenv-captures" / name).exists() == failed
+        assert (test.artifacts / "ttenv-junit").is_dir()
+        if not failed:
+            continue
+        assert (captured / name).read_text() == "['failed', '3G', 'ttenv-captures']"  # the inputs reach pytest
+        assert (test.artifacts / "ttenv-captures" / name).read_text() == "['failed', '2G', 'ttenv-captures']"
+        report = gh.run("report")
+        assert all(s.status == "success" for s in report.steps), report.steps
+        assert "| `suite.test_red::test_red` | ❌ 📦 |" in report.summary  # no link out of the workspace
+        page = (gh.artifacts / "ttenv-report" / "matrix.html").read_text()
+        assert f'<a class="capture" href="../ttenv-captures/{name}"' in page
+        gl_report = gl.run("ttenv-report", {}, needs=[test])
+        assert gl_report.rc == 0, gl_report.output
+        md = (gl_report.artifacts / "ttenv-report" / "matrix.md").read_text()
+        assert f"| `suite.test_red::test_red` | ❌ [📦](../ttenv-captures/{name}) |" in md

@@ -30,6 +30,7 @@ import pytest
 
 from pytest_ttenv.backend.images.catalog import catalog_version
 from pytest_ttenv.core.model import ImageInfo
+from pytest_ttenv.fixtures.capture import capture_name
 from pytest_ttenv.report.junit import read_junit
 from pytest_ttenv.report.render_json import schema
 
@@ -87,6 +88,7 @@ def test_github_test_job(github_run: GitHubRun) -> None:
         "Cache the image store": "success",
         "Tests on debian12": "failure",  # the outcomes suite fails on purpose
         "Upload the JUnit file": "success",  # if: !cancelled() - uploaded all the same
+        "Upload the VM captures": "success",  # if: failure()
     }, tests.output[-3000:]
     assert "2 workers" in tests.output and "1 failed" in tests.output and "1 error" in tests.output, tests.output[
         -3000:
@@ -94,6 +96,10 @@ def test_github_test_job(github_run: GitHubRun) -> None:
     expected_key = f"ttenv-images-Linux-X64-{catalog_version()}-debian12-{HOST_ARCH}"
     assert job.cache_keys == [expected_key]
     assert github_run.junit.exists()
+    # --tt-capture=failed: the failed test's VM, saved running, in the job's captures artifact
+    captures = sorted(p.name for p in (github_run.actions.artifacts / "ttenv-captures-debian12").iterdir())
+    vm = f"debian-12-{HOST_ARCH}"
+    assert capture_name(f"suite/test_outcomes.py::test_fails[{vm}]", vm) in captures, (captures, tests.output[-3000:])
 
 
 @pytest.mark.vm
@@ -105,8 +111,8 @@ def test_github_report_job(github_run: GitHubRun) -> None:
     assert summary.startswith("## ttenv matrix (test)\n")
     assert f"| `{vm}` | debian-12 | {HOST_ARCH} | 10 | 1 | 1 | 3 | 0 |" in summary
     for row in (
-        "| `suite.test_outcomes::test_fails` | ❌ |",
-        "| `suite.test_outcomes::test_errors` | 💥 |",
+        "| `suite.test_outcomes::test_fails` | ❌ 📦 |",  # its capture; no link from the step summary
+        "| `suite.test_outcomes::test_errors` | 💥",
         "| `suite.test_outcomes::test_skipped_by_marker` | ⏭ |",
         "| `suite.test_outcomes::test_param[2]` | ✅ |",
         "| `examples.test_hello_tool::test_changes_are_undone` | ✅ |",
@@ -117,6 +123,9 @@ def test_github_report_job(github_run: GitHubRun) -> None:
     doc = json.loads((report / "matrix.json").read_text())
     jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.FormatChecker()).validate(doc)
     assert doc["title"] == "ttenv matrix (test)" and [v["name"] for v in doc["vms"]] == [vm]
+    fails = next(c for c in doc["captures"] if c["test"] == "suite.test_outcomes::test_fails")
+    assert fails["vm"] == vm and fails["path"].startswith("ttenv-captures/suite_test_outcomes.py_test_fails_")
+    assert f'<a class="capture" href="../{fails["path"]}"' in (report / "matrix.html").read_text()
 
 
 @pytest.mark.vm
@@ -311,5 +320,5 @@ def test_merge_of_both_ci_systems(github_run: GitHubRun, gitlab_run: dict[str, G
     assert f"| test | `{v11}` | `{v12}` |" in md
     assert "| `examples.test_hello_tool::test_version` | ✅ | ✅ |" in md
     assert "| `examples.test_hello_tool::test_python_available` | ➖ | ✅ |" in md  # not run on 11
-    assert "| `suite.test_outcomes::test_fails` | ➖ | ❌ |" in md
+    assert "| `suite.test_outcomes::test_fails` | ➖ | ❌ 📦 |" in md  # the capture is not under tmp_path
     assert "2 JUnit file(s), 15 tests x 2 VMs" in res.stdout
