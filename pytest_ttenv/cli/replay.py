@@ -14,6 +14,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from pytest_ttenv.backend.engines.console import clean_text
 from pytest_ttenv.cli.backends import env_backend
 from pytest_ttenv.cli.env import print_env
 from pytest_ttenv.cli.options import duration, local_options, remote_options
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     restore = VmSpec(vm.name, vm.image.name, Resources(vm.cpus, vm.mem_mib), restore=str(path.resolve()))
     spec = EnvSpec(name=name, vms=(restore,), client_pubkey="", accel=args.accel, ttl=args.ttl, boot="warm")
     backend = env_backend(args)
-    out(f"replaying {path.name}: VM {vm.name} ({vm.image.name}) of test {manifest.test.nodeid}")
+    test = clean_text(manifest.test.nodeid)[:300]  # from the file: safe to print
+    out(f"replaying {path.name}: VM {vm.name} ({vm.image.name}) of test {test}")
 
     def ready(vm_name: str, up: float, first: float) -> None:
         out(f"{vm_name}: resumed after {up:.1f} s, first command after {first:.1f} s")

@@ -103,8 +103,8 @@ def write(
     level: int = 3,
     threads: int = -1,
 ) -> Manifest:
-    """Write the capture ``dest`` (made under a temporary name, fsynced, then renamed: readers see
-    a whole file or none) and return its manifest. Each file must keep its size and content while
+    """Write the capture ``dest`` (mode 0600, made under a temporary name, fsynced, then renamed:
+    readers see a whole file or none) and return its manifest. Each file must keep its size and content while
     this runs (copy a file that grows, such as a console log, first): a member that differs from
     what was measured is a TTError and no file is left. ``threads``: zstd workers (-1: one per CPU)."""
     members = tuple(_measure(s) for s in sources)
@@ -118,7 +118,8 @@ def write(
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=threads)
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)  # a VM's disk: its secrets
+        with open(fd, "wb") as f:
             with compressor.stream_writer(f, closefd=False) as out:
                 _write_header(out, MANIFEST, len(raw))
                 out.write(raw)
