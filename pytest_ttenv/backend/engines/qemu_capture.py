@@ -23,6 +23,7 @@ from pathlib import Path
 from pytest_ttenv.backend.engines import qemu
 from pytest_ttenv.backend.engines.base import Machine, Saved
 from pytest_ttenv.backend.engines.identity import agent_request
+from pytest_ttenv.core.capture_manifest import CaptureError
 from pytest_ttenv.core.model import ImageInfo, Resources
 from pytest_ttenv.errors import TTError
 
@@ -138,7 +139,7 @@ def rebase(overlay: Path, base: Path) -> None:
 
 
 def plain_qcow2(path: Path) -> None:
-    """TTError unless ``path`` is a qcow2 image (version 2 or 3) without an external data file."""
+    """CaptureError unless ``path`` is a qcow2 image (version 2 or 3) without an external data file."""
     try:
         with open(path, "rb") as f:
             header = f.read(80)
@@ -147,7 +148,7 @@ def plain_qcow2(path: Path) -> None:
     version = int.from_bytes(header[4:8], "big") if len(header) >= 8 else 0
     incompatible = int.from_bytes(header[72:80], "big") if version >= 3 and len(header) >= 80 else 0
     if header[:4] != b"QFI\xfb" or version not in (2, 3) or incompatible & _EXTERNAL_DATA:
-        raise TTError(f"{path.name} in the capture is not a plain qcow2 disk: do not use this file")
+        raise CaptureError(f"{path.name} in the capture is not a plain qcow2 disk: do not use this file")
 
 
 def restore_config(
