@@ -28,7 +28,12 @@ from pytest_ttenv.errors import UsageError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="a capture (.ttcap) made by --tt-capture")
     parser.add_argument("--name", help="the ENV's name (default: replay-<random>)")
-    parser.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    parser.add_argument(
+        "--accel",
+        default="auto",
+        choices=("auto", "kvm", "tcg"),
+        help="auto (default): the capture's (a KVM capture where this host has none: TCG is tried)",
+    )
     parser.add_argument(
         "--ttl",
         type=duration("--ttl"),
@@ -57,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     manifest = read_manifest(path)  # the VM's name and size; the backend verifies the whole file
     vm = manifest.vm
     restore = VmSpec(vm.name, vm.image.name, Resources(vm.cpus, vm.mem_mib), restore=str(path.resolve()))
-    spec = EnvSpec(name=name, vms=(restore,), client_pubkey="", accel=args.accel, ttl=args.ttl, boot="warm")
+    # a capture made under TCG loads under TCG anywhere; one made under KVM wants KVM (else TCG is tried)
+    accel = "tcg" if args.accel == "auto" and vm.accelerator == "tcg" else args.accel
+    spec = EnvSpec(name=name, vms=(restore,), client_pubkey="", accel=accel, ttl=args.ttl, boot="warm")
     backend = env_backend(args)
     test = clean_text(manifest.test.nodeid)[:300]  # from the file: safe to print
     out(f"replaying {path.name}: VM {vm.name} ({vm.image.name}) of test {test}")

@@ -12,6 +12,7 @@ and seed.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import shutil
@@ -49,7 +50,12 @@ def save(pid: int, vmdir: Path, qmp: Path, identity: Path, image: ImageInfo, wor
     )
     paused_at = time.monotonic()
     try:
-        qemu.save_state(qmp, state, SAVE_TIMEOUT)
+        try:
+            qemu.save_state(qmp, state, SAVE_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(Exception):  # a migration still going on: stopped, the VM runs on
+                qemu.qmp_command(qmp, "migrate_cancel", timeout=10.0)
+            raise
         _flatten(vmdir / "overlay.qcow2", image.file(image.disk), overlay)
         if uefi_vars is not None:
             _flatten(uefi_src, None, uefi_vars)
