@@ -103,6 +103,8 @@ def captured(
     def one(kind: str) -> Captured:
         img, boot, policy = plan[kind]
         vm = backend.wait_vm(envs[kind].id, img)
+        if kind == "warm":  # as tt_vm_fresh does: a snapshot before the test, reverted to after its capture
+            backend.snapshot(envs[kind].id, img, "fresh")
         conn = ssh(vm, key_file)
         try:
             if kind == "cloud":  # its first boot done (cloud-init restarts sshd on the way)
@@ -120,6 +122,13 @@ def captured(
             after = conn.run("cat ~/marker", timeout=120, check=True).stdout.strip()
         finally:
             conn.close()
+        if kind == "warm":
+            backend.revert(envs[kind].id, img, "fresh")
+            conn = ssh(vm, key_file)
+            try:
+                assert conn.run("test -e ~/marker", timeout=120).exit_status == 1  # the snapshot's, as before
+            finally:
+                conn.close()
         return Captured(Path(info.path), info, pid, vm.host_key, vm.user, after)
 
     try:

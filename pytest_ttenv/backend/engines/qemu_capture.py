@@ -45,9 +45,8 @@ def save(pid: int, vmdir: Path, qmp: Path, identity: Path, image: ImageInfo, wor
     state, overlay = work / "state", work / "overlay.qcow2"
     uefi_src = vmdir / "uefi-vars.qcow2"
     uefi_vars = work / "uefi-vars.qcow2" if uefi_src.exists() else None
-    qemu.qmp_command(
-        qmp, "migrate-set-capabilities", timeout=10.0, capabilities=[{"capability": "x-ignore-shared", "state": False}]
-    )
+    ignoring = _ignore_shared(qmp)
+    _set_ignore_shared(qmp, False)  # all of its RAM into the state, also RAM mapped from a template's file
     paused_at = time.monotonic()
     try:
         try:
@@ -60,12 +59,28 @@ def save(pid: int, vmdir: Path, qmp: Path, identity: Path, image: ImageInfo, wor
         if uefi_vars is not None:
             _flatten(uefi_src, None, uefi_vars)
     finally:
+        if ignoring:  # as it was: its snapshots (tt_vm_fresh) were saved with it, and loadvm checks that
+            _set_ignore_shared(qmp, True)
         if qemu.run_state(qmp) in ("postmigrate", "paused"):
             qemu.qmp_command(qmp, "cont", timeout=10.0)
     paused = time.monotonic() - paused_at
     console = work / "console.log"
     _copy_end(vmdir / "console.log", console, CONSOLE_MAX)
     return Saved(machine, state, overlay, uefi_vars, console, paused)
+
+
+def _ignore_shared(qmp: Path) -> bool:
+    """Whether the VM's ``x-ignore-shared`` migration capability is on (a warm VM loaded with it)."""
+    caps = qemu.qmp_command(qmp, "query-migrate-capabilities", timeout=10.0)
+    return any(
+        isinstance(c, dict) and c.get("capability") == "x-ignore-shared" and bool(c.get("state"))
+        for c in (caps if isinstance(caps, list) else [])
+    )
+
+
+def _set_ignore_shared(qmp: Path, state: bool) -> None:
+    capability = {"capability": "x-ignore-shared", "state": state}
+    qemu.qmp_command(qmp, "migrate-set-capabilities", timeout=10.0, capabilities=[capability])
 
 
 def _machine(pid: int, vmdir: Path, qmp: Path, arch: str) -> Machine:
