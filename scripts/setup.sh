@@ -35,11 +35,12 @@ case "$(uname -m)" in
 esac
 PKGS=("${RUNTIME_PKGS[@]}" "$QEMU_HOST" python3-venv)
 if [ "$test_deps" -eq 1 ]; then
-  # An sshd for the channel tests, chromium for the HTML report test. The libvirt engine's tests:
+  # An sshd for the channel tests, chromium for the HTML report test and (with chromium-driver,
+  # through selenium) the dashboard's browser tests. The libvirt engine's tests:
   # the daemons (started by the tests, no systemd needed), virsh, what pip needs to build
   # libvirt-python, xmllint for domain XML against libvirt's schema, iproute2 for the remote host's
   # network namespace.
-  PKGS+=("${FOREIGN_PKGS[@]}" openssh-server chromium libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+  PKGS+=("${FOREIGN_PKGS[@]}" openssh-server chromium chromium-driver libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
          libvirt-dev pkg-config gcc libxml2-utils iproute2)
 fi
 missing=()
