@@ -7,6 +7,10 @@ in-memory cache (``auth.py``). Every failure leaves as the error body of ``error
 anything the client got wrong, a 429/503 with ``Retry-After`` for load (one owner over its share,
 a locked database, no descriptor free), never a traceback; unexpected errors are logged with a
 rate limit (``quiet_log``), so a flood of them cannot flood the log.
+
+Everything outside ``/v1`` is the web dashboard (``dashboard.py``): it checks its own session
+cookie; ``/v1`` takes only the bearer token, never the cookie, so no page can make a browser
+act on the API.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pytest_ttenv import __version__
 from pytest_ttenv.core.model import Resources
 from pytest_ttenv.core.paths import runtime_dir
 from pytest_ttenv.errors import NotFound, TTError
+from pytest_ttenv.server import dashboard
 from pytest_ttenv.server import models as m
 from pytest_ttenv.server.auth import Grant, TokenStore
 from pytest_ttenv.server.errors import (
@@ -45,6 +50,7 @@ from pytest_ttenv.server.errors import (
     retry_after,
 )
 from pytest_ttenv.server.service import Service, spec_of
+from pytest_ttenv.server.sessions import TokenCheck
 
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT = 30.0  # seconds to send a request body once its head is in
@@ -199,14 +205,15 @@ class Guard:
     share of requests in flight (429), then the body limit (413 for a body over ``limit`` bytes,
     announced by Content-Length or streamed in chunks; a body not sent within BODY_TIMEOUT is 408).
     Any exception a route lets through becomes a JSON answer here (503 for load, else 500), logged
-    with a rate limit. ``OPEN`` paths need no token.
+    with a rate limit. ``OPEN`` paths need no token; paths outside ``/v1`` (the dashboard, which
+    checks its own session) get only the body limit.
     """
 
-    OPEN = ("/v1/openapi.json", "/v1/docs")
+    OPEN = ("/v1/openapi.json",)
 
     def __init__(self, app: ASGIApp, tokens: TokenStore, gate: Gate, scrub: Scrub, limit: int = MAX_BODY) -> None:
         self.app, self.tokens, self.gate, self.scrub, self.limit = app, tokens, gate, scrub, limit
-        self._reload: anyio.CapacityLimiter | None = None
+        self.check = TokenCheck(tokens)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -231,6 +238,9 @@ class Guard:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] in self.OPEN:
             await self.app(scope, receive, send)
+            return
+        if not dashboard.is_api(scope["path"]):
+            await self._with_body(scope, receive, send, dict(scope["headers"]))
             return
         headers = dict(scope["headers"])
         try:
@@ -293,17 +303,7 @@ class Guard:
         scheme, _, token = (header or b"").decode("latin-1").partition(" ")
         if not header or scheme.lower() != "bearer":
             raise AuthError("no bearer token", "send Authorization: Bearer <token>")
-        if not self.tokens.fresh():
-            if self._reload is None:
-                self._reload = anyio.CapacityLimiter(1)
-            try:
-                await anyio.to_thread.run_sync(self.tokens.reload, limiter=self._reload)
-            except Exception as exc:  # noqa: BLE001 - any failure to read it: busy for now, not a 500
-                raise as_busy(exc) or Busy("the token store cannot be read", "retry in a moment") from None
-        grant = self.tokens.cached(token.strip())
-        if grant is None:
-            raise AuthError("token rejected by the server", "check TTENV_TOKEN / --tt-token-file")
-        return grant
+        return await self.check.grant(token)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         exc = TooLarge(f"request body over {self.limit // 1024} KiB", "send less")
@@ -316,14 +316,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
-def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -> FastAPI:
-    """The API for ``service``. ``stopping()`` tells long polls the server is shutting down."""
+def create_app(
+    service: Service, stopping: Callable[[], bool] = lambda: False, templates: FsPath | None = None
+) -> FastAPI:
+    """The API and the dashboard for ``service``. ``stopping()`` tells long polls and streams the
+    server is shutting down; ``templates`` replaces the dashboard's template dir (tests)."""
     app = FastAPI(
         lifespan=_lifespan,
         title="ttenv host server",
         version=__version__,
         openapi_url="/v1/openapi.json",
-        docs_url="/v1/docs",
+        docs_url=None,  # Swagger's page loads from a CDN: blank on an air-gapped host
         redoc_url=None,
         redirect_slashes=False,
         description="ENVs of real VMs on a shared host; see docs/server.md of pytest-ttenv.",
@@ -332,6 +335,7 @@ def create_app(service: Service, stopping: Callable[[], bool] = lambda: False) -
     gate = Gate(cfg.max_requests_per_owner, cfg.max_polls_per_owner, cfg.poll_threads)
     scrub = Scrub(cfg.state_dir, cfg.image_dir, runtime_dir())
     app.add_middleware(Guard, tokens=service.tokens, gate=gate, scrub=scrub)
+    dashboard.install(app, service, stopping, templates)  # its headers middleware goes outside Guard
 
     @app.exception_handler(TTError)
     async def _tt(request: Request, exc: TTError) -> JSONResponse:

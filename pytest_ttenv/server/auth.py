@@ -179,6 +179,10 @@ class TokenStore:
             return None
         return self._grants.get(digest(token))
 
+    def cached_digest(self, key: str) -> Grant | None:
+        """The cached grant of the token whose SHA-256 is ``key`` (a dashboard session's), or None."""
+        return self._grants.get(key)
+
     def grant_of(self, name: str) -> Grant:
         """The cached grant of owner ``name`` (no caps if the token was removed meanwhile)."""
         for grant in self._grants.values():

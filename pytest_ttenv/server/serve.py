@@ -275,6 +275,7 @@ def serve(
         hosts = ", ".join(service.backend.libvirt_uris) or "qemu:///system"
         out(f"ttenv serve: engine libvirt on {hosts}")
     out(f"ttenv serve: API on {url}/v1 (OpenAPI: {url}/v1/openapi.json); VM ports on {bind}, announced as {public}")
+    out(f"ttenv serve: dashboard on {url}/ (log in with a token of `ttenv token add`)")
     out(
         f"ttenv serve: state {sdir}, images {idir} ({len(service.images())}), quotas {totals.text()}, "
         f"{len(service.tokens.list())} token(s)"

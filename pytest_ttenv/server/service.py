@@ -10,6 +10,10 @@ Requests read only what they need, in deferred (non-locking) transactions: one o
 one ENV, and check only those VMs against their engine. A VM found dead (failed, or its qemu or
 domain gone) for ``dead_grace`` seconds stops counting against the quota (``health``, run by the
 reaper thread); its ENV stays, ``stopped``/``failed``, until it is deleted or its lease ends.
+
+Every change of an ENV is recorded in ``events`` (the dashboard's log): created, a VM's first
+``running`` (ready) or failure seen by a wait, renewed, kept, deleted, reaped. The dashboard's
+``*_for`` lookups take a Grant: an admin reaches every owner's ENVs, anyone else only their own.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from pytest_ttenv import __version__
 from pytest_ttenv.backend.engines import accel as accel_mod
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, Resources, VmInfo, VmSpec
-from pytest_ttenv.errors import NotFound, UsageError
+from pytest_ttenv.errors import BootError, NotFound, UsageError, VmDied
 from pytest_ttenv.server.auth import Grant, TokenStore
+from pytest_ttenv.server.events import EventLog
 from pytest_ttenv.server.quota import Amounts, Quota
 
 LONG_POLL = 30.0  # longest single wait answer; the client asks again until its own deadline
@@ -79,6 +84,9 @@ class Service:
         self._usage_lock = threading.Lock()
         self._usage_at: float | None = None
         self._usage_snapshot: dict[str, Amounts] = {}
+        self.events = EventLog()
+        self._noted: dict[str, set[tuple[str, str]]] = {}  # ENV id -> (VM, kind) recorded once
+        self._noted_lock = threading.Lock()
 
     # -- accounting ---------------------------------------------------------------------------
     def _disk_of(self, image: str, disk_mib: int) -> int:
@@ -115,6 +123,9 @@ class Service:
         """One round of the reaper thread: expired ENVs deleted (returned); every
         ``health_interval`` s, every VM checked for death (``health``)."""
         reaped = self.backend.gc()
+        for env in reaped:
+            self._forget(env.id)
+            self.events.record("reaped", env.name, env.owner, "lease expired")
         if time.monotonic() - self._health_at >= self.cfg.health_interval:
             self._health_at = time.monotonic()
             self.health()
@@ -205,7 +216,29 @@ class Service:
         )
         limits = self.tokens.grant_of(owner).limits
         with self.quota.reserve(f"{owner}:{spec.name}", demand, spec.name, limits):
-            return self.backend.create_env(spec)
+            env = self.backend.create_env(spec)
+        vms = ", ".join(f"{vm.name} ({vm.image})" for vm in env.vms)
+        self.events.record("created", env.name, owner, f"{len(env.vms)} VM(s): {vms}")
+        return env
+
+    def owners(self, who: Grant) -> list[dict[str, object]]:
+        """What each owner's ENVs hold (``owner``, ``cpu``, ``mem_mib``, ``disk_mib``, ``vms``,
+        ``envs``): every token's owner for an admin, else only ``who``'s."""
+        envs = self.backend.store.list_envs() if who.admin else self.backend.store.list_envs(who.name)
+        names = [name for name, _ in self.tokens.list()] if who.admin else [who.name]
+        held: dict[str, Amounts] = {name: Amounts() for name in names}
+        count: dict[str, int] = {name: 0 for name in names}
+        for key, amounts in self._live(envs).items():
+            owner = key.partition(":")[0]
+            held[owner] = held.get(owner, Amounts()) + amounts
+            count[owner] = count.get(owner, 0) + 1
+        return [{"owner": o, **a.as_dict(), "vms": a.vms, "envs": count[o]} for o, a in sorted(held.items())]
+
+    def list_for(self, who: Grant) -> list[EnvInfo]:
+        """The ENVs ``who`` may see: every owner's for an admin, else their own."""
+        if not who.admin:
+            return self.list(who.name)
+        return [self.backend._refresh(env) for env in self.backend.store.list_envs()]
 
     def find(self, owner: str, ref: str) -> EnvInfo:
         """``owner``'s ENV whose name or id is ``ref`` (NotFound for any other, another owner's too),
@@ -224,14 +257,49 @@ class Service:
         """``owner``'s ENVs (one indexed read), their VMs checked against their engine."""
         return [self.backend._refresh(env) for env in self.backend.store.list_envs(owner)]
 
-    def delete(self, owner: str, ref: str) -> EnvInfo:
-        return self.backend.delete_env(self.find(owner, ref).id)
+    def find_for(self, who: Grant, ref: str) -> EnvInfo:
+        """``find`` for ``who``: an admin also finds another owner's ENV, by id or by a name only
+        one owner uses (their own first); NotFound otherwise."""
+        try:
+            return self.find(who.name, ref)
+        except NotFound:
+            if not who.admin:
+                raise
+        matches = [env for env in self.backend.store.list_envs() if env.id == ref]
+        if not matches:
+            matches = [env for env in self.backend.store.list_envs() if env.name == f"{env.owner}:{ref}"]
+        if len(matches) != 1:
+            raise NotFound(f"no ENV named {ref!r}" + (" of one owner" if matches else ""), "see: ttenv env list")
+        return self.find(matches[0].owner, matches[0].id)
 
-    def renew(self, owner: str, ref: str, ttl: float) -> EnvInfo:
-        return self.backend.renew(self.find(owner, ref).id, self.lease(ttl))
+    def delete(self, owner: str, ref: str, by: str | None = None) -> EnvInfo:
+        env = self.backend.delete_env(self.find(owner, ref).id)
+        self._forget(env.id)
+        self.events.record("deleted", env.name, env.owner, f"by {by or owner}")
+        return env
+
+    def renew(self, owner: str, ref: str, ttl: float, by: str | None = None) -> EnvInfo:
+        env = self.backend.renew(self.find(owner, ref).id, self.lease(ttl))
+        self.events.record("renewed", env.name, env.owner, f"by {by or owner}: {_until(env)}")
+        return env
 
     def keep(self, owner: str, ref: str, ttl: float) -> EnvInfo:
-        return self.backend.keep(self.find(owner, ref).id, self.lease(ttl))
+        env = self.backend.keep(self.find(owner, ref).id, self.lease(ttl))
+        self.events.record("kept", env.name, env.owner, _until(env))
+        return env
+
+    def _note(self, env: EnvInfo, vm: VmInfo, kind: str, detail: str) -> None:
+        """Record ``kind`` for ``vm`` once per ENV (a wait asked again answers the same)."""
+        with self._noted_lock:
+            noted = self._noted.setdefault(env.id, set())
+            if (vm.name, kind) in noted:
+                return
+            noted.add((vm.name, kind))
+        self.events.record(kind, env.name, env.owner, detail)
+
+    def _forget(self, env_id: str) -> None:
+        with self._noted_lock:
+            self._noted.pop(env_id, None)
 
     def vm(self, owner: str, ref: str, vm_name: str) -> tuple[EnvInfo, VmInfo]:
         env = self.find(owner, ref)
@@ -249,6 +317,19 @@ class Service:
         (still ``booting``) when ``stopping()`` turns true: the server is shutting down.
         """
         env, vm = self.vm(owner, ref, vm_name)
+        try:
+            vm = self._wait(env, vm, timeout, stopping)
+        except (BootError, VmDied) as exc:
+            self._note(env, vm, "failed", f"VM {vm.name}: {exc.message}")
+            raise
+        if vm.state == "running":
+            self._note(env, vm, "ready", f"VM {vm.name} running ({vm.boot or 'cold'} boot)")
+        elif vm.state == "failed":
+            self._note(env, vm, "failed", f"VM {vm.name}: {vm.error}")
+        return vm
+
+    def _wait(self, env: EnvInfo, vm: VmInfo, timeout: float | None, stopping: Callable[[], bool]) -> VmInfo:
+        vm_name = vm.name
         if vm.state != "booting":
             return self.backend.wait_vm(env.id, vm_name, 0.1)  # running: at once; else BootError
         if timeout is None:
@@ -276,6 +357,12 @@ class Service:
     def console(self, owner: str, ref: str, vm_name: str, tail: int) -> str:
         env, _ = self.vm(owner, ref, vm_name)
         return self.backend.console(env.id, vm_name, tail)
+
+
+def _until(env: EnvInfo) -> str:
+    if env.expires is None:
+        return "lease: never ends"
+    return "lease until " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(env.expires))
 
 
 def spec_of(
