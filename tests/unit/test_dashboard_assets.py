@@ -170,7 +170,12 @@ def context(page: str, evil: bool = False) -> dict[str, Any]:
         },
         "envs": {"envs": envs},
         "env": {"env": envs[0]},
-        "vm": {"env": envs[0], "vm": envs[0]["vms"][0], "login": f"ssh -p 2201 root@10.0.2.15 # {name}"},
+        "vm": {
+            "env": envs[0],
+            "vm": envs[0]["vms"][0],
+            "login": f"ssh -p 2201 root@10.0.2.15 # {name}",
+            "host_key": f"ssh-ed25519 AAAA {name}",
+        },
         "events": {
             "events": [
                 {"id": 2, "time": 1700000100.0, "kind": "ready", "env": name, "owner": "alice", "detail": name},
