@@ -10,11 +10,11 @@ from collections.abc import Iterable, Sequence
 
 from pytest_ttenv.errors import UsageError
 
-ARCHES = ("x86_64", "aarch64", "riscv64")
-_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "riscv": "riscv64"}
-DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64"}
+ARCHES = ("x86_64", "aarch64", "riscv64", "ppc64le", "s390x", "i386", "armhf")
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "riscv": "riscv64", "ppc64el": "ppc64le", "i686": "i386", "armv7l": "armhf"}
+DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64", "ppc64le": "ppc64el", "s390x": "s390x", "i386": "i386", "armhf": "armhf"}
 
-_IMAGE_RE = re.compile(r"^([a-z][a-z0-9]*)-([0-9][a-z0-9.]*)-(x86_64|aarch64|riscv64)$")
+_IMAGE_RE = re.compile(r"^([a-z][a-z0-9]*)-([0-9][a-z0-9.]*)-(x86_64|aarch64|riscv64|ppc64le|s390x|i386|armhf)$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)

@@ -24,8 +24,24 @@ from pytest_ttenv.core.model import ImageInfo, Resources
 from pytest_ttenv.core.paths import socket_dir
 from pytest_ttenv.errors import TTError
 
-QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64", "riscv64": "qemu-system-riscv64"}
-QEMU_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm", "riscv64": "qemu-system-misc"}
+QEMU_BINARY = {
+    "x86_64": "qemu-system-x86_64",
+    "aarch64": "qemu-system-aarch64",
+    "riscv64": "qemu-system-riscv64",
+    "i386": "qemu-system-i386",
+    "armhf": "qemu-system-arm",
+    "ppc64le": "qemu-system-ppc64",
+    "s390x": "qemu-system-s390x",
+}
+QEMU_PACKAGE = {
+    "x86_64": "qemu-system-x86",
+    "aarch64": "qemu-system-arm",
+    "riscv64": "qemu-system-misc",
+    "i386": "qemu-system-x86",
+    "armhf": "qemu-system-arm",
+    "ppc64le": "qemu-system-ppc",
+    "s390x": "qemu-system-misc",
+}
 RAM_ID = "ttenv.ram"  # the memory backend of a VM whose RAM is a file (VM templating)
 SHARED_RAM_QEMU = 5  # qemu major version from which a machine takes its RAM from -machine memory-backend=
 IDENTITY_PORT = "org.ttenv.identity"  # the virtio-serial port name the guest's identity agent serves
@@ -95,14 +111,21 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         accel, cpu = ["-accel", "kvm"], "host"
     else:
         accel, cpu = ["-accel", "tcg,thread=multi,tb-size=64"], "max" if cfg.tcg_cx16 else "max,-cx16"
-    if cfg.arch == "x86_64":
+    if cfg.arch in ("x86_64", "i386"):
         machine = ["-machine", "q35"]
+    elif cfg.arch == "armhf":
+        machine, cpu = ["-machine", "virt,highmem=off"], "max"
+    elif cfg.arch == "ppc64le":
+        machine, cpu = ["-machine", "pseries"], "power9"
+    elif cfg.arch == "s390x":
+        machine, cpu = ["-machine", "s390-ccw-virtio"], "max"
     elif cfg.arch == "aarch64":
         machine = ["-machine", "virt,gic-version=max" if cfg.accel == "kvm" else "virt"]
         cpu = "host" if cfg.accel == "kvm" else "max,pauth-impdef=on"
     else:
         machine = ["-machine", "virt"]
         cpu = "rv64" if cfg.accel != "kvm" else "host"
+    bus = "ccw" if cfg.arch == "s390x" else "pci"  # s390x has no PCI virtio by default: channel I/O
     if cfg.machine_type:
         machine[-1] = ",".join([cfg.machine_type, *machine[-1].split(",")[1:]])
     if cfg.ram_file is not None or cfg.ram_anon:
@@ -134,28 +157,31 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         "-drive",
         f"if=none,id=root,file={cfg.disk},format=qcow2,cache=unsafe,discard=unmap",
         "-device",
-        "virtio-blk-pci,drive=root" + (",bootindex=0" if cfg.kernel is None else ""),
+        f"virtio-blk-{bus},drive=root" + (",bootindex=0" if cfg.kernel is None else ""),
         "-netdev",
         f"user,id=net0,hostfwd=tcp:{cfg.bind_addr}:{cfg.port}-:22",
         "-device",
-        f"virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile=",
+        f"virtio-net-{bus},netdev=net0,mac={GUEST_MAC}" + (",romfile=" if bus == "pci" else ""),
         "-device",
-        "virtio-rng-pci",
+        f"virtio-rng-{bus}",
         # A guest kernel panic ends qemu, so a dead guest is seen at once, not after a timeout.
         "-device",
-        "pvpanic" if cfg.arch == "x86_64" else "pvpanic-pci",
+        "pvpanic" if cfg.arch in ("x86_64", "i386") else "pvpanic-pci",
         "-action",
         "panic=exit-failure",
     ]
+    if cfg.arch == "s390x":  # no pvpanic device there (a panic is an SCLP event)
+        at = argv.index("pvpanic-pci")
+        del argv[at - 1 : at + 1]
     if cfg.identity is not None:
-        argv += ["-device", "virtio-serial-pci,id=vser"]
+        argv += ["-device", f"virtio-serial-{bus},id=vser"]
         argv += ["-chardev", f"socket,id=identity,path={cfg.identity},server=on,wait=off"]
         argv += ["-device", f"virtserialport,chardev=identity,name={IDENTITY_PORT}"]
     if cfg.vmgenid is not None and cfg.arch == "x86_64":
         argv += ["-device", f"vmgenid,id=vmgenid0,guid={cfg.vmgenid}"]
     if cfg.seed is not None:
         argv += ["-drive", f"if=none,id=seed,file={cfg.seed},format=raw,readonly=on"]
-        argv += ["-device", "virtio-blk-pci,drive=seed"]
+        argv += ["-device", f"virtio-blk-{bus},drive=seed"]
     if cfg.kernel is not None:
         argv += ["-kernel", str(cfg.kernel), "-append", cfg.cmdline]
         if cfg.initrd is not None:

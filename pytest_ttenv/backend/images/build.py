@@ -94,7 +94,7 @@ class ImageBuilder:
         """A foreign arch's second stage runs under qemu-user: make sure binfmt_misc serves it
         (mounting binfmt_misc and enabling the qemu-user-static entry if we can)."""
         host = platform.machine()
-        if arch == host:
+        if arch == host or (arch == "i386" and host == "x86_64"):  # i386 binaries run natively on x86_64
             return
         if not shutil.which("arch-test"):
             raise TTError(
@@ -102,11 +102,12 @@ class ImageBuilder:
                 "apt-get install -y arch-test qemu-user-static binfmt-support",
             )
         binfmt = Path("/proc/sys/fs/binfmt_misc")
-        interp = binfmt / f"qemu-{arch}"
+        entry = {"armhf": "arm"}.get(arch, arch)
+        interp = binfmt / f"qemu-{entry}"
         if not interp.exists() and shutil.which("update-binfmts"):
             if not (binfmt / "register").exists():
                 subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], capture_output=True)
-            subprocess.run(["update-binfmts", "--enable", f"qemu-{arch}"], capture_output=True)
+            subprocess.run(["update-binfmts", "--enable", f"qemu-{entry}"], capture_output=True)
             if interp.exists():
                 self.progress(f"enabled qemu-user for {arch} in binfmt_misc")
         if not interp.exists():
@@ -163,7 +164,7 @@ class ImageBuilder:
         shutil.rmtree(rootfs)
         run_step(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")], p, "qemu-img convert")
         raw.unlink()
-        console = "ttyAMA0" if req.arch == "aarch64" else "ttyS0"  # riscv64 virt: a 16550 UART
+        console = {"aarch64": "ttyAMA0", "armhf": "ttyAMA0", "ppc64le": "hvc0", "s390x": "ttysclp0"}.get(req.arch, "ttyS0")
         return ImageInfo(
             name=req.name,
             os=req.os,

@@ -18,6 +18,7 @@ from pytest_ttenv.backend.images.steps import guest_file
 INITRAMFS_MODULES = (
     "virtio_pci",
     "virtio_mmio",
+    "virtio_ccw",
     "virtio_blk",
     "virtio_net",
     "virtio_rng",

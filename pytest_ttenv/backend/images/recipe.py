@@ -17,6 +17,10 @@ KERNEL_PACKAGE = {
     "x86_64": "linux-image-cloud-amd64",
     "aarch64": "linux-image-cloud-arm64",
     "riscv64": "linux-image-riscv64",
+    "ppc64le": "linux-image-powerpc64le",
+    "s390x": "linux-image-s390x",
+    "i386": "linux-image-686",
+    "armhf": "linux-image-armmp-lpae",
 }
 BASE_PACKAGES = (
     "systemd-sysv",
