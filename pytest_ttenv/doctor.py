@@ -8,7 +8,8 @@ import shutil
 from dataclasses import dataclass
 
 from pytest_ttenv.backend.engines import accel
-from pytest_ttenv.backend.engines.qemu import QEMU_BINARY, QEMU_PACKAGE, version
+from pytest_ttenv.backend.engines.qemu import version
+from pytest_ttenv.backend.engines.qemu_arch import QEMU_BINARY, QEMU_PACKAGE
 from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.core.naming import ARCHES
 from pytest_ttenv.errors import TTError

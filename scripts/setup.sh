@@ -27,7 +27,7 @@ SUDO=""
 # main job boots host-arch VMs only, so it installs qemu for this arch; the CI templates install
 # RUNTIME_PKGS and FOREIGN_PKGS (tests/unit/test_ci_templates_static.py holds them to these lists).
 RUNTIME_PKGS=(qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client ca-certificates)
-FOREIGN_PKGS=(qemu-system-x86 qemu-system-arm qemu-system-misc ovmf qemu-user-static binfmt-support arch-test)
+FOREIGN_PKGS=(qemu-system-x86 qemu-system-arm qemu-system-misc qemu-system-ppc ovmf qemu-user-static binfmt-support arch-test)
 case "$(uname -m)" in
   x86_64 | i?86) QEMU_HOST=qemu-system-x86 ;;
   aarch64 | arm*) QEMU_HOST=qemu-system-arm ;;

@@ -11,10 +11,21 @@ from collections.abc import Iterable, Sequence
 from pytest_ttenv.errors import UsageError
 
 ARCHES = ("x86_64", "aarch64", "riscv64", "ppc64le", "s390x", "i386", "armhf")
-_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "riscv": "riscv64", "ppc64el": "ppc64le", "i686": "i386", "armv7l": "armhf"}
-DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64", "ppc64le": "ppc64el", "s390x": "s390x", "i386": "i386", "armhf": "armhf"}
+# What users type for an arch (Debian's, uname -m's, other tools' names) -> its canonical form.
+_ARCH_ALIASES = {
+    "amd64": "x86_64",
+    "x64": "x86_64",
+    "arm64": "aarch64",
+    "riscv": "riscv64",
+    "ppc64el": "ppc64le",
+    "powerpc64le": "ppc64le",
+    "i686": "i386",
+    "armv7l": "armhf",
+    "armv7": "armhf",
+}
+_DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el"}  # where Debian's name differs
 
-_IMAGE_RE = re.compile(r"^([a-z][a-z0-9]*)-([0-9][a-z0-9.]*)-(x86_64|aarch64|riscv64|ppc64le|s390x|i386|armhf)$")
+_IMAGE_RE = re.compile(rf"^([a-z][a-z0-9]*)-([0-9][a-z0-9.]*)-({'|'.join(ARCHES)})$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
@@ -33,8 +44,13 @@ def canonical_arch(arch: str) -> str:
     key = arch.strip().lower()
     key = _ARCH_ALIASES.get(key, key)
     if key not in ARCHES:
-        raise UsageError(f"unknown arch {arch!r}", f"use one of {', '.join(ARCHES)} (or amd64, arm64)")
+        raise UsageError(f"unknown arch {arch!r}", f"use one of {', '.join(ARCHES)} (or amd64, arm64, ppc64el, i686)")
     return key
+
+
+def debian_arch(arch: str) -> str:
+    """Debian's name for a canonical arch (``x86_64`` -> ``amd64``, ``ppc64le`` -> ``ppc64el``)."""
+    return _DEBIAN_ARCH.get(arch, arch)
 
 
 def image_name(os_name: str, version: str, arch: str) -> str:

@@ -7,12 +7,15 @@ it boots and that no verdict is cached when nothing could be probed.
 from __future__ import annotations
 
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pytest_ttenv.backend.engines import accel
+from pytest_ttenv.backend.engines.qemu_arch import QEMU_ARCH
 from pytest_ttenv.core.model import ImageInfo
+from pytest_ttenv.errors import UsageError
 
 HOST = platform.machine()
 DIRECT = ImageInfo("debian-12-" + HOST, "debian", "12", HOST, path=Path("/img/direct"))
@@ -65,7 +68,19 @@ def test_boot_timeout_scales_for_cloud_init_images_and_foreign_arches() -> None:
     base = accel.boot_timeout("tcg", HOST)
     assert accel.boot_timeout("tcg", HOST, access="cloud-init") == 3 * base
     foreign = "riscv64" if HOST != "riscv64" else "x86_64"
-    assert accel.boot_timeout("tcg", foreign) == 2.5 * base
+    assert accel.boot_timeout("tcg", foreign) == QEMU_ARCH[foreign].tcg_boot_factor * base > base
+
+
+@pytest.mark.skipif(HOST != "x86_64", reason="i386 guests on an x86_64 host")
+def test_i386_guests_run_under_an_x86_64_hosts_kvm(probed: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVM runs 32-bit x86 guests on an x86_64 host: i386 is probed like the host's own arch, and
+    its boot timeout is a native guest's under KVM (a foreign arch's under TCG)."""
+    i386 = replace(DIRECT, name="debian-12-i386", arch="i386")
+    assert accel.choose("auto", i386).name == "kvm" and probed == [i386.name]
+    assert accel.boot_timeout("kvm", "i386") == accel.boot_timeout("kvm", HOST)
+    assert accel.boot_timeout("tcg", "i386") == QEMU_ARCH["i386"].tcg_boot_factor * accel.boot_timeout("tcg", HOST)
+    with pytest.raises(UsageError, match="kvm cannot run s390x guests"):
+        accel.choose("kvm", replace(DIRECT, name="debian-12-s390x", arch="s390x"))
 
 
 def test_tcg_fallback_is_said_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -122,6 +122,23 @@ def test_mbr_has_grub_code_a_bootable_root_and_an_esp() -> None:
     assert entries[2:] == [(0, 0, 0, 0), (0, 0, 0, 0)]
 
 
+def test_an_arch_a_release_does_not_ship_is_said_plainly() -> None:
+    assert parse_target("debian-12", "s390x").name == "debian-12-s390x"
+    with pytest.raises(
+        UsageError, match=r"Debian 13 \(trixie\) ships no i386 kernel.*build debian-11, debian-12 for i386"
+    ):
+        parse_target("debian-13", "i386")
+    with pytest.raises(UsageError, match=r"Debian 12 \(bookworm\) ships no riscv64 kernel.*build debian-13"):
+        parse_target("debian-12", "riscv64")
+    assert buildable(["i686", "ppc64el"]) == [
+        "debian-11-i386",
+        "debian-12-i386",
+        "debian-11-ppc64le",
+        "debian-12-ppc64le",
+        "debian-13-ppc64le",
+    ]
+
+
 def test_unbuildable_target() -> None:
     with pytest.raises(UsageError, match="buildable here: debian-11, debian-12, debian-13"):
         parse_target("ubuntu-22.04", "x86_64")

@@ -16,6 +16,7 @@ from pytest_ttenv.core.model import ImageInfo
 from pytest_ttenv.core.naming import (
     canonical_arch,
     check_env_name,
+    debian_arch,
     image_name,
     match_prefixes,
     normalize,
@@ -84,7 +85,19 @@ def test_split_prefixes_flattens_commas() -> None:
     assert split_prefixes(["cent,ubuntu2004", " deb ,", ""]) == ["cent", "ubuntu2004", "deb"]
 
 
-@pytest.mark.parametrize(("given", "canon"), [("amd64", "x86_64"), ("ARM64", "aarch64"), ("riscv64", "riscv64")])
+@pytest.mark.parametrize(
+    ("given", "canon"),
+    [
+        ("amd64", "x86_64"),
+        ("ARM64", "aarch64"),
+        ("riscv64", "riscv64"),
+        ("ppc64el", "ppc64le"),
+        ("ppc64le", "ppc64le"),
+        ("s390x", "s390x"),
+        ("i686", "i386"),
+        ("armv7l", "armhf"),
+    ],
+)
 def test_arch_aliases(given: str, canon: str) -> None:
     assert canonical_arch(given) == canon
 
@@ -92,6 +105,19 @@ def test_arch_aliases(given: str, canon: str) -> None:
 def test_unknown_arch() -> None:
     with pytest.raises(UsageError, match="unknown arch 'sparc'"):
         canonical_arch("sparc")
+
+
+def test_debian_names_its_arches_its_own_way() -> None:
+    assert [debian_arch(a) for a in ("x86_64", "aarch64", "ppc64le", "s390x", "i386", "armhf")] == [
+        "amd64",
+        "arm64",
+        "ppc64el",
+        "s390x",
+        "i386",
+        "armhf",
+    ]
+    assert image_name("debian", "12", "ppc64el") == "debian-12-ppc64le"
+    assert split_image_name("debian-12-armhf") == ("debian", "12", "armhf")
 
 
 def test_image_names_round_trip() -> None:

@@ -109,6 +109,39 @@ def test_riscv64_tcg_direct_boot_through_opensbi() -> None:
     assert "pvpanic-pci" in argv and "virtio-blk-pci,drive=root" in argv
 
 
+@pytest.mark.parametrize(
+    ("arch", "binary", "machine", "cpu", "panic"),
+    [
+        ("ppc64le", "qemu-system-ppc64", "pseries", "power9", "pvpanic-pci"),
+        ("armhf", "qemu-system-arm", "virt,highmem=off", "max", "pvpanic-pci"),
+        ("i386", "qemu-system-i386", "q35", "max", "pvpanic"),
+    ],
+)
+def test_pci_arches_get_their_machine_and_cpu(arch: str, binary: str, machine: str, cpu: str, panic: str) -> None:
+    argv = build_argv(cfg(arch=arch))
+    assert argv[0] == binary
+    assert ("-machine", machine) in itertools.pairwise(argv) and ("-cpu", cpu) in itertools.pairwise(argv)
+    assert panic in argv and "virtio-blk-pci,drive=root" in argv and "virtio-rng-pci" in argv
+
+
+def test_s390x_devices_sit_on_channel_io_and_there_is_no_panic_device() -> None:
+    argv = build_argv(replace(cfg(arch="s390x"), identity=Path("/run/env/vm/identity.sock")))
+    assert argv[0] == "qemu-system-s390x" and ("-machine", "s390-ccw-virtio") in itertools.pairwise(argv)
+    devices = [b for a, b in itertools.pairwise(argv) if a == "-device"]
+    assert not [d for d in devices if "-pci" in d or d.startswith("pvpanic")]
+    from pytest_ttenv.backend.engines.base import GUEST_MAC
+
+    assert "virtio-blk-ccw,drive=root" in devices and "virtio-blk-ccw,drive=seed" in devices
+    assert f"virtio-net-ccw,netdev=net0,mac={GUEST_MAC}" in devices  # a ccw NIC has no option ROM to drop
+    assert "virtio-rng-ccw" in devices and "virtio-serial-ccw,id=vser" in devices
+
+
+def test_i386_runs_under_kvm_with_the_host_cpu_and_gets_a_generation_id() -> None:
+    argv = build_argv(replace(cfg(arch="i386", accel="kvm"), vmgenid="6ba7b810-9dad-11d1-80b4-00c04fd430c8"))
+    assert argv[0] == "qemu-system-i386" and ("-cpu", "host") in itertools.pairwise(argv)
+    assert "vmgenid,id=vmgenid0,guid=6ba7b810-9dad-11d1-80b4-00c04fd430c8" in argv
+
+
 def test_a_template_writes_its_ram_to_a_shared_file_and_a_clone_maps_it_privately() -> None:
     for arch, machine in (("x86_64", "q35"), ("aarch64", "virt"), ("riscv64", "virt")):
         ram = Path("/img/warm/k/ram")

@@ -27,6 +27,7 @@ from pytest_ttenv.backend.engines.deferred import StartLater
 from pytest_ttenv.backend.engines.libvirt import LibvirtEngine
 from pytest_ttenv.backend.engines.libvirt_place import parse_hosts
 from pytest_ttenv.backend.engines.libvirt_warm import LibvirtWarm
+from pytest_ttenv.backend.engines.qemu_arch import QEMU_BINARY
 from pytest_ttenv.backend.local import LocalBackend
 from pytest_ttenv.config import SETTINGS, resolve
 from pytest_ttenv.core.keys import KeyPair
@@ -107,7 +108,7 @@ def test_cold_fallback_is_one_line(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.skipif(shutil.which(qemu.QEMU_BINARY["x86_64"]) is None, reason="qemu-system-x86_64 not installed")
+@pytest.mark.skipif(shutil.which(QEMU_BINARY["x86_64"]) is None, reason="qemu-system-x86_64 not installed")
 def test_an_image_ttenv_built_is_planned_warm_with_its_template_key(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path / "images", tmp_path / "state")
     image = fake_image(tmp_path / "images")
@@ -523,3 +524,23 @@ def test_a_sparse_digest_reads_only_data_and_still_sees_every_byte(tmp_path: Pat
         f.seek((32 << 20) + 1)
         f.write(b"U")
     assert templates.sha256_file(ram, sparse=True) != digest
+
+
+@pytest.mark.parametrize(
+    ("machine", "add_entropy", "reseed"),
+    [
+        ("x86_64", 0x40085203, 0x5207),
+        ("s390x", 0x40085203, 0x5207),
+        ("armv7l", 0x40085203, 0x5207),
+        ("ppc64le", 0x80085203, 0x20005207),  # asm-powerpc/ioctl.h: 3 direction bits, write = 4
+    ],
+)
+def test_agent_ioctl_numbers_follow_the_guest_arch(
+    monkeypatch: pytest.MonkeyPatch, machine: str, add_entropy: int, reseed: int
+) -> None:
+    """RNDADDENTROPY / RNDRESEEDCRNG as <linux/random.h> defines them on each arch's kernel."""
+    real = os.uname()
+    fake = os.uname_result((real.sysname, real.nodename, real.release, real.version, machine))
+    monkeypatch.setattr(os, "uname", lambda: fake)
+    agent = identity_agent()
+    assert (agent.RNDADDENTROPY, agent.RNDRESEEDCRNG) == (add_entropy, reseed)

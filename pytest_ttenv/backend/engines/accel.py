@@ -3,7 +3,8 @@
 ``/dev/kvm`` existing proves nothing (nested or PVM-based KVM may fail to run a stock
 kernel), so the probe boots an image's own kernel and initramfs with ``ttenv.probe`` on
 the command line: the initramfs prints ``TTENV-PROBE-OK`` and powers off. The verdict is
-cached per host (kernel, CPU model) and qemu version. A foreign arch is always TCG.
+cached per host (kernel, CPU model) and qemu version. A guest arch this host's KVM cannot run
+(``qemu_arch.kvm_runs``: its own arch, or i386 on x86_64) is always TCG.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_ttenv.backend.engines.qemu import QEMU_BINARY, version
+from pytest_ttenv.backend.engines.qemu import version
+from pytest_ttenv.backend.engines.qemu_arch import QEMU_ARCH, kvm_runs
 from pytest_ttenv.core.model import ImageInfo
 from pytest_ttenv.core.paths import cache_dir, write_json_atomic
 from pytest_ttenv.errors import UsageError
@@ -43,10 +45,11 @@ ACCESS_FACTOR = {"ttenv": 1.0, "cloud-init": 3.0}
 
 
 def boot_timeout(accel: str, arch: str, concurrent: int = 1, access: str = "ttenv") -> float:
-    """Boot-to-SSH timeout: base per accelerator, x2.5 for an emulated foreign arch, x3 for an
-    image reached through cloud-init, x(concurrent VMs / host cores) when more VMs boot at once
-    than there are cores."""
-    factor = 2.5 if arch != platform.machine() else 1.0
+    """Boot-to-SSH timeout: base per accelerator, x the arch's measured ``tcg_boot_factor`` for an
+    emulated guest of another arch than the host's, x3 for an image reached through cloud-init,
+    x(concurrent VMs / host cores) when more VMs boot at once than there are cores."""
+    native = arch == platform.machine() or (accel == "kvm" and kvm_runs(arch, platform.machine()))
+    factor = 1.0 if native else QEMU_ARCH[arch].tcg_boot_factor
     load = max(1.0, concurrent / (os.cpu_count() or 1))
     base = BASE_BOOT_TIMEOUT.get(accel, BASE_BOOT_TIMEOUT["tcg"])
     return base * factor * ACCESS_FACTOR.get(access, ACCESS_FACTOR["cloud-init"]) * load
@@ -101,14 +104,15 @@ def probe_kvm(image: ImageInfo, timeout: float = PROBE_TIMEOUT) -> tuple[bool, s
         return False, f"image {image.name} has no kernel to probe with"
     with tempfile.TemporaryDirectory(prefix="ttenv-probe-") as tmp:
         console = Path(tmp) / "console.log"
+        spec = QEMU_ARCH[image.arch]
         argv = [
-            QEMU_BINARY[image.arch],
+            spec.binary,
             "-nodefaults",
             "-no-user-config",
             "-display",
             "none",
             "-machine",
-            "q35" if image.arch == "x86_64" else "virt",
+            spec.machine_for("kvm"),
             "-accel",
             "kvm",
             "-cpu",
@@ -159,7 +163,7 @@ def choose(requested: str, image: ImageInfo, probe_with: ImageInfo | None = None
         raise UsageError(f"unknown accelerator {requested!r}", "use auto, kvm or tcg")
     if requested == "tcg":
         return Accel("tcg", "requested")
-    if image.arch != platform.machine():
+    if not kvm_runs(image.arch, platform.machine()):
         if requested == "kvm":
             raise UsageError(f"kvm cannot run {image.arch} guests on a {platform.machine()} host", "use --accel tcg")
         return Accel("tcg", f"{image.arch} guest on a {platform.machine()} host is emulated")

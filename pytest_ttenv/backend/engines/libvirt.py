@@ -55,6 +55,7 @@ from pytest_ttenv.backend.engines.libvirt_xml import (
     volume_xml,
 )
 from pytest_ttenv.backend.engines.net import ssh_banner
+from pytest_ttenv.backend.engines.qemu_arch import QEMU_ARCH
 from pytest_ttenv.backend.engines.templates import Template
 from pytest_ttenv.backend.engines.virt import (
     NO_SNAPSHOT,
@@ -208,6 +209,9 @@ class LibvirtEngine:
         return vm.address if self._host(vm.host).remote else self._probe_addr
 
     def plan(self, spec: EnvSpec, vm: VmSpec, image: ImageInfo, accel: str, owner: str) -> Boot:
+        if QEMU_ARCH[image.arch].libvirt is None:
+            runs = ", ".join(a for a, q in QEMU_ARCH.items() if q.libvirt)
+            raise UsageError(f"the libvirt engine does not run {image.arch} guests (only {runs})", "use --engine qemu")
         return self.warm.plan(spec, vm, image, accel, owner)
 
     # -- start ---------------------------------------------------------------------------------

@@ -20,28 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_ttenv.backend.engines.base import GUEST_MAC
+from pytest_ttenv.backend.engines.qemu_arch import QEMU_ARCH, QEMU_BINARY, QEMU_PACKAGE
 from pytest_ttenv.core.model import ImageInfo, Resources
 from pytest_ttenv.core.paths import socket_dir
 from pytest_ttenv.errors import TTError
 
-QEMU_BINARY = {
-    "x86_64": "qemu-system-x86_64",
-    "aarch64": "qemu-system-aarch64",
-    "riscv64": "qemu-system-riscv64",
-    "i386": "qemu-system-i386",
-    "armhf": "qemu-system-arm",
-    "ppc64le": "qemu-system-ppc64",
-    "s390x": "qemu-system-s390x",
-}
-QEMU_PACKAGE = {
-    "x86_64": "qemu-system-x86",
-    "aarch64": "qemu-system-arm",
-    "riscv64": "qemu-system-misc",
-    "i386": "qemu-system-x86",
-    "armhf": "qemu-system-arm",
-    "ppc64le": "qemu-system-ppc",
-    "s390x": "qemu-system-misc",
-}
 RAM_ID = "ttenv.ram"  # the memory backend of a VM whose RAM is a file (VM templating)
 SHARED_RAM_QEMU = 5  # qemu major version from which a machine takes its RAM from -machine memory-backend=
 IDENTITY_PORT = "org.ttenv.identity"  # the virtio-serial port name the guest's identity agent serves
@@ -107,31 +90,17 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     The console log is always opened for appending (``append=on``), so the backend can cap it by
     truncating it from outside (``console.cap_log``): qemu's next write then starts at the new end.
     """
-    if cfg.accel == "kvm":
-        accel, cpu = ["-accel", "kvm"], "host"
-    else:
-        accel, cpu = ["-accel", "tcg,thread=multi,tb-size=64"], "max" if cfg.tcg_cx16 else "max,-cx16"
-    if cfg.arch in ("x86_64", "i386"):
-        machine = ["-machine", "q35"]
-    elif cfg.arch == "armhf":
-        machine, cpu = ["-machine", "virt,highmem=off"], "max"
-    elif cfg.arch == "ppc64le":
-        machine, cpu = ["-machine", "pseries"], "power9"
-    elif cfg.arch == "s390x":
-        machine, cpu = ["-machine", "s390-ccw-virtio"], "max"
-    elif cfg.arch == "aarch64":
-        machine = ["-machine", "virt,gic-version=max" if cfg.accel == "kvm" else "virt"]
-        cpu = "host" if cfg.accel == "kvm" else "max,pauth-impdef=on"
-    else:
-        machine = ["-machine", "virt"]
-        cpu = "rv64" if cfg.accel != "kvm" else "host"
-    bus = "ccw" if cfg.arch == "s390x" else "pci"  # s390x has no PCI virtio by default: channel I/O
+    spec = QEMU_ARCH[cfg.arch]
+    accel = ["-accel", "kvm"] if cfg.accel == "kvm" else ["-accel", "tcg,thread=multi,tb-size=64"]
+    cpu = spec.cpu_for(cfg.accel) + ("" if cfg.accel == "kvm" or cfg.tcg_cx16 else ",-cx16")
+    machine = ["-machine", spec.machine_for(cfg.accel)]
+    bus = spec.bus
     if cfg.machine_type:
         machine[-1] = ",".join([cfg.machine_type, *machine[-1].split(",")[1:]])
     if cfg.ram_file is not None or cfg.ram_anon:
         machine[-1] += f",memory-backend={RAM_ID}"
     argv = [
-        QEMU_BINARY[cfg.arch],
+        spec.binary,
         "-name",
         f"ttenv:{cfg.name}",
         "-nodefaults",
@@ -165,19 +134,16 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         "-device",
         f"virtio-rng-{bus}",
         # A guest kernel panic ends qemu, so a dead guest is seen at once, not after a timeout.
-        "-device",
-        "pvpanic" if cfg.arch in ("x86_64", "i386") else "pvpanic-pci",
         "-action",
         "panic=exit-failure",
     ]
-    if cfg.arch == "s390x":  # no pvpanic device there (a panic is an SCLP event)
-        at = argv.index("pvpanic-pci")
-        del argv[at - 1 : at + 1]
+    if spec.panic is not None:
+        argv += ["-device", spec.panic]
     if cfg.identity is not None:
         argv += ["-device", f"virtio-serial-{bus},id=vser"]
         argv += ["-chardev", f"socket,id=identity,path={cfg.identity},server=on,wait=off"]
         argv += ["-device", f"virtserialport,chardev=identity,name={IDENTITY_PORT}"]
-    if cfg.vmgenid is not None and cfg.arch == "x86_64":
+    if cfg.vmgenid is not None and spec.vmgenid:
         argv += ["-device", f"vmgenid,id=vmgenid0,guid={cfg.vmgenid}"]
     if cfg.seed is not None:
         argv += ["-drive", f"if=none,id=seed,file={cfg.seed},format=raw,readonly=on"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from pytest_ttenv.backend.engines import qemu
 from pytest_ttenv.backend.engines.base import Machine, Saved
 from pytest_ttenv.backend.engines.identity import agent_request
+from pytest_ttenv.backend.engines.qemu_arch import QEMU_BINARY
 from pytest_ttenv.core.capture_manifest import CaptureError
 from pytest_ttenv.core.model import ImageInfo, Resources
 from pytest_ttenv.errors import TTError
@@ -231,7 +232,7 @@ def _number(version_line: str) -> str:
 
 def qemu_has_machine(arch: str, machine: str) -> bool:
     """Whether this host's qemu for ``arch`` knows the machine type ``machine``."""
-    binary = shutil.which(qemu.QEMU_BINARY[arch])
+    binary = shutil.which(QEMU_BINARY[arch])
     if binary is None:
         return False
     try:

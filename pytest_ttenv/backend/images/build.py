@@ -22,19 +22,24 @@ from pytest_ttenv.backend.images.build_cloud import finish_cloud
 from pytest_ttenv.backend.images.initramfs import build_initramfs
 from pytest_ttenv.backend.images.recipe import (
     BASE_PACKAGES,
+    BINFMT_ENTRY,
     CLOUD_PACKAGES,
+    CONSOLE,
     DEBIAN_SUITES,
+    DEFAULT_CONSOLE,
     DPKG_EXCLUDES,
     KERNEL_PACKAGE,
     MASKED_GENERATORS,
     MASKED_UNITS,
+    ROOT_LABEL,
+    RUNS_NATIVELY_ON,
     BuildRequest,
     parse_target,
 )
 from pytest_ttenv.backend.images.steps import Progress, guest_file, run_step
 from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.core.model import ImageInfo
-from pytest_ttenv.core.naming import DEBIAN_ARCH
+from pytest_ttenv.core.naming import debian_arch
 from pytest_ttenv.errors import TTError, from_os_error
 
 
@@ -94,7 +99,7 @@ class ImageBuilder:
         """A foreign arch's second stage runs under qemu-user: make sure binfmt_misc serves it
         (mounting binfmt_misc and enabling the qemu-user-static entry if we can)."""
         host = platform.machine()
-        if arch == host or (arch == "i386" and host == "x86_64"):  # i386 binaries run natively on x86_64
+        if arch == host or host in RUNS_NATIVELY_ON.get(arch, ()):
             return
         if not shutil.which("arch-test"):
             raise TTError(
@@ -102,7 +107,7 @@ class ImageBuilder:
                 "apt-get install -y arch-test qemu-user-static binfmt-support",
             )
         binfmt = Path("/proc/sys/fs/binfmt_misc")
-        entry = {"armhf": "arm"}.get(arch, arch)
+        entry = BINFMT_ENTRY.get(arch, arch)
         interp = binfmt / f"qemu-{entry}"
         if not interp.exists() and shutil.which("update-binfmts"):
             if not (binfmt / "register").exists():
@@ -115,7 +120,7 @@ class ImageBuilder:
                 f"building a {arch} image on a {host} host needs qemu-user binfmt support",
                 "apt-get install -y qemu-user-static binfmt-support && "
                 "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; "
-                f"update-binfmts --enable qemu-{arch}",
+                f"update-binfmts --enable qemu-{entry}",
             )
 
     def _build_in(self, work: Path, req: BuildRequest) -> ImageInfo:
@@ -139,7 +144,7 @@ class ImageBuilder:
             "mmdebstrap",
             "--mode=root",
             "--variant=minbase",
-            f"--architectures={DEBIAN_ARCH[req.arch]}",
+            f"--architectures={debian_arch(req.arch)}",
             f"--include={','.join(packages)}",
             "--skip=cleanup/apt/lists",
             *(f"--dpkgopt=path-exclude={x}" for x in DPKG_EXCLUDES),
@@ -160,18 +165,18 @@ class ImageBuilder:
         raw = work / "disk.raw"
         with open(raw, "wb") as f:
             f.truncate(req.disk_mib * 1024 * 1024)
-        run_step(["mkfs.ext4", "-q", "-F", "-L", "ttenv-root", "-d", str(rootfs), str(raw)], p, "mkfs.ext4")
+        run_step(["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", str(rootfs), str(raw)], p, "mkfs.ext4")
         shutil.rmtree(rootfs)
         run_step(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")], p, "qemu-img convert")
         raw.unlink()
-        console = {"aarch64": "ttyAMA0", "armhf": "ttyAMA0", "ppc64le": "hvc0", "s390x": "ttysclp0"}.get(req.arch, "ttyS0")
+        console = CONSOLE.get(req.arch, DEFAULT_CONSOLE)
         return ImageInfo(
             name=req.name,
             os=req.os,
             version=req.version,
             arch=req.arch,
             disk_mib=req.disk_mib,
-            cmdline=f"root=/dev/vda rw console={console} quiet loglevel=3 net.ifnames=0",
+            cmdline=f"root=LABEL={ROOT_LABEL} rw console={console} quiet loglevel=3 net.ifnames=0",
             source="build",
             created=time.time(),
             details={"suite": suite, "mirror": mirror, "kernel": kver, "builder": "mmdebstrap", "variant": req.variant},
@@ -199,7 +204,7 @@ class ImageBuilder:
             (units / "multi-user.target.wants").mkdir(exist_ok=True)
             _symlink(units / "multi-user.target.wants" / "ttenv-seed.service", "/etc/systemd/system/ttenv-seed.service")
             (etc / "ssh" / "sshd_config.d" / "ttenv.conf").write_text("HostKey /etc/ssh/ssh_host_ed25519_key\n")
-            (etc / "fstab").write_text("/dev/vda / ext4 rw 0 1\n")
+            (etc / "fstab").write_text(f"LABEL={ROOT_LABEL} / ext4 rw 0 1\n")
             return
         for unit in ("ttenv-seed.service", "ssh.service"):
             (units / unit).write_text(guest_file(unit))

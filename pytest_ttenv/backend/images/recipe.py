@@ -22,6 +22,25 @@ KERNEL_PACKAGE = {
     "i386": "linux-image-686",
     "armhf": "linux-image-armmp-lpae",
 }
+# The arches each release ships a kernel for (Debian's official release architectures):
+# riscv64 is official from 13 (trixie); trixie dropped i386 as a release arch (no kernel, no
+# installer: its i386 packages are only for running 32-bit programs on amd64).
+RELEASE_ARCHES = {
+    "11": ("x86_64", "aarch64", "ppc64le", "s390x", "i386", "armhf"),
+    "12": ("x86_64", "aarch64", "ppc64le", "s390x", "i386", "armhf"),
+    "13": ("x86_64", "aarch64", "riscv64", "ppc64le", "s390x", "armhf"),
+}
+# The kernel console of each arch's qemu machine: arm's PL011, Power's hypervisor console (spapr-vty),
+# s390x's SCLP line console, else a 16550 UART (x86, riscv virt).
+CONSOLE = {"aarch64": "ttyAMA0", "armhf": "ttyAMA0", "ppc64le": "hvc0", "s390x": "ttysclp0"}
+DEFAULT_CONSOLE = "ttyS0"
+# The label of the tuned images' root file system: the kernel command line and fstab name the
+# root by it (on s390x channel I/O the disks' order is not the command line's).
+ROOT_LABEL = "ttenv-root"
+# qemu-user-static's binfmt_misc entry for each foreign arch (``qemu-<entry>``), where not the arch's name.
+BINFMT_ENTRY = {"armhf": "arm"}
+# Host arches that run an arch's binaries natively (no qemu-user for its second stage).
+RUNS_NATIVELY_ON = {"i386": ("x86_64",)}
 BASE_PACKAGES = (
     "systemd-sysv",
     "udev",
@@ -133,9 +152,16 @@ def parse_target(target: str, arch: str, variant: str = "") -> BuildRequest:
         raise UsageError(f"unknown variant {variant!r}", f"use one of {', '.join(VARIANTS)}")
     if variant == "cloud" and arch != "x86_64":
         raise UsageError(f"the cloud variant boots through x86 GRUB (BIOS or UEFI): x86_64 only, not {arch}")
+    if arch not in RELEASE_ARCHES[version]:
+        ships = [v for v, arches in RELEASE_ARCHES.items() if arch in arches]
+        raise UsageError(
+            f"Debian {version} ({DEBIAN_SUITES[version]}) ships no {arch} kernel",
+            f"build {', '.join(f'debian-{v}' for v in ships)} for {arch}",
+        )
     return BuildRequest("debian", version, arch, variant=variant)
 
 
 def buildable(arches: Sequence[str] = ARCHES) -> list[str]:
     """The image names the builder makes (its default variant) for ``arches``: ``debian-12-x86_64``..."""
-    return [image_name("debian", v, canonical_arch(a)) for a in arches for v in DEBIAN_SUITES]
+    wanted = [canonical_arch(a) for a in arches]
+    return [image_name("debian", v, a) for a in wanted for v in DEBIAN_SUITES if a in RELEASE_ARCHES[v]]
