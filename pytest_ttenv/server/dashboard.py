@@ -35,7 +35,7 @@ from pytest_ttenv.core.naming import parse_seconds
 from pytest_ttenv.errors import NotFound, TTError
 from pytest_ttenv.server import dashboard_streams as streams
 from pytest_ttenv.server.auth import Grant
-from pytest_ttenv.server.errors import AuthError, error_response, one_line
+from pytest_ttenv.server.errors import AuthError, TooMany, error_response, one_line, retry_after
 from pytest_ttenv.server.models import NAME_MAX, NAME_PATTERN
 from pytest_ttenv.server.service import Service
 from pytest_ttenv.server.sessions import COOKIE, STREAMS_PER_SESSION, Session, Sessions, TokenCheck
@@ -160,6 +160,22 @@ def _redirect(to: str) -> RedirectResponse:
     return RedirectResponse(to, status_code=303, headers={"Cache-Control": "no-store"})
 
 
+def _json_error(exc: TTError) -> JSONResponse:
+    """The API's JSON error body for ``exc``, with ``Retry-After`` for a 429 or 503."""
+    status, body = error_response(exc)
+    wait = retry_after(exc)
+    return JSONResponse(body, status, {"Retry-After": str(wait)} if wait is not None else None)
+
+
+class Refused(Exception):
+    """Raised by a route's session check with the answer to send instead (a 303 to /login, a
+    403 for CSRF, a stream's 401 or 429); ``install`` registers the handler that sends it."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
 async def _form(request: Request) -> dict[str, str]:
     """The urlencoded form of a POST (its first value per field; Guard bounds the body)."""
     body = await request.body()
@@ -193,6 +209,13 @@ def install(
 
     async def session_of(request: Request, touch: bool = True) -> Session | None:
         return await sessions.get(request.cookies.get(COOKIE), touch)
+
+    async def signed_in(request: Request) -> Session:
+        """The live session of a page (touched); Refused with a 303 to /login without one."""
+        session = await session_of(request)
+        if session is None:
+            raise Refused(_redirect("/login"))
+        return session
 
     def grant_of(session: Session) -> Grant:
         grant = service.tokens.grant_of(session.owner)
@@ -241,26 +264,17 @@ def install(
         )  # a browser-session cookie: the server ends the session after IDLE s without use
         return response
 
-    async def posted(request: Request) -> tuple[Session | None, dict[str, str], Response | None]:
-        """The session and form of a POST, or the answer instead: 303 to /login, 403 for CSRF."""
-        session = await session_of(request)
-        if session is None:
-            return None, {}, _redirect("/login")
+    async def posted(request: Request) -> tuple[Session, dict[str, str]]:
+        """The session and form of a POST; Refused with a 303 to /login, or a 403 for CSRF."""
+        session = await signed_in(request)
         form = await _form(request)
         if not session.csrf_ok(form.get("csrf")):
-            return (
-                None,
-                {},
-                problem(request, session, 403, "the form's CSRF token is missing or wrong: reload the page"),
-            )
-        return session, form, None
+            raise Refused(problem(request, session, 403, "the form's CSRF token is missing or wrong: reload the page"))
+        return session, form
 
     @router.post("/logout")
     async def logout(request: Request) -> Response:
-        session, _, answer = await posted(request)
-        if session is None:
-            assert answer is not None
-            return answer
+        session, _ = await posted(request)
         sessions.drop(session.id)
         response = _redirect("/login")
         response.delete_cookie(COOKIE, path="/", secure=request.url.scheme == "https", httponly=True, samesite="strict")
@@ -269,9 +283,7 @@ def install(
     # -- pages ------------------------------------------------------------------------------------
     @router.get("/")
     async def host(request: Request) -> Response:
-        session = await session_of(request)
-        if session is None:
-            return _redirect("/login")
+        session = await signed_in(request)
         who = grant_of(session)
 
         def read() -> dict[str, Any]:
@@ -285,9 +297,7 @@ def install(
 
     @router.get("/envs")
     async def envs(request: Request) -> Response:
-        session = await session_of(request)
-        if session is None:
-            return _redirect("/login")
+        session = await signed_in(request)
         who = grant_of(session)
         try:
             found = await run(lambda: [env_json(env, state_dir) for env in service.list_for(who)])
@@ -308,9 +318,7 @@ def install(
 
     @router.get("/envs/{ref}")
     async def one_env(request: Request, ref: str) -> Response:
-        session = await session_of(request)
-        if session is None:
-            return _redirect("/login")
+        session = await signed_in(request)
         who = grant_of(session)
         try:
             env, _ = await run(lambda: lookup(who, ref))
@@ -320,9 +328,7 @@ def install(
 
     @router.get("/envs/{ref}/vms/{vm}")
     async def one_vm(request: Request, ref: str, vm: str) -> Response:
-        session = await session_of(request)
-        if session is None:
-            return _redirect("/login")
+        session = await signed_in(request)
         who = grant_of(session)
         try:
             env, info = await run(lambda: lookup(who, ref, vm))
@@ -336,19 +342,14 @@ def install(
 
     @router.get("/events")
     async def events(request: Request) -> Response:
-        session = await session_of(request)
-        if session is None:
-            return _redirect("/login")
+        session = await signed_in(request)
         shown = [e.as_dict() for e in service.events.visible(session.owner, session.admin)]
         return page(request, "events.html", session, events=shown[::-1])
 
     # -- forms ------------------------------------------------------------------------------------
     @router.post("/envs/{ref}/renew")
     async def renew(request: Request, ref: str) -> Response:
-        session, form, answer = await posted(request)
-        if session is None:
-            assert answer is not None
-            return answer
+        session, form = await posted(request)
         who = grant_of(session)
 
         def act() -> None:
@@ -364,10 +365,7 @@ def install(
 
     @router.post("/envs/{ref}/delete")
     async def delete(request: Request, ref: str) -> Response:
-        session, form, answer = await posted(request)
-        if session is None:
-            assert answer is not None
-            return answer
+        session, form = await posted(request)
         if form.get("confirm") != "yes":
             return problem(request, session, 400, "deleting an ENV needs confirm=yes")
         who = grant_of(session)
@@ -383,16 +381,15 @@ def install(
         return _redirect("/envs")
 
     # -- streams ----------------------------------------------------------------------------------
-    async def stream_session(request: Request) -> tuple[Session | None, Response | None]:
+    async def stream_session(request: Request) -> Session:
+        """The live session of a stream (not touched: streams do not keep it alive); Refused with
+        a 401 without one, a 429 when it has STREAMS_PER_SESSION streams open."""
         session = await session_of(request, touch=False)
         if session is None:
-            body = {"error": "auth", "message": "no live session: log in at /login", "hint": None}
-            return None, JSONResponse(body | {"console": None, "free": None}, status_code=401)
+            raise Refused(_json_error(AuthError("no live session: log in at /login")))
         if session.streams >= STREAMS_PER_SESSION:
-            body = {"error": "too_many", "message": f"over {STREAMS_PER_SESSION} streams open in this session"}
-            headers = {"Retry-After": "5"}
-            return None, JSONResponse(body | {"hint": None, "console": None, "free": None}, 429, headers)
-        return session, None
+            raise Refused(_json_error(TooMany(f"over {STREAMS_PER_SESSION} streams open in this session", None, 5)))
+        return session
 
     def streaming(
         request: Request, session: Session, body: Callable[[streams.Alive], AsyncIterator[bytes]]
@@ -419,10 +416,7 @@ def install(
 
     @router.get("/ui/stream/envs")
     async def env_stream(request: Request) -> Response:
-        session, answer = await stream_session(request)
-        if session is None:
-            assert answer is not None
-            return answer
+        session = await stream_session(request)
 
         def snapshot() -> list[dict[str, Any]]:
             return [env_json(env, state_dir) for env in service.list_for(grant_of(session))]
@@ -431,10 +425,7 @@ def install(
 
     @router.get("/ui/stream/envs/{ref}/vms/{vm}/console")
     async def console_stream(request: Request, ref: str, vm: str) -> Response:
-        session, answer = await stream_session(request)
-        if session is None:
-            assert answer is not None
-            return answer
+        session = await stream_session(request)
         who = grant_of(session)
         try:
             env, info = await run(lambda: lookup(who, ref, vm))
@@ -452,10 +443,7 @@ def install(
 
     @router.get("/ui/stream/events")
     async def event_stream(request: Request) -> Response:
-        session, answer = await stream_session(request)
-        if session is None:
-            assert answer is not None
-            return answer
+        session = await stream_session(request)
         log = service.events
 
         def visible(after: int, last: int | None) -> list[dict[str, Any]]:
@@ -465,6 +453,10 @@ def install(
             return streams.event_stream(alive, visible, log.latest, lambda after: log.wait(after, 1.0))
 
         return streaming(request, session, chunks)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> Response:
+        return exc.response
 
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=static_dir or STATIC, check_dir=False), name="static")
