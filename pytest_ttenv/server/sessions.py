@@ -135,8 +135,3 @@ class Sessions:
     def drop(self, sid: str | None) -> None:
         with self._lock:
             self._live.pop(sid or "", None)
-
-    def alive(self, session: Session) -> bool:
-        """Whether ``session`` is still live (not logged out, dropped or expired); no token check."""
-        with self._lock:
-            return self._live.get(session.id) is session and self.clock() - session.seen <= self.idle
