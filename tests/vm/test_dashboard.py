@@ -290,6 +290,23 @@ def console_text(driver: webdriver.Chrome) -> str:
     return str(driver.execute_script("return document.querySelector('pre#console').textContent;"))
 
 
+def to_console(srv: Server, client_state: Path, text: str) -> None:
+    """Write ``text`` to the serial console of VM12 of ENV through ``ttenv env run`` (as alice)."""
+    res = ttenv(
+        "env",
+        "run",
+        ENV,
+        VM12,
+        "--cmd",
+        f"echo '{text}' > /dev/ttyS0",
+        "--backend",
+        srv.url,
+        state=client_state,
+        token=srv.tokens["alice"],
+    )
+    assert res.returncode == 0, res.stderr
+
+
 # -- the tests, in order ----------------------------------------------------------------------------
 def test_login_page_and_cookie(srv: Server, other: webdriver.Chrome, shots: Path) -> None:
     other.get(srv.url + "/")
@@ -362,36 +379,12 @@ def test_console_streams_guest_lines_as_text(
     assert line.startswith("ssh ") and f"-p {vm.port}" in line and vm.address in line, line
     time.sleep(1)  # the stream connects (lines written before it would still come, as the tail)
     hello = f"hello from the guest at {time.strftime('%H:%M:%S')}"
-    res = ttenv(
-        "env",
-        "run",
-        ENV,
-        VM12,
-        "--cmd",
-        f"echo '{hello}' > /dev/ttyS0",
-        "--backend",
-        srv.url,
-        state=client_state,
-        token=srv.tokens["alice"],
-    )
-    assert res.returncode == 0, res.stderr
+    to_console(srv, client_state, hello)
     returned = time.monotonic()
     wait(alice, lambda d: hello in console_text(d), LIVE)
     print(f"console line shown {time.monotonic() - returned:.2f} s after the CLI returned")
     script = "<script>alert(1)</script>"
-    res = ttenv(
-        "env",
-        "run",
-        ENV,
-        VM12,
-        "--cmd",
-        f"echo '{script}' > /dev/ttyS0",
-        "--backend",
-        srv.url,
-        state=client_state,
-        token=srv.tokens["alice"],
-    )
-    assert res.returncode == 0, res.stderr
+    to_console(srv, client_state, script)
     wait(alice, lambda d: script in console_text(d), LIVE)
     assert alice.find_elements(By.CSS_SELECTOR, "pre#console script") == []
     assert "&lt;script&gt;" in str(alice.execute_script("return document.querySelector('pre#console').innerHTML;"))
