@@ -13,7 +13,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pytest_ttenv.cli.backends import env_backend
-from pytest_ttenv.cli.options import duration, engine_options, local_options, remote_options, size
+from pytest_ttenv.cli.options import (
+    boot_timeout_option,
+    duration,
+    engine_options,
+    local_options,
+    remote_options,
+    size,
+    ttl_option,
+)
 from pytest_ttenv.cli.output import out, when
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
 from pytest_ttenv.core.naming import canonical_arch, check_env_name, parse_mib, split_prefixes
@@ -46,16 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("warm", "cold"),
         help="warm (default): start from a saved post-boot state of the image; cold: boot",
     )
-    p.add_argument(
-        "--boot-timeout",
-        type=duration("--boot-timeout"),
-        help="how long to wait for SSH: seconds, or 90s, 5m (default: scaled by accel/arch)",
-    )
-    p.add_argument(
-        "--ttl",
-        type=duration("--ttl"),
-        help="lease: seconds, or 90s, 30m, 2h, 1d (default: none); ttenv gc reaps expired ENVs",
-    )
+    boot_timeout_option(p, "how long to wait for SSH")
+    ttl_option(p)
     engine_options(p, "the ENV's")
     action("list", "all ENVs")
     p = action("show", "one ENV: VMs, state, ports, resources, console")
@@ -72,11 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=600.0,
         help="how long the command may take: seconds, or 90s, 30m, 2h (default 600)",
     )
-    p.add_argument(
-        "--boot-timeout",
-        type=duration("--boot-timeout"),
-        help="how long a reboot may take: seconds, or 90s, 5m (default: scaled by accel/arch)",
-    )
+    boot_timeout_option(p, "how long a reboot may take")
     p = action("console", "the tail of a VM's serial console")
     p.add_argument("name")
     p.add_argument("vm")

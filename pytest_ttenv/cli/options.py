@@ -63,6 +63,24 @@ def engine_options(p: argparse.ArgumentParser, what: str) -> None:
     p.set_defaults(libvirt_uri_env=env_uris)
 
 
+def ttl_option(p: argparse.ArgumentParser) -> None:
+    """``--ttl``: the lease of an ENV made by the command (default: none)."""
+    p.add_argument(
+        "--ttl",
+        type=duration("--ttl"),
+        help="lease: seconds, or 90s, 30m, 2h, 1d (default: none); ttenv gc reaps expired ENVs",
+    )
+
+
+def boot_timeout_option(p: argparse.ArgumentParser, how_long: str) -> None:
+    """``--boot-timeout``, its help starting with ``how_long`` (e.g. "how long to wait for SSH")."""
+    p.add_argument(
+        "--boot-timeout",
+        type=duration("--boot-timeout"),
+        help=f"{how_long}: seconds, or 90s, 5m (default: scaled by accel/arch)",
+    )
+
+
 def uris(args: argparse.Namespace) -> list[str]:
     """The libvirt hosts asked for: ``--libvirt-uri``, else ``$TTENV_LIBVIRT_URI``'s."""
     found: list[str] = args.libvirt_uri or args.libvirt_uri_env

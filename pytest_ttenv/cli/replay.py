@@ -17,7 +17,7 @@ from pathlib import Path
 from pytest_ttenv.backend.engines.console import clean_text
 from pytest_ttenv.cli.backends import env_backend
 from pytest_ttenv.cli.env import print_env
-from pytest_ttenv.cli.options import duration, local_options, remote_options
+from pytest_ttenv.cli.options import boot_timeout_option, local_options, remote_options, ttl_option
 from pytest_ttenv.cli.output import out
 from pytest_ttenv.core.capture_format import read_manifest
 from pytest_ttenv.core.model import EnvSpec, Resources, VmSpec
@@ -34,16 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "kvm", "tcg"),
         help="auto (default): the capture's (a KVM capture where this host has none: TCG is tried)",
     )
-    parser.add_argument(
-        "--ttl",
-        type=duration("--ttl"),
-        help="lease: seconds, or 90s, 30m, 2h, 1d (default: none); ttenv gc reaps expired ENVs",
-    )
-    parser.add_argument(
-        "--boot-timeout",
-        type=duration("--boot-timeout"),
-        help="how long the VM may take to resume: seconds, or 90s, 5m (default: scaled by accel/arch)",
-    )
+    ttl_option(parser)
+    boot_timeout_option(parser, "how long the VM may take to resume")
     local_options(parser)
     remote_options(parser)
 
