@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_ttenv.backend import Backend, get_backend
-from pytest_ttenv.core.naming import canonical_arch, parse_mib, parse_seconds, split_prefixes
+from pytest_ttenv.core.naming import ARCHES, canonical_arch, parse_mib, parse_seconds, split_prefixes
 from pytest_ttenv.errors import UsageError
 
 
@@ -49,7 +49,7 @@ SETTINGS = (
     ),
     Setting(
         "arch",
-        "restrict the matrix to these arches: x86_64,aarch64 (default: all the prefixes match)",
+        f"restrict the matrix to these arches, comma-separated: {', '.join(ARCHES)} (default: all the prefixes match)",
         "",
         metavar="ARCHES",
     ),

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 from pytest_ttenv.backend.engines import accel
 from pytest_ttenv.backend.engines.qemu import version
-from pytest_ttenv.backend.engines.qemu_arch import QEMU_BINARY, QEMU_PACKAGE
+from pytest_ttenv.backend.engines.qemu_arch import QEMU_BINARY, QEMU_PACKAGE, kvm_runs
 from pytest_ttenv.backend.images.store import ImageStore
-from pytest_ttenv.core.naming import ARCHES
-from pytest_ttenv.errors import TTError
+from pytest_ttenv.core.naming import ARCHES, canonical_arch
+from pytest_ttenv.errors import TTError, UsageError
 
 MIN_FREE_GIB = 5.0
 
@@ -30,7 +30,7 @@ class Check:
     def line(self) -> str:
         mark = "ok  " if self.ok else ("MISS" if self.required else "warn")
         fix = f"  -> {self.fix}" if self.fix and not self.ok else ""
-        return f"[{mark}] {self.name:<14} {self.detail}{fix}"
+        return f"[{mark}] {self.name:<19} {self.detail}{fix}"  # 19: qemu-system-aarch64
 
 
 def _tool(name: str, package: str, what: str, required: bool = True) -> Check:
@@ -42,18 +42,7 @@ def _tool(name: str, package: str, what: str, required: bool = True) -> Check:
 
 def run_checks(store: ImageStore, probe: bool = True) -> list[Check]:
     """All checks; ``probe`` allows booting a probe guest to decide the accelerator."""
-    host = platform.machine()
-    checks = []
-    for arch in ARCHES:
-        binary = QEMU_BINARY[arch]
-        ver = version(arch) if shutil.which(binary) else ""
-        role = "host arch" if arch == host else "emulated arch"
-        if ver:
-            checks.append(Check(binary, True, f"{ver} ({role})", required=arch == host))
-        else:
-            checks.append(
-                Check(binary, False, f"not found ({role})", f"apt-get install -y {QEMU_PACKAGE[arch]}", arch == host)
-            )
+    checks = qemu_checks(platform.machine())
     checks.append(_tool("qemu-img", "qemu-utils", "overlays, image conversion"))
     checks.append(_tool("mmdebstrap", "mmdebstrap", "building Debian images", required=not store.all()))
     checks.append(_tool("mkfs.ext4", "e2fsprogs", "building images", required=not store.all()))
@@ -65,6 +54,29 @@ def run_checks(store: ImageStore, probe: bool = True) -> list[Check]:
     images = store.all()
     detail = ", ".join(i.name for i in images) if images else "none yet"
     checks.append(Check("images", bool(images), detail, "ttenv image build debian-12", required=False))
+    return checks
+
+
+def qemu_checks(host: str) -> list[Check]:
+    """One line per guest arch (``ARCHES`` order): its qemu binary and version, or the apt package
+    that provides it; only the ``host`` arch's (``uname -m``, aliases allowed) is required."""
+    try:
+        host = canonical_arch(host)
+    except UsageError:
+        pass  # a host arch no guest has: every arch is emulated
+    checks = []
+    for arch in ARCHES:
+        binary = QEMU_BINARY[arch]
+        ver = version(arch) if shutil.which(binary) else ""
+        if arch == host:
+            role = f"{arch}, the host arch"
+        else:
+            role = f"{arch} guests, {'KVM-capable' if kvm_runs(arch, host) else 'emulated'}"
+        if ver:
+            checks.append(Check(binary, True, f"{ver} ({role})", required=arch == host))
+        else:
+            fix = f"apt-get install -y {QEMU_PACKAGE[arch]}"
+            checks.append(Check(binary, False, f"not found ({role})", fix, required=arch == host))
     return checks
 
 

@@ -26,11 +26,15 @@ SUDO=""
 # arch, UEFI firmware and the binfmt emulation mmdebstrap needs to build a foreign-arch image). The
 # main job boots host-arch VMs only, so it installs qemu for this arch; the CI templates install
 # RUNTIME_PKGS and FOREIGN_PKGS (tests/unit/test_ci_templates_static.py holds them to these lists).
+# qemu-system-s390x is a package of its own on Ubuntu; on Debian 12 qemu-system-misc provides it.
 RUNTIME_PKGS=(qemu-utils mmdebstrap e2fsprogs cpio zstd openssh-client ca-certificates)
-FOREIGN_PKGS=(qemu-system-x86 qemu-system-arm qemu-system-misc qemu-system-ppc ovmf qemu-user-static binfmt-support arch-test)
+FOREIGN_PKGS=(qemu-system-x86 qemu-system-arm qemu-system-misc qemu-system-ppc qemu-system-s390x ovmf qemu-user-static
+              binfmt-support arch-test)
 case "$(uname -m)" in
   x86_64 | i?86) QEMU_HOST=qemu-system-x86 ;;
   aarch64 | arm*) QEMU_HOST=qemu-system-arm ;;
+  ppc64le) QEMU_HOST=qemu-system-ppc ;;
+  s390x) QEMU_HOST=qemu-system-s390x ;;
   *) QEMU_HOST=qemu-system-misc ;;
 esac
 PKGS=("${RUNTIME_PKGS[@]}" "$QEMU_HOST" python3-venv)
@@ -44,8 +48,9 @@ if [ "$test_deps" -eq 1 ]; then
          libvirt-dev pkg-config gcc libxml2-utils iproute2)
 fi
 missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+for p in "${PKGS[@]}"; do  # a name another package provides (qemu-system-s390x) counts by its binary
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || command -v "$p" >/dev/null ||
+    missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"

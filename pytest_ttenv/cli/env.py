@@ -24,7 +24,7 @@ from pytest_ttenv.cli.options import (
 )
 from pytest_ttenv.cli.output import out, when
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, Resources, VmInfo, VmSpec
-from pytest_ttenv.core.naming import canonical_arch, check_env_name, parse_mib, split_prefixes
+from pytest_ttenv.core.naming import ARCHES, canonical_arch, check_env_name, parse_mib, split_prefixes
 from pytest_ttenv.errors import TTError, UsageError
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = action("add", "create an ENV: one VM per image matching the prefixes")
     p.add_argument("name")
     p.add_argument("--os-prefix", action="append", required=True, help="e.g. debian12,debian11 (TTStack prefixes)")
-    p.add_argument("--arch", action="append", help="restrict to arches, e.g. x86_64,aarch64")
+    p.add_argument("--arch", action="append", help=f"restrict to arches, comma-separated: {', '.join(ARCHES)}")
     p.add_argument("--cpu", type=int, default=2, help="vCPUs per VM (default 2)")
     p.add_argument("--mem", type=size("--mem"), default="512", help="memory per VM: MiB, or 1G (default 512)")
     p.add_argument("--disk", type=size("--disk"), help="overlay disk size per VM: MiB, or 10G (default: the image's)")

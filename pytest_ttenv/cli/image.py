@@ -13,7 +13,7 @@ from pytest_ttenv.cli.backends import local_backend
 from pytest_ttenv.cli.options import duration, local_options, size
 from pytest_ttenv.cli.output import out, when
 from pytest_ttenv.cli.progress import ByteBar, sized_terminal
-from pytest_ttenv.core.naming import canonical_arch, parse_mib
+from pytest_ttenv.core.naming import ARCHES, canonical_arch, parse_mib
 from pytest_ttenv.core.paths import image_dir
 from pytest_ttenv.errors import UsageError
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = actions.add_parser("pull", help="download a vendor cloud image from the catalog")
     local_options(p)
     p.add_argument("names", nargs="+", metavar="NAME", help="ubuntu-24.04 (with --arch) or ubuntu-24.04-aarch64")
-    p.add_argument("--arch", help="x86_64, aarch64, riscv64 (default: the name's, else this host's)")
+    p.add_argument("--arch", help=f"{', '.join(ARCHES)} (default: the name's, else this host's)")
     p.add_argument(
         "--timeout",
         type=duration("--timeout"),
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = actions.add_parser("build", help="build a Debian image with mmdebstrap")
     local_options(p)
     p.add_argument("target", help="debian-11, debian-12 or debian-13")
-    p.add_argument("--arch", default=platform.machine(), help="x86_64 (default: this host's), aarch64, riscv64")
+    p.add_argument("--arch", default=platform.machine(), help=f"{', '.join(ARCHES)} (default: this host's)")
     p.add_argument("--mirror", help="Debian mirror URL (default: the one this host's apt uses)")
     p.add_argument("--disk", type=size("--disk"), default="3G", help="root file system size: MiB, or 2G (default 3G)")
     p.add_argument("-v", "--verbose", action="store_true", help="show every line of the bootstrap")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pytest_ttenv.backend.images.catalog import BUILTIN, builtin_text, catalog_version, load_catalog
-from pytest_ttenv.backend.images.catalog_entry import CHECKSUM_FORMATS
+from pytest_ttenv.backend.images.catalog_entry import CHECKSUM_FORMATS, DEFAULT_BOOT, ONLY_BOOT
 from pytest_ttenv.backend.images.catalog_schema import JSON_SCHEMA, CatalogError
 from pytest_ttenv.backend.images.pull import pullable_names
 from pytest_ttenv.core.naming import ARCHES, split_image_name
@@ -47,6 +47,20 @@ def test_builtin_has_the_promised_releases() -> None:
         assert key in cat.entries, key
         assert {"x86_64", "aarch64"} <= set(cat.entries[key].arches), key
     assert {e.checksum_format for e in cat.entries.values()} == {"sums", "bsd", "sidecar"}
+    # the arches beyond x86_64/aarch64/riscv64 that vendors publish cloud images for (none for i386)
+    new_arches = {k: sorted(set(e.arches) & {"ppc64le", "s390x", "i386", "armhf"}) for k, e in cat.entries.items()}
+    assert {k: v for k, v in new_arches.items() if v} == {
+        "ubuntu-20.04": ["armhf", "ppc64le", "s390x"],
+        "ubuntu-22.04": ["armhf", "ppc64le", "s390x"],
+        "ubuntu-24.04": ["armhf", "ppc64le", "s390x"],
+        "ubuntu-26.04": ["ppc64le", "s390x"],
+        "debian-11": ["ppc64le"],
+        "debian-12": ["ppc64le"],
+        "debian-13": ["ppc64le"],
+        "centos-9": ["ppc64le", "s390x"],
+        "rocky-9": ["ppc64le", "s390x"],
+        "almalinux-9": ["ppc64le", "s390x"],
+    }
     assert {e.format for e in cat.entries.values()} == {"qcow2", "qcow2.xz"}
 
 
@@ -65,7 +79,7 @@ def test_every_entry_renders_for_every_arch(key: str) -> None:
             assert "//" not in parts.path, url
         assert img.file and img.url.endswith("/" + img.file)
         assert img.checksum_format in CHECKSUM_FORMATS and img.hash in ("sha256", "sha512")
-        assert img.boot == ("bios" if arch == "x86_64" else "uefi")
+        assert img.boot == DEFAULT_BOOT[arch]  # no entry names its boot
         assert img.access == "cloud-init" and img.user and img.user != "root"
         if img.compression:
             assert img.file.endswith("." + img.compression)
@@ -82,6 +96,31 @@ def test_vendor_arch_names_appear_in_urls() -> None:
     assert "/14.4-RELEASE/aarch64/Latest/FreeBSD-14.4-RELEASE-arm64-aarch64-BASIC-CLOUDINIT-ufs.qcow2.xz" in bsd.url
     assert (bsd.format, bsd.compression, bsd.disk_format) == ("qcow2.xz", "xz", "qcow2")
     assert cat.image("centos-9-x86_64").checksum_url == cat.image("centos-9-x86_64").url + ".SHA256SUM"
+    # the new arches, by the vendors' names for them
+    ubuntu = "https://cloud-images.ubuntu.com/releases/jammy/release/ubuntu-22.04-server-cloudimg-"
+    for arch, vendor in (("ppc64le", "ppc64el"), ("s390x", "s390x"), ("armhf", "armhf")):
+        assert cat.image("ubuntu-22.04", arch).url == f"{ubuntu}{vendor}.img"
+    power = cat.image("debian-12-ppc64le")
+    assert power.url == "https://cloud.debian.org/images/cloud/bookworm/latest/debian-12-generic-ppc64el.qcow2"
+    assert (power.checksum_url, power.hash, power.boot) == (
+        "https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS",
+        "sha512",
+        "bios",
+    )
+    assert cat.image("debian-12-x86_64").file == "debian-12-genericcloud-amd64.qcow2"  # the variant stays per arch
+    z = cat.image("rocky-9-s390x")
+    assert z.url == "https://dl.rockylinux.org/pub/rocky/9/images/s390x/Rocky-9-GenericCloud-Base.latest.s390x.qcow2"
+    assert (z.checksum_url, z.boot) == (z.url + ".CHECKSUM", "bios")
+    assert cat.image("almalinux-9-ppc64le").url.endswith(
+        "/9/cloud/ppc64le/images/AlmaLinux-9-GenericCloud-latest.ppc64le.qcow2"
+    )
+    assert cat.image("ubuntu-24.04-armhf").boot == "uefi"
+
+
+def test_every_arch_has_a_default_boot() -> None:
+    """Each arch boots a vendor image somehow; an arch with one kind of firmware defaults to it."""
+    assert set(DEFAULT_BOOT) == set(ARCHES)
+    assert all(DEFAULT_BOOT[arch] == boot for arch, boot in ONLY_BOOT.items())
 
 
 def test_names_and_lookup() -> None:
@@ -89,7 +128,10 @@ def test_names_and_lookup() -> None:
     names = cat.available()
     assert names == sorted(names) and all(split_image_name(n) for n in names)
     assert pullable_names(["aarch64"]) == cat.available(["arm64"]) == [n for n in names if n.endswith("-aarch64")]
-    assert "riscv64" in {n.rsplit("-", 1)[1] for n in names}
+    assert {"riscv64", "ppc64le", "s390x", "armhf"} <= {n.rsplit("-", 1)[1] for n in names}
+    assert pullable_names(["ppc64el"]) == [n for n in names if n.endswith("-ppc64le")]
+    assert cat.image("debian-12", "ppc64el").name == "debian-12-ppc64le"
+    assert cat.image("ubuntu-22.04", "armv7l").name == "ubuntu-22.04-armhf"
     assert "ubuntu-22.04-x86_64" in cat and "ubuntu-22.04" not in cat and "freebsd-14.4-riscv64" not in cat
     assert cat.entry_for("ubuntu2204").key == cat.entry_for("ubuntu-22.04-aarch64").key == "ubuntu-22.04"
     assert cat.image("Ubuntu-22.04", "arm64").name == "ubuntu-22.04-aarch64"
@@ -104,6 +146,11 @@ def test_names_and_lookup() -> None:
         r"for: x86_64, aarch64\)$",
     ):
         cat.image("freebsd-14.4-riscv64")
+    with pytest.raises(
+        NotFound,
+        match=r"^debian-12 is not published for s390x \(the built-in catalog has it for: x86_64, aarch64, ppc64le\)$",
+    ):
+        cat.image("debian-12", "s390x")
     with pytest.raises(UsageError, match="names arch x86_64 but --arch is aarch64"):
         cat.image("debian-12-x86_64", "aarch64")
     with pytest.raises(UsageError, match="unknown arch 'sparc'"):
@@ -187,10 +234,16 @@ def base_doc(**entry: Any) -> dict[str, Any]:
         (base_doc(version=1), 'entries.myos-1.version: must be a string (quote it: version: "1")'),
         (base_doc(os="other"), "entries.myos-1: key must be <os>-<version> = other-1"),
         (base_doc(format="iso"), "entries.myos-1.format: 'iso' is not one of qcow2, qcow2.xz"),
-        (base_doc(arches={"sparc": {}}), "entries.myos-1.arches.sparc: unknown arch (use x86_64, aarch64, riscv64)"),
+        (base_doc(arches={"sparc": {}}), f"entries.myos-1.arches.sparc: unknown arch (use {', '.join(ARCHES)})"),
         (
             base_doc(arches={"aarch64": {"boot": "bios"}}),
             "entries.myos-1.arches.aarch64.boot: aarch64 images boot with uefi",
+        ),
+        (base_doc(arches={"armhf": {"boot": "bios"}}), "entries.myos-1.arches.armhf.boot: armhf images boot with uefi"),
+        (base_doc(boot="uefi", arches={"s390x": {}}), "entries.myos-1.arches.s390x.boot: s390x images boot with bios"),
+        (
+            base_doc(arches={"ppc64le": {"boot": "uefi"}}),
+            "entries.myos-1.arches.ppc64le.boot: ppc64le images boot with bios",
         ),
         (base_doc(url="{mirror}/{flavour}/img.qcow2"), "entries.myos-1.url: unknown placeholder {flavour} for x86_64"),
         (base_doc(url="{mirror/img"), "entries.myos-1.url: bad template"),

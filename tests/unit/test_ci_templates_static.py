@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_ttenv.backend.engines.qemu_arch import QEMU_PACKAGE
+from pytest_ttenv.core.naming import ARCHES, canonical_arch
+
 from helpers.ci import (
     GITHUB,
     GITLAB,
@@ -68,6 +71,48 @@ def test_apt_lists_are_setup_sh_s() -> None:
     install = next(s["run"] for s in steps if s.get("name") == "Install qemu and the image tools")
     assert sorted(apt_list(install)) == wanted
     assert sorted(apt_list("\n".join(load_yaml(TEMPLATE)["ttenv-test"]["script"]))) == wanted
+
+
+# The package that holds each qemu binary on the hosted runners (Ubuntu) where it is not the one
+# Debian's qemu_arch.QEMU_PACKAGE names: Ubuntu splits s390x out of qemu-system-misc.
+UBUNTU_QEMU_PACKAGE = {"s390x": "qemu-system-s390x"}
+
+
+def test_apt_lists_hold_qemu_for_every_arch() -> None:
+    """FOREIGN_PKGS (and so the templates) give every guest arch its qemu on Debian and on Ubuntu
+    runners; setup.sh's main job installs the host arch's for every host arch a guest has."""
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    foreign = apt_list(setup, "FOREIGN_PKGS")
+    for arch in ARCHES:
+        assert QEMU_PACKAGE[arch] in foreign and UBUNTU_QEMU_PACKAGE.get(arch, QEMU_PACKAGE[arch]) in foreign, arch
+    case = re.search(r'^case "\$\(uname -m\)" in\n.*?^esac$', setup, re.MULTILINE | re.DOTALL)
+    assert case, "no host arch case in setup.sh"
+    for machine in ("x86_64", "i686", "aarch64", "armv7l", "riscv64", "ppc64le", "s390x"):
+        script = case.group(0).replace("$(uname -m)", machine) + '\necho "$QEMU_HOST"'
+        host = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+        arch = canonical_arch(machine)
+        assert host in (QEMU_PACKAGE[arch], UBUNTU_QEMU_PACKAGE.get(arch)), (machine, host)
+
+
+@pytest.mark.parametrize("where", ["github", "gitlab"])
+def test_install_loop_counts_a_provided_name_by_its_binary(tmp_path: Path, where: str) -> None:
+    """The templates' loop: a package dpkg knows as installed, or a name whose binary is on PATH
+    (qemu-system-s390x, which qemu-system-misc provides on Debian), is not installed again."""
+    if where == "github":
+        steps = load_yaml(WORKFLOW)["jobs"]["test"]["steps"]
+        text = next(s["run"] for s in steps if s.get("name") == "Install qemu and the image tools")
+    else:
+        text = "\n".join(load_yaml(TEMPLATE)["ttenv-test"]["script"])
+    loop = re.search(r'^( *)missing=""\n.*?^\1done$', text, re.MULTILINE | re.DOTALL)
+    assert loop, "no install loop"
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "qemu-system-fake390"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    script = 'PKGS="bash qemu-system-fake390 ttenv-no-such-package"\n' + loop.group(0) + '\necho "[$missing]"'
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert res.stdout.strip() == "[ ttenv-no-such-package]"
 
 
 def test_template_structure() -> None:

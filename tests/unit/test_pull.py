@@ -250,6 +250,62 @@ def test_pull_installs_verified_image(server: Server, tmp_path: Path, disks: dic
     assert aarch64.boot == "uefi" and store.names() == ["testos-1.0-aarch64", "testos-1.0-x86_64"]
 
 
+def test_pull_new_arches_by_their_vendor_names(server: Server, tmp_path: Path, disks: dict[str, bytes]) -> None:
+    """ppc64le and s390x images laid out as Debian and Ubuntu publish them (the vendor's arch name
+    ppc64el in the file name, a variant per arch, one SHA512SUMS for all): asked for by an alias,
+    fetched by the vendor's file name, installed under the canonical name, booting with the
+    machine's own firmware (SLOF, the s390-ccw loader)."""
+    data = disks["qcow2"]
+    digest = hashlib.sha512(data).hexdigest()
+    files = [
+        "testos-1.0-genericcloud-amd64.qcow2",
+        "testos-1.0-generic-ppc64el.qcow2",
+        "testos-1.0-generic-s390x.qcow2",
+    ]
+    for file in files:
+        server.state.files[f"/latest/{file}"] = data
+    server.state.files["/latest/SHA512SUMS"] = "".join(f"{digest}  {file}\n" for file in files).encode()
+    ent = {
+        "os": "testos",
+        "version": "1.0",
+        "user": "tester",
+        "mirror": server.base,
+        "vars": {"variant": "genericcloud"},
+        "arches": {
+            "x86_64": {"vendor_arch": "amd64"},
+            "ppc64le": {"vendor_arch": "ppc64el", "vars": {"variant": "generic"}},
+            "s390x": {"vars": {"variant": "generic"}},
+        },
+        "url": "{mirror}/latest/{os}-{version}-{variant}-{vendor_arch}.qcow2",
+        "checksum": {"url": "{mirror}/latest/SHA512SUMS", "format": "sums", "hash": "sha512"},
+        "format": "qcow2",
+    }
+    path = tmp_path / "catalog.yaml"
+    path.write_text(catalog_yaml({"testos-1.0": ent}))
+    cat = load_catalog(path)
+    assert pullable_names(["ppc64el", "s390x"], cat) == ["testos-1.0-ppc64le", "testos-1.0-s390x"]
+    store = ImageStore(tmp_path / "images")
+    power = pull(store, "testos-1.0", lambda line: None, catalog=cat, arch="ppc64el", timeout=5)
+    assert (power.name, power.arch, power.boot, power.source) == ("testos-1.0-ppc64le", "ppc64le", "bios", "pull")
+    assert power.details["url"] == f"{server.base}/latest/testos-1.0-generic-ppc64el.qcow2"
+    assert power.details["sha512"] == digest and power.file("disk.qcow2").read_bytes() == data
+    assert [r["path"] for r in server.state.log] == ["/latest/SHA512SUMS", "/latest/testos-1.0-generic-ppc64el.qcow2"]
+
+    res = ttenv(tmp_path, path, "image", "pull", "testos-1.0-s390x")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert "pulled testos-1.0-s390x" in res.stdout
+    z = ImageStore(tmp_path / "images").get("testos-1.0-s390x")
+    assert (z.arch, z.boot, z.details["url"]) == (
+        "s390x",
+        "bios",
+        f"{server.base}/latest/testos-1.0-generic-s390x.qcow2",
+    )
+    res = ttenv(tmp_path, path, "image", "list", "--available")
+    assert re.search(r"testos-1.0-ppc64le\s+pulled\s+tester\s+bios\s+qcow2", res.stdout), res.stdout
+    assert re.search(r"testos-1.0-x86_64\s+-\s+tester\s+bios\s+qcow2", res.stdout), res.stdout
+    assert store.names() == ["testos-1.0-ppc64le", "testos-1.0-s390x"] and leftovers(store) == []
+
+
 def test_cut_connection_then_rerun_resumes_with_range(server: Server, tmp_path: Path, disks: dict[str, bytes]) -> None:
     data = disks["qcow2"]
     cat = load_catalog(serve_image(server, tmp_path, data))

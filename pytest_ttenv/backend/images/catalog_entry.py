@@ -13,8 +13,21 @@ HASHES = {"sha256": 64, "sha512": 128}  # algorithm -> length of its hex digest
 CHECKSUM_FORMATS = ("sums", "bsd", "sidecar", "json")
 DISK_FORMATS = ("qcow2", "raw", "vmdk", "vhdx")
 COMPRESSIONS = ("xz", "gz", "bz2")
+# How a vendor image's own boot loader is started: "bios" is the machine's built-in firmware reading
+# the disk (SeaBIOS on x86, SLOF on ppc64le's pseries, the s390-ccw loader on s390x), "uefi" UEFI
+# firmware given to the machine. DEFAULT_BOOT is an arch's boot when its entry names none;
+# ONLY_BOOT the arches whose qemu machine has one kind of firmware.
 BOOTS = ("bios", "uefi")
-DEFAULT_BOOT = {"x86_64": "bios", "aarch64": "uefi", "riscv64": "uefi"}
+DEFAULT_BOOT = {
+    "x86_64": "bios",
+    "aarch64": "uefi",
+    "riscv64": "uefi",
+    "ppc64le": "bios",
+    "s390x": "bios",
+    "i386": "bios",
+    "armhf": "uefi",
+}
+ONLY_BOOT = {"aarch64": "uefi", "armhf": "uefi", "ppc64le": "bios", "s390x": "bios"}
 ACCESS = ("cloud-init",)
 
 

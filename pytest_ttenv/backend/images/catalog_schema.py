@@ -20,6 +20,7 @@ from pytest_ttenv.backend.images.catalog_entry import (
     DEFAULT_BOOT,
     DISK_FORMATS,
     HASHES,
+    ONLY_BOOT,
     ArchSpec,
     Entry,
 )
@@ -254,8 +255,8 @@ def parse_entry(key: str, raw: Any, errors: Errors) -> Entry | None:
             continue
         _unknown(spec, arch_props, apath, errors)
         boot = _choice(spec, "boot", apath, errors, BOOTS, required=False) or boot_default or DEFAULT_BOOT[arch]
-        if arch == "aarch64" and boot != "uefi":
-            errors.add(f"{apath}.boot", "aarch64 images boot with uefi")
+        if arch in ONLY_BOOT and boot != ONLY_BOOT[arch]:
+            errors.add(f"{apath}.boot", f"{arch} images boot with {ONLY_BOOT[arch]}")
         vendor_arch = _string(spec, "vendor_arch", apath, errors, required=False) or arch
         arch_url = _string(spec, "url", apath, errors, required=False)
         arches[arch] = ArchSpec(vendor_arch, boot, arch_url, _vars(spec.get("vars"), f"{apath}.vars", errors))
