@@ -112,7 +112,13 @@ def test_riscv64_tcg_direct_boot_through_opensbi() -> None:
 @pytest.mark.parametrize(
     ("arch", "binary", "machine", "cpu", "panic"),
     [
-        ("ppc64le", "qemu-system-ppc64", "pseries", "power9", "pvpanic-pci"),
+        (
+            "ppc64le",
+            "qemu-system-ppc64",
+            "pseries,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
+            "power9",
+            "pvpanic-pci",
+        ),
         ("armhf", "qemu-system-arm", "virt,highmem=off", "max", "pvpanic-pci"),
         ("i386", "qemu-system-i386", "q35", "max", "pvpanic"),
     ],

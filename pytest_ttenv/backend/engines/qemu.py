@@ -174,12 +174,13 @@ def deferred_incoming(cfg: QemuConfig) -> bool:
     return cfg.incoming is not None and cfg.ram_file is not None and not cfg.ram_share
 
 
-# (firmware code, template of its variable store) per arch, from Debian's ovmf / qemu-efi-aarch64
+# (firmware code, template of its variable store) per arch, from Debian's ovmf / qemu-efi-aarch64 / qemu-efi-arm
 UEFI_FIRMWARE = {
     "x86_64": ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
     "aarch64": ("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
+    "armhf": ("/usr/share/AAVMF/AAVMF32_CODE.fd", "/usr/share/AAVMF/AAVMF32_VARS.fd"),
 }
-UEFI_PACKAGE = {"x86_64": "ovmf", "aarch64": "qemu-efi-aarch64"}
+UEFI_PACKAGE = {"x86_64": "ovmf", "aarch64": "qemu-efi-aarch64", "armhf": "qemu-efi-arm"}
 
 
 def uses_uefi(image: ImageInfo) -> bool:
