@@ -20,12 +20,14 @@ from pytest_ttenv.core.model import ImageInfo
 from pytest_ttenv.core.paths import image_dir
 
 from helpers.layout import misplaced
+from helpers.prebuild import Prebuilds, declared
 
 if TYPE_CHECKING:
     from helpers.libvirt_hosts import LibvirtHost
 
 HOST_ARCH = platform.machine()
 IMAGE_ROOT = image_dir()  # read before any test moves HOME (pytester does)
+_prebuilds: list[Prebuilds] = []  # the session's background builds (helpers/prebuild.py), if any
 
 
 def _why_no_vms() -> str | None:
@@ -48,6 +50,9 @@ def images() -> Callable[..., list[ImageInfo]]:
 
     def get(*targets: str, arch: str = HOST_ARCH) -> list[ImageInfo]:
         names = [f"{t}-{arch}" for t in targets]
+        for name in names:
+            for pre in _prebuilds:
+                pre.wait(name)
         return ensure_images(store, names, progress=lambda line: print(line, flush=True))
 
     return get
@@ -84,3 +89,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     wrong = misplaced(items, Path(__file__).parent)
     if wrong:
         raise pytest.UsageError(*wrong)  # pytest prints each as one "ERROR: ..." line and exits 4
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building the images the selected tests declare (``needs_images``) in the background."""
+    names = declared(session.items)
+    if names and _why_no_vms() is None and not session.config.option.collectonly:
+        log = Path(tempfile.gettempdir()) / f"ttenv-prebuild-{os.getpid()}.log"
+        pre = Prebuilds(ImageStore(IMAGE_ROOT), names, log)
+        if pre.names:
+            _prebuilds.append(pre)
+            print(f"\nbuilding {', '.join(pre.names)} in the background (log: {log})", flush=True)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _prebuilds:
+        _prebuilds.pop().close()

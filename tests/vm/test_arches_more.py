@@ -55,7 +55,10 @@ def test_reset_forgets_the_first_tests_files(tt_vm_fresh):
 ARCHES = [("ppc64el", "ppc64le"), ("s390x", "s390x"), ("i686", "i386"), ("armv7l", "armhf")]
 
 
-@pytest.mark.parametrize(("typed", "arch"), ARCHES, ids=[a for _, a in ARCHES])
+@pytest.mark.parametrize(
+    ("typed", "arch"),
+    [pytest.param(t, a, id=a, marks=pytest.mark.needs_images(f"debian-12-{a}")) for t, a in ARCHES],
+)
 def test_debian12_boots_warm_and_resets(
     pytester: pytest.Pytester,
     monkeypatch: pytest.MonkeyPatch,

@@ -27,6 +27,7 @@ def test_arch_and_release(tt_vm):
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the matrix test is written for an x86_64 host")
+@pytest.mark.needs_images("debian-12-aarch64")
 def test_debian_matrix_with_aarch64(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, images: Callable[..., list[ImageInfo]]
 ) -> None:
@@ -56,6 +57,7 @@ def test_debian_matrix_with_aarch64(
 
 
 @pytest.mark.skipif(platform.machine() == "riscv64", reason="tests an emulated riscv64 guest")
+@pytest.mark.needs_images("debian-13-riscv64")
 def test_debian13_riscv64(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, images: Callable[..., list[ImageInfo]]
 ) -> None:
