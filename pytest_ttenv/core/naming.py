@@ -44,7 +44,10 @@ def canonical_arch(arch: str) -> str:
     key = arch.strip().lower()
     key = _ARCH_ALIASES.get(key, key)
     if key not in ARCHES:
-        raise UsageError(f"unknown arch {arch!r}", f"use one of {', '.join(ARCHES)} (or amd64, arm64, ppc64el, i686)")
+        raise UsageError(
+            f"unknown arch {arch!r}",
+            f"use one of {', '.join(ARCHES)}, or an alias: amd64, arm64, ppc64el, i686, armv7l",
+        )
     return key
 
 
