@@ -50,9 +50,8 @@ def images() -> Callable[..., list[ImageInfo]]:
 
     def get(*targets: str, arch: str = HOST_ARCH) -> list[ImageInfo]:
         names = [f"{t}-{arch}" for t in targets]
-        for name in names:
-            for pre in _prebuilds:
-                pre.wait(name)
+        for pre in _prebuilds:
+            pre.wait_all(names)
         return ensure_images(store, names, progress=lambda line: print(line, flush=True))
 
     return get

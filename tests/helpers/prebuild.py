@@ -3,8 +3,10 @@ background from the end of collection.
 
 A foreign arch's image bootstraps its second stage under qemu-user: minutes of one busy core per
 image. Built when their tests ask, they run one after another and each delays its test; built here
-two at a time while the unit tests run, they overlap each other and the rest of the session. The
-``images`` fixture waits for a prebuild instead of starting a second build of the same image.
+two at a time while the unit tests run, they overlap each other and the unit tests. The ``images``
+fixture waits for all of them before the first VM test gets its images: no VM test boots while a
+bootstrap takes the cores (timing checks, like the dashboard's, stay as on a quiet host), and no
+image is built twice.
 Progress goes to a log file (a background thread's output would land in whichever test's capture
 is open); a failed prebuild fails the tests that need the image with its error, not the session.
 """
@@ -64,15 +66,16 @@ class Prebuilds:
             raise
         self._line(name, f"built in {time.monotonic() - started:.0f} s")
 
-    def wait(self, name: str) -> bool:
-        """Block until ``name``'s prebuild ends (its error re-raised); False if it has none."""
-        future = self._futures.get(name)
-        if future is None:
-            return False
-        if not future.done():
-            print(f"waiting for the background build of {name} (log: {self.log})", flush=True)
-        future.result()
-        return True
+    def wait_all(self, needed: Iterable[str]) -> None:
+        """Block until every prebuild has ended, then raise the error of a failed prebuild among
+        ``needed`` (a test that needs no failed image runs)."""
+        pending = [n for n, f in self._futures.items() if not f.done()]
+        if pending:
+            print(f"waiting for the background builds of {', '.join(pending)} (log: {self.log})", flush=True)
+        for name, future in self._futures.items():
+            error = future.exception()
+            if error is not None and name in needed:
+                raise error
 
     def close(self) -> None:
         """Drop the builds not started; wait for the running ones (a half-built image is never
