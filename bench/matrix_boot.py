@@ -75,8 +75,11 @@ def main() -> None:
         raise SystemExit(f"no matrix image in {store.root}: build one (ttenv image build debian-12)")
     kinds = ("cold",) if args.cold_only else ("cold", "warm")
     template: dict[str, float | None] = {}
-    if not args.cold_only:  # the first warm start of an image makes its template: timed apart
-        for name in images:
+    had: dict[str, bool] = {}
+    if not args.cold_only:  # the first warm start of an image makes its template (if none): timed apart
+        for name, image in images.items():
+            warm_dir = image.file("warm")
+            had[name] = warm_dir.is_dir() and any(not p.name.startswith(".") for p in warm_dir.iterdir())
             template[name] = timed(store, name, "warm", args.mem, "template")
     times: dict[tuple[str, str], list[float]] = {(n, k): [] for n in images for k in kinds}
     load_before = os.getloadavg()[0]
@@ -91,7 +94,7 @@ def main() -> None:
         f"({qemu.version()}); env add -> first command over SSH, median [min-max]; host load average "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
     )
-    print("| image | boot | accelerator | cold | warm | warm template made in |")
+    print("| image | boot | accelerator | cold | warm | first warm start (makes the template) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, image in images.items():
         boot = "direct" if image.kernel else image.boot
@@ -100,6 +103,8 @@ def main() -> None:
         warm = cell(times[name, "warm"], args.runs) if not args.cold_only else "-"
         made = template.get(name)
         made_text = "-" if args.cold_only else ("failed" if made is None else f"{made:.1f} s")
+        if had.get(name):
+            made_text += " (a template existed)"
         print(f"| {name} | {boot} | {accel_name} | {cell(times[name, 'cold'], args.runs)} | {warm} | {made_text} |")
 
 
