@@ -17,7 +17,7 @@ def _suite(pytester: pytest.Pytester, unit: str, vm: str) -> None:
     pytester.makeini("[pytest]\nmarkers =\n    vm: boots VMs\n    slow: slow VMs\n")
     shutil.copy(TESTS / "conftest.py", pytester.path / "conftest.py")
     (pytester.path / "helpers").mkdir()
-    for name in ("__init__.py", "layout.py"):
+    for name in ("__init__.py", "layout.py", "prebuild.py"):
         shutil.copy(TESTS / "helpers" / name, pytester.path / "helpers" / name)
     pytester.makepyfile(**{"unit/test_u": "import pytest\n\n" + unit, "vm/test_v": "import pytest\n\n" + vm})
 
