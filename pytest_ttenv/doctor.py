@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 from dataclasses import dataclass
 
@@ -11,8 +10,8 @@ from pytest_ttenv.backend.engines import accel
 from pytest_ttenv.backend.engines.qemu import version
 from pytest_ttenv.backend.engines.qemu_arch import QEMU_BINARY, QEMU_PACKAGE, kvm_runs
 from pytest_ttenv.backend.images.store import ImageStore
-from pytest_ttenv.core.naming import ARCHES, canonical_arch
-from pytest_ttenv.errors import TTError, UsageError
+from pytest_ttenv.core.naming import ARCHES, host_arch
+from pytest_ttenv.errors import TTError
 
 MIN_FREE_GIB = 5.0
 
@@ -42,7 +41,7 @@ def _tool(name: str, package: str, what: str, required: bool = True) -> Check:
 
 def run_checks(store: ImageStore, probe: bool = True) -> list[Check]:
     """All checks; ``probe`` allows booting a probe guest to decide the accelerator."""
-    checks = qemu_checks(platform.machine())
+    checks = qemu_checks(host_arch())
     checks.append(_tool("qemu-img", "qemu-utils", "overlays, image conversion"))
     checks.append(_tool("mmdebstrap", "mmdebstrap", "building Debian images", required=not store.all()))
     checks.append(_tool("mkfs.ext4", "e2fsprogs", "building images", required=not store.all()))
@@ -60,10 +59,7 @@ def run_checks(store: ImageStore, probe: bool = True) -> list[Check]:
 def qemu_checks(host: str) -> list[Check]:
     """One line per guest arch (``ARCHES`` order): its qemu binary and version, or the apt package
     that provides it; only the ``host`` arch's (``uname -m``, aliases allowed) is required."""
-    try:
-        host = canonical_arch(host)
-    except UsageError:
-        pass  # a host arch no guest has: every arch is emulated
+    host = host_arch(host)
     checks = []
     for arch in ARCHES:
         binary = QEMU_BINARY[arch]
@@ -81,7 +77,7 @@ def qemu_checks(host: str) -> list[Check]:
 
 
 def _accel_check(store: ImageStore, probe: bool) -> Check:
-    host = platform.machine()
+    host = host_arch()
     problem = accel.kvm_usable()
     if problem:
         return Check(

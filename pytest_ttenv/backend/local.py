@@ -24,7 +24,6 @@ import contextlib
 import errno
 import json
 import os
-import platform
 import secrets
 import shutil
 import sqlite3
@@ -37,6 +36,7 @@ from pytest_ttenv.backend import capture, readiness, replay, sweep
 from pytest_ttenv.backend.engines import accel as accel_mod
 from pytest_ttenv.backend.engines.base import Boot, Engine, Start, waiting
 from pytest_ttenv.backend.engines.net import any_ports, free_ports
+from pytest_ttenv.backend.engines.qemu_arch import kvm_runs
 from pytest_ttenv.backend.engines.registry import Engines
 from pytest_ttenv.backend.engines.seed import SeedData, instance_id, write_seed_iso
 from pytest_ttenv.backend.images.store import ImageStore
@@ -46,7 +46,7 @@ from pytest_ttenv.backend.validate import check_resources, current_user, vm_of
 from pytest_ttenv.core.capture_manifest import CaptureInfo, CaptureSkipped, TestRecord
 from pytest_ttenv.core.keys import KeyPair
 from pytest_ttenv.core.model import EnvInfo, EnvSpec, ImageInfo, VmInfo, VmSpec
-from pytest_ttenv.core.naming import check_env_name, match_prefixes
+from pytest_ttenv.core.naming import check_env_name, host_arch, match_prefixes
 from pytest_ttenv.core.paths import image_dir, private_dir, runtime_dir, socket_dir, state_dir, write_private
 from pytest_ttenv.errors import BootError, NotFound, TTError, UsageError, from_os_error
 
@@ -129,9 +129,9 @@ class LocalBackend:
             return "cloud-init"
 
     def _warn_tcg(self, acc: accel_mod.Accel, image: ImageInfo) -> None:
-        """Say once per process why VMs of the host's arch fall back to TCG (not when TCG was asked
-        for, nor for a foreign arch, which is always emulated)."""
-        if acc.name != "tcg" or acc.reason == "requested" or image.arch != platform.machine():
+        """Say once per process why VMs this host's KVM could run fall back to TCG (not when TCG was
+        asked for, nor for a foreign arch, which is always emulated)."""
+        if acc.name != "tcg" or acc.reason == "requested" or not kvm_runs(image.arch, host_arch()):
             return
         if acc.reason not in _WARNED:
             _WARNED.add(acc.reason)

@@ -13,7 +13,7 @@ from pytest_ttenv.cli.backends import local_backend
 from pytest_ttenv.cli.options import duration, local_options, size
 from pytest_ttenv.cli.output import out, when
 from pytest_ttenv.cli.progress import ByteBar, sized_terminal
-from pytest_ttenv.core.naming import ARCHES, canonical_arch, parse_mib
+from pytest_ttenv.core.naming import ARCHES, canonical_arch, host_arch, parse_mib
 from pytest_ttenv.core.paths import image_dir
 from pytest_ttenv.errors import UsageError
 
@@ -95,10 +95,7 @@ def _list_available(args: argparse.Namespace) -> int:
 
     catalog = load_catalog()
     have = {img.name: img for img in _store(args).all()}
-    try:
-        host = canonical_arch(platform.machine())
-    except UsageError:
-        host = platform.machine()  # an arch ttenv does not run guests for: everything is "other"
+    host = host_arch()  # an arch ttenv runs no guests for stays as it is: everything is "other"
     out(f"catalog {catalog.version} ({catalog.source}); pull with: ttenv image pull NAME")
     header = f"  {'NAME':<24} {'IN STORE':<10} {'USER':<10} {'BOOT':<5} {'FORMAT':<9} NOTES"
     for title, images in (

@@ -5,6 +5,7 @@ Pure functions; every rejection is a UsageError whose text says what is accepted
 
 from __future__ import annotations
 
+import platform
 import re
 from collections.abc import Iterable, Sequence
 
@@ -49,6 +50,16 @@ def canonical_arch(arch: str) -> str:
             f"use one of {', '.join(ARCHES)}, or an alias: amd64, arm64, ppc64el, i686, armv7l",
         )
     return key
+
+
+def host_arch(machine: str | None = None) -> str:
+    """``machine`` (default: this host's ``uname -m``) in canonical form (``i686`` -> ``i386``,
+    ``armv7l`` -> ``armhf``), or as given when it is no guest arch (then every guest is foreign)."""
+    machine = machine or platform.machine()
+    try:
+        return canonical_arch(machine)
+    except UsageError:
+        return machine
 
 
 def debian_arch(arch: str) -> str:

@@ -3,6 +3,7 @@ prefix rule (matrix, image planning, both backends' ``resolve``) agrees with ``c
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pytest_ttenv.core.naming import (
     canonical_arch,
     check_env_name,
     debian_arch,
+    host_arch,
     image_name,
     match_prefixes,
     normalize,
@@ -224,3 +226,16 @@ def test_the_rule_is_written_once() -> None:
     pattern = re.compile(r"normalize\([^)]*\)\.startswith")
     offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == ["core/naming.py"]
+
+
+def test_host_arch_is_canonical_or_as_given() -> None:
+    """``uname -m`` names (i686, armv7l) compare with guest arches in canonical form; a host no guest
+    arch matches stays as it is (every guest is foreign there)."""
+    assert [host_arch(m) for m in ("x86_64", "i686", "armv7l", "ppc64le", "mips64")] == [
+        "x86_64",
+        "i386",
+        "armhf",
+        "ppc64le",
+        "mips64",
+    ]
+    assert host_arch() == host_arch(platform.machine())

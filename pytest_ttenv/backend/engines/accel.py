@@ -21,6 +21,7 @@ from pathlib import Path
 from pytest_ttenv.backend.engines.qemu import version
 from pytest_ttenv.backend.engines.qemu_arch import QEMU_ARCH, kvm_runs
 from pytest_ttenv.core.model import ImageInfo
+from pytest_ttenv.core.naming import host_arch
 from pytest_ttenv.core.paths import cache_dir, write_json_atomic
 from pytest_ttenv.errors import UsageError
 
@@ -48,7 +49,8 @@ def boot_timeout(accel: str, arch: str, concurrent: int = 1, access: str = "tten
     """Boot-to-SSH timeout: base per accelerator, x the arch's measured ``tcg_boot_factor`` for an
     emulated guest of another arch than the host's, x3 for an image reached through cloud-init,
     x(concurrent VMs / host cores) when more VMs boot at once than there are cores."""
-    native = arch == platform.machine() or (accel == "kvm" and kvm_runs(arch, platform.machine()))
+    host = host_arch()
+    native = arch == host or (accel == "kvm" and kvm_runs(arch, host))
     factor = 1.0 if native else QEMU_ARCH[arch].tcg_boot_factor
     load = max(1.0, concurrent / (os.cpu_count() or 1))
     base = BASE_BOOT_TIMEOUT.get(accel, BASE_BOOT_TIMEOUT["tcg"])
@@ -163,10 +165,11 @@ def choose(requested: str, image: ImageInfo, probe_with: ImageInfo | None = None
         raise UsageError(f"unknown accelerator {requested!r}", "use auto, kvm or tcg")
     if requested == "tcg":
         return Accel("tcg", "requested")
-    if not kvm_runs(image.arch, platform.machine()):
+    host = host_arch()
+    if not kvm_runs(image.arch, host):
         if requested == "kvm":
-            raise UsageError(f"kvm cannot run {image.arch} guests on a {platform.machine()} host", "use --accel tcg")
-        return Accel("tcg", f"{image.arch} guest on a {platform.machine()} host is emulated")
+            raise UsageError(f"kvm cannot run {image.arch} guests on a {host} host", "use --accel tcg")
+        return Accel("tcg", f"{image.arch} guest on a {host} host is emulated")
     problem = kvm_usable()
     if problem:
         if requested == "kvm":
@@ -199,4 +202,4 @@ def choose(requested: str, image: ImageInfo, probe_with: ImageInfo | None = None
 
 def cached_verdict(arch: str | None = None) -> Accel | None:
     """The cached verdict for this host and ``arch`` (default: the host's), if any."""
-    return _cached(_host_key(arch or platform.machine()))
+    return _cached(_host_key(arch or host_arch()))

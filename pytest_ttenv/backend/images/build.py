@@ -11,7 +11,6 @@ that fails or is interrupted never shows up in the store.
 from __future__ import annotations
 
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -39,7 +38,7 @@ from pytest_ttenv.backend.images.recipe import (
 from pytest_ttenv.backend.images.steps import Progress, guest_file, run_step
 from pytest_ttenv.backend.images.store import ImageStore
 from pytest_ttenv.core.model import ImageInfo
-from pytest_ttenv.core.naming import debian_arch
+from pytest_ttenv.core.naming import debian_arch, host_arch
 from pytest_ttenv.errors import TTError, from_os_error
 
 
@@ -98,7 +97,7 @@ class ImageBuilder:
     def _check_foreign(self, arch: str) -> None:
         """A foreign arch's second stage runs under qemu-user: make sure binfmt_misc serves it
         (mounting binfmt_misc and enabling the qemu-user-static entry if we can)."""
-        host = platform.machine()
+        host = host_arch()
         if arch == host or host in RUNS_NATIVELY_ON.get(arch, ()):
             return
         if not shutil.which("arch-test"):
